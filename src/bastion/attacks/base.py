@@ -1,0 +1,388 @@
+"""The attack engine: the one place that enforces budgets and bounds, counts cost, tracks the
+best adversarial per sample and stops early per sample.
+
+An attack is a frozen dataclass (its hyper-parameters) with one method, ``_run(run)``, that
+writes the update rule and nothing else. Calling the attack::
+
+    result = attack(model, x, y)                 # untargeted
+    result = attack(model, x, y, targets=t)      # targeted
+
+validates the inputs, evaluates the clean points once (points the criterion already holds for
+are done: ``x_adv = x``), hands the rest to ``_run`` through an :class:`AttackRun`, and returns
+an :class:`AttackResult`. Inside ``_run`` the attack only sees the *working set* — the points
+still being attacked — and drops finished ones with :meth:`AttackRun.prune`, so a point that is
+already adversarial costs nothing more.
+
+Design after Foolbox 3 (the base class, not each attack, owns the budget) and AutoAttack
+(per-sample masks carried across iterations and restarts); see ``shared/STYLE.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bastion.errors import ConfigError, InputError, check_choice
+from bastion.models.base import Classifier, as_classifier
+
+Norm = Literal["linf", "l2"]
+NORMS: tuple[str, ...] = ("linf", "l2")
+
+#: per-sample loss ``(logits, labels) -> (N,)`` that the attack *ascends*
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- threat model
+def flat_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample ``norm`` of ``v`` (shape ``(N, ...)``) -> ``(N,)``."""
+    flat = v.reshape(v.shape[0], -1)
+    if norm == "linf":
+        return flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    return flat.norm(p=2, dim=1)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
+    """Project ``x_adv`` onto ``{x' : ||x' - x||_norm <= eps} ∩ [low, high]^d``.
+
+    For L-inf the two sets are boxes and clipping onto both is exact. For L2 we scale the
+    perturbation into the ball, then clip to the bounds; clipping moves every coordinate
+    towards ``x`` (which lies inside the bounds), so the norm can only shrink.
+    """
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = flat_norm(delta, "l2").view(-1, *([1] * (x.dim() - 1)))
+        delta = delta * torch.where(n > eps, eps / n.clamp_min(1e-30), torch.ones_like(n))
+    return (x + delta).clamp(bounds[0], bounds[1])
+
+
+def steepest_ascent(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The unit-norm direction that increases a linearised loss most under ``norm``:
+    ``sign(grad)`` for L-inf, ``grad / ||grad||_2`` for L2 (zero where the gradient is zero)."""
+    if norm == "linf":
+        return grad.sign()
+    n = flat_norm(grad, "l2").view(-1, *([1] * (grad.dim() - 1)))
+    return grad / (n + 1e-10)
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Cost:
+    """What an attack call cost, per sample-evaluation.
+
+    Attributes:
+        gradients: input-gradient evaluations (one forward + one backward of one sample).
+        forwards: forward-only evaluations of one sample.
+        seconds: wall-clock time of the call.
+    """
+
+    gradients: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.gradients + other.gradients, self.forwards + other.forwards, self.seconds + other.seconds)
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Outcome of one attack call on a batch of ``N`` points.
+
+    Attributes:
+        x_adv: ``(N, C, H, W)`` adversarial inputs, inside the budget and the bounds. For a
+            point where the attack succeeded, an iterate that satisfies the criterion; for
+            the others, the attack's last iterate (the clean point if it was never attacked).
+        success: ``(N,)`` bool, the criterion holds at ``x_adv`` (misclassified, or classified
+            as the target for a targeted attack). Includes points that were already
+            misclassified before the attack.
+        clean_success: ``(N,)`` bool, the criterion already held at the clean input.
+        cost: gradient and forward evaluations, and time.
+        attack: registry name; params: the frozen hyper-parameters.
+        targeted: whether ``targets`` were given.
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    clean_success: torch.Tensor
+    cost: Cost
+    attack: str
+    params: dict[str, Any]
+    targeted: bool = False
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """``(N,)`` bool: correctly classified and the (untargeted) attack failed."""
+        return ~self.success
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Fraction of points the untargeted attack did not break (clean errors count as broken)."""
+        if self.targeted:
+            raise ConfigError("robust_accuracy is defined for untargeted attacks; use success_rate")
+        return float(self.robust.float().mean()) if self.success.numel() else float("nan")
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if self.success.numel() else float("nan")
+
+
+# --------------------------------------------------------------------------- one call
+class AttackRun:
+    """The engine's side of one attack call, handed to :meth:`Attack._run`.
+
+    Attributes the attack reads (all restricted to the working set, length :attr:`n`):
+        x: the clean inputs; labels: true labels (untargeted) or target labels (targeted);
+        norm, eps, bounds, targeted, generator.
+    """
+
+    def __init__(
+        self,
+        model: Classifier,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        targeted: bool,
+        norm: str,
+        eps: float,
+        early_stop: bool,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.model = model
+        self.targeted = targeted
+        self.norm = norm
+        self.eps = float(eps)
+        self.bounds = model.bounds
+        self.early_stop = early_stop
+        self.generator = generator
+        n = x.shape[0]
+        self.best = x.detach().clone()
+        self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.idx = torch.arange(n, device=x.device)
+        self.x = x.detach()
+        self.labels = labels
+        self.gradients = 0
+        self.forwards = 0
+
+    # ---- what the attack uses
+    @property
+    def n(self) -> int:
+        """Size of the working set."""
+        return int(self.idx.shape[0])
+
+    @property
+    def done(self) -> bool:
+        return self.n == 0
+
+    def project(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """``x_adv`` projected onto the budget around :attr:`x` and the model's bounds."""
+        return project(x_adv, self.x, self.norm, self.eps, self.bounds)
+
+    def criterion(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` bool: misclassified (untargeted) or classified as the target (targeted)."""
+        pred = logits.argmax(dim=1)
+        return pred == self.labels if self.targeted else pred != self.labels
+
+    def check(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """Evaluate ``x_adv`` (forward only), record it, and return its logits."""
+        x_adv = self.project(x_adv.detach())
+        with torch.no_grad():
+            logits = self.model(x_adv)
+        self.forwards += self.n
+        self._record(x_adv, logits)
+        return logits
+
+    def loss_grad(
+        self, x_adv: torch.Tensor, loss: LossFn | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample loss, its input gradient and the logits at ``x_adv``; records ``x_adv``.
+
+        ``loss`` is a per-sample loss the attack ascends; default cross-entropy on the true
+        label (untargeted) or minus cross-entropy on the target (targeted). Per-sample losses
+        are summed, so one sample's gradient never depends on the rest of the batch.
+        """
+        x_adv = self.project(x_adv.detach()).requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(x_adv)
+            if loss is None:
+                per_sample = ce_loss(logits, self.labels)
+                per_sample = -per_sample if self.targeted else per_sample
+            else:
+                per_sample = loss(logits, self.labels)
+            (grad,) = torch.autograd.grad(per_sample.sum(), x_adv)
+        self.gradients += self.n
+        logits = logits.detach()
+        self._record(x_adv.detach(), logits)
+        return per_sample.detach(), grad.detach(), logits
+
+    def prune(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Drop the points that already succeeded from the working set (when early stopping
+        is on) and return ``tensors`` (per-sample state of the attack) restricted likewise."""
+        if not self.early_stop:
+            return tensors
+        keep = ~self.success[self.idx]
+        if bool(keep.all()):
+            return tensors
+        self.idx = self.idx[keep]
+        self.x = self.x[keep]
+        self.labels = self.labels[keep]
+        return tuple(t[keep] for t in tensors)
+
+    def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        """Uniform noise shaped like ``like`` from the call's generator (global RNG if none)."""
+        return torch.empty_like(like).uniform_(low, high, generator=self.generator)
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``like`` from the call's generator."""
+        return torch.empty_like(like).normal_(generator=self.generator)
+
+    # ---- engine internals
+    def _record(self, x_adv: torch.Tensor, logits: torch.Tensor) -> None:
+        ok = self.criterion(logits)
+        # a success replaces the stored point; a failure does so only while none succeeded
+        update = ok | ~self.success[self.idx]
+        where = self.idx[update]
+        self.best[where] = x_adv[update]
+        self.success[self.idx[ok]] = True
+
+
+# --------------------------------------------------------------------------- the base class
+@dataclass(frozen=True)
+class Attack(ABC):
+    """Base class of every attack: frozen hyper-parameters, one ``_run`` with the update rule.
+
+    Attributes shared by all attacks:
+        eps: the budget, in the units of the inputs (e.g. ``8/255`` for images in [0, 1]).
+        norm: ``"linf"`` or ``"l2"`` (only those in the subclass's :attr:`norms`).
+        early_stop: stop attacking a point as soon as it is adversarial (default). Turn off to
+            run the plain algorithm, e.g. for comparing iterates with another library.
+    """
+
+    eps: float = 8 / 255
+    norm: str = "linf"
+    early_stop: bool = True
+
+    #: registry name, set by :func:`bastion.attacks.register`
+    name: ClassVar[str] = ""
+    #: the norms this attack supports
+    norms: ClassVar[tuple[str, ...]] = ("linf",)
+
+    def __post_init__(self) -> None:
+        check_choice("norm", self.norm, self.norms)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (self.eps >= 0) or self.eps == float("inf"):
+            raise ConfigError(f"eps={self.eps!r} must be a finite number >= 0")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the subclass's own hyper-parameters; raise :class:`ConfigError` naming the field."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The hyper-parameters as a plain dict (JSON-serialisable)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> "Attack":
+        """A copy with some hyper-parameters changed (validated again)."""
+        _check_fields(type(self), changes)
+        return dataclasses.replace(self, **changes)
+
+    @abstractmethod
+    def _run(self, run: AttackRun) -> None:
+        """The update rule: iterate on ``run``'s working set using ``run.loss_grad``,
+        ``run.project``, ``run.check`` and ``run.prune``. Every point the attack wants
+        considered must go through ``loss_grad`` or ``check``."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        targets: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> AttackResult:
+        """Attack ``model`` at ``x`` (``(N, C, H, W)`` in the model's bounds) with labels ``y``.
+
+        Args:
+            model: a :class:`~bastion.models.Classifier` or any module taking inputs in [0, 1]
+                and returning logits.
+            x: clean inputs. y: true labels, int64 ``(N,)``.
+            targets: target labels for a targeted attack (must differ from ``y``).
+            generator: source of randomness (random starts); the global RNG if ``None``.
+
+        The model is put in eval mode for the call and restored afterwards.
+        """
+        clf = as_classifier(model)
+        clf.check_inputs(x, name="x")
+        y = _check_labels(y, x, clf, "y")
+        if targets is not None:
+            targets = _check_labels(targets, x, clf, "targets")
+            if bool((targets == y).any()):
+                i = int((targets == y).nonzero()[0])
+                raise InputError(f"targets[{i}]={int(targets[i])} equals the true label; a target must differ from y")
+        start = time.perf_counter()
+        was_training = clf.training
+        clf.eval()
+        try:
+            run = AttackRun(
+                clf,
+                x,
+                y if targets is None else targets,
+                targeted=targets is not None,
+                norm=self.norm,
+                eps=self.eps,
+                early_stop=self.early_stop,
+                generator=generator,
+            )
+            run.check(x)
+            clean_success = run.success.clone()
+            run.prune()
+            if not run.done and self.eps > 0:
+                self._run(run)
+        finally:
+            clf.train(was_training)
+        return AttackResult(
+            x_adv=run.best,
+            success=run.success,
+            clean_success=clean_success,
+            cost=Cost(run.gradients, run.forwards, time.perf_counter() - start),
+            attack=self.name,
+            params=self.params,
+            targeted=targets is not None,
+        )
+
+
+def _check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of int64 labels, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise InputError(f"{name} must hold integer class labels, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise InputError(f"{name} must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
+    t = t.to(device=x.device, dtype=torch.int64)
+    if t.numel():
+        hi = clf.num_classes if clf.num_classes > 0 else None
+        if int(t.min()) < 0 or (hi is not None and int(t.max()) >= hi):
+            raise InputError(
+                f"{name} has labels in [{int(t.min())}, {int(t.max())}] but the model has {clf.num_classes} classes"
+            )
+    return t
+
+
+def _check_fields(cls: type, params: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in params:
+        if k not in known:
+            raise ConfigError(f"attack {cls.name!r} has no parameter {k!r}; parameters: {', '.join(sorted(known))}")

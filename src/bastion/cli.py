@@ -1,0 +1,239 @@
+"""The ``bastion`` command line.
+
+    bastion list [datasets|models|attacks]
+    bastion train --dataset mnist --model lenet5 --out runs/lenet5 [--epochs 4 ...]
+    bastion eval runs/lenet5 --attacks fgsm,pgd --eps 0.1,0.2,0.3 [--param pgd.steps=40]
+    bastion demo                       # the main job: LeNet-5 on MNIST, FGSM and PGD-40
+    bastion run --config exp.toml [--set train.epochs=2]
+
+Every error a user can cause ends the command with one line ``bastion: error: ...`` and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from bastion.errors import BastionError, ConfigError
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (numbers, booleans, lists), else a string."""
+    from bastion.config import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _parse_assignments(items: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} must look like key=value")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} must be a comma-separated list of numbers") from None
+    if not values:
+        raise ConfigError(f"{flag} needs at least one value")
+    for v in values:
+        if not v >= 0 or v == float("inf"):
+            raise ConfigError(f"{flag}: eps={v!r} must be a finite number >= 0")
+    return values
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_list(args: argparse.Namespace) -> int:
+    from bastion import attacks, data, models
+
+    tables = {"datasets": data.DATASETS, "models": models.MODELS, "attacks": attacks.ATTACKS}
+    which = [args.what] if args.what != "all" else list(tables)
+    for w in which:
+        print(f"{w}:")
+        for entry in tables[w]:
+            print(f"  {entry.name:<20} {entry.summary}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bastion import data, models
+    from bastion.config import from_dict, load_toml
+    from bastion.train.config import TrainConfig
+    from bastion.train.trainer import train
+
+    raw: dict[str, Any] = load_toml(args.config).get("train", {}) if args.config else {}
+    for key in ("epochs", "batch_size", "optimizer", "lr", "schedule", "seed", "device", "val_fraction", "patience", "weight_decay", "momentum"):
+        v = getattr(args, key)
+        if v is not None:
+            raw[key] = v
+    raw.update(_parse_assignments(args.set or [], "--set"))
+    cfg = from_dict(TrainConfig, raw)
+    options = _parse_assignments(args.option or [], "--option")
+    train_set = data.load(args.dataset, "train", fraction=args.fraction, seed=args.subset_seed)
+    model = models.create(
+        args.model,
+        num_classes=train_set.num_classes,
+        in_channels=train_set.shape[0],
+        input_size=tuple(train_set.shape[1:]),
+        mean=train_set.mean,
+        std=train_set.std,
+        init=args.init,
+        seed=cfg.seed,
+        **options,
+    )
+    res = train(model, train_set, cfg, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
+    test_set = data.load(args.dataset, "test")
+    from bastion.eval.accuracy import accuracy
+
+    acc = accuracy(res.model, test_set, batch_size=cfg.eval_batch_size)
+    for h in res.history:
+        print(f"epoch {h.epoch:3d}  lr {h.lr:.4g}  loss {h.train_loss:.4f}  train acc {100 * h.train_acc:.2f}%"
+              + (f"  val acc {100 * h.val_acc:.2f}%" if h.val_acc is not None else "") + f"  ({h.seconds:.1f}s)")
+    print(f"test accuracy: {100 * acc:.2f}%  -> checkpoint {Path(args.out) / 'final'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bastion import attacks, data
+    from bastion.eval.robust import evaluate
+    from bastion.train.checkpoint import load_model
+    from bastion.utils.device import resolve_device
+    from bastion.utils.io import atomic_write_json
+
+    device = resolve_device(args.device)
+    model, meta = load_model(args.checkpoint, device=device)
+    dataset = args.dataset or (meta.get("dataset") or {}).get("name")
+    if not dataset:
+        raise ConfigError("the checkpoint does not record its dataset; pass --dataset")
+    names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    if not names:
+        raise ConfigError("--attacks needs at least one attack name")
+    eps = _floats(args.eps, "--eps")
+    params: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_assignments(args.param or [], "--param").items():
+        attack, dot, field = key.partition(".")
+        if not dot or attack not in names:
+            raise ConfigError(f"--param {key}={value!r} must be ATTACK.FIELD=VALUE with ATTACK in --attacks")
+        params.setdefault(attack, {})[field] = value
+    attack_list = [attacks.create(n, eps=e, norm=args.norm, **params.get(n, {})) for n in names for e in eps]
+    ds = data.load(dataset, args.split)
+    if args.n:
+        ds = ds.take(args.n)
+    report = evaluate(model, ds, attack_list, batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.quiet)
+    print(report.table(title=f"{args.checkpoint}: {meta.get('model', {}).get('name', '?')} on {dataset} ({args.split})"))
+    if args.json:
+        atomic_write_json(args.json, {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, **report.to_dict()})
+        print(f"results written to {args.json}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bastion.experiment import load_config, run_experiment
+
+    overrides = _parse_assignments(args.set or [], "--set")
+    if getattr(args, "out", None):
+        overrides["out_dir"] = args.out
+    cfg = load_config(args.config, overrides)
+    res = run_experiment(cfg, progress=not args.quiet, resume=not args.no_resume)
+    print(res["table"])
+    t = res["timing"]
+    print(f"(train {res['training']['seconds_this_run']:.0f}s, attacks {t['eval_seconds']:.0f}s, total {t['total_seconds']:.0f}s; "
+          f"results in {Path(cfg.out_dir) / 'results.json'})")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bastion", description="Attack, defend and honestly evaluate image classifiers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="list datasets, models and attacks")
+    s.add_argument("what", nargs="?", default="all", choices=["all", "datasets", "models", "attacks"])
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("train", help="train a model and checkpoint it every epoch (resumes when killed)")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True, help="run directory (checkpoints, final model)")
+    s.add_argument("--config", help="TOML file whose [train] table gives the defaults")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--batch-size", dest="batch_size", type=int)
+    s.add_argument("--optimizer", choices=["sgd", "adam"])
+    s.add_argument("--lr", type=float)
+    s.add_argument("--momentum", type=float)
+    s.add_argument("--weight-decay", dest="weight_decay", type=float)
+    s.add_argument("--schedule", choices=["none", "step", "cosine"])
+    s.add_argument("--val-fraction", dest="val_fraction", type=float)
+    s.add_argument("--patience", type=int, help="early stopping patience in epochs (needs --val-fraction)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device")
+    s.add_argument("--init", help="xavier-normal, kaiming-uniform, kaiming-normal or orthogonal")
+    s.add_argument("--fraction", type=float, default=1.0, help="train on this fraction of the training set")
+    s.add_argument("--subset-seed", dest="subset_seed", type=int, default=0)
+    s.add_argument("--option", action="append", help="architecture option KEY=VALUE (e.g. extra_skip=4)")
+    s.add_argument("--set", action="append", help="any TrainConfig field KEY=VALUE")
+    s.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a run")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint")
+    s.add_argument("checkpoint", help="a checkpoint directory or a training run directory")
+    s.add_argument("--attacks", default="fgsm,pgd", help="comma-separated attack names (default fgsm,pgd)")
+    s.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.2,0.3 or 0.0313")
+    s.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    s.add_argument("--param", action="append", help="attack hyper-parameter ATTACK.FIELD=VALUE, e.g. pgd.steps=40")
+    s.add_argument("--dataset", help="default: the checkpoint's training dataset")
+    s.add_argument("--split", default="test", choices=["train", "test"])
+    s.add_argument("-n", type=int, default=0, help="evaluate on the first N points (default all)")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", help="write the results to this JSON file (atomically)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    for name, helptext in (("demo", "the main job: train LeNet-5 on MNIST, print clean / FGSM / PGD-40 accuracy"),
+                           ("run", "run an experiment config (default: the main job's)")):
+        s = sub.add_parser(name, help=helptext)
+        if name == "run":
+            s.add_argument("--config", help="experiment TOML (default: bastion/configs/demo.toml)")
+        else:
+            s.set_defaults(config=None)
+        s.add_argument("--out", help="output directory (default: the config's out_dir)")
+        s.add_argument("--set", action="append", help="override a config field, e.g. train.epochs=2")
+        s.add_argument("--no-resume", action="store_true")
+        s.add_argument("-q", "--quiet", action="store_true")
+        s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except BastionError as e:
+        print(f"bastion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bastion: interrupted (finished epochs are checkpointed; run again to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

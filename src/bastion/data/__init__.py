@@ -1,0 +1,80 @@
+"""Datasets by name: ``list()`` and ``load(name, split=...)``.
+
+>>> from bastion import data
+>>> train = data.load("mnist", split="train")          # ImageDataset, x in [0, 1]
+>>> half = train.subset(0.5, seed=1)                   # 50% of the points, seed 1
+
+Where each dataset comes from, in order: the standard files under the data directory
+(``$BASTION_DATA``, default ``~/.cache/bastion/data``), an offline packaged source (see the
+README), and finally a download from the official location when the network allows. Every
+load is checked (shapes, label counts and, for fixed datasets, a content checksum).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from bastion.data.base import ImageDataset, sha256_arrays, validate
+from bastion.errors import ConfigError, check_choice
+from bastion.registry import Registry
+
+#: name -> loader(split, *, root: Path, download: bool, **kwargs) -> ImageDataset
+DATASETS: Registry[Callable[..., ImageDataset]] = Registry("dataset")
+register = DATASETS.register
+
+SPLITS = ("train", "test")
+
+
+def data_dir() -> Path:
+    """The data directory: ``$BASTION_DATA`` or ``$XDG_CACHE_HOME/bastion/data`` (``~/.cache``)."""
+    env = os.environ.get("BASTION_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "bastion" / "data"
+
+
+# Loaders register themselves on import; they are imported here and nowhere else.
+from bastion.data import mnist, cifar10, digits, image_folder  # noqa: E402,F401
+
+
+def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/load()
+    """Names of every registered dataset."""
+    return DATASETS.names()
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    fraction: float = 1.0,
+    seed: int = 0,
+    **kwargs: Any,
+) -> ImageDataset:
+    """Load ``split`` of dataset ``name``.
+
+    Args:
+        name: registry name (see :func:`list`).
+        split: ``"train"`` or ``"test"``.
+        root: data directory; default :func:`data_dir`.
+        download: allow a download from the official location as the last resort.
+        fraction, seed: keep a random ``fraction`` of the points (drawn with ``seed``).
+        kwargs: loader options (``image-folder`` needs ``path=``).
+    """
+    entry = DATASETS.get(name)
+    check_choice("split", split, SPLITS)
+    base = Path(root).expanduser() if root is not None else data_dir()
+    ds = entry.factory(split, root=base, download=download, **kwargs)
+    if fraction != 1.0:
+        ds = ds.subset(fraction, seed=seed)
+    elif not isinstance(fraction, (int, float)):
+        raise ConfigError(f"fraction={fraction!r} must be a number in (0, 1]")
+    return ds
+
+
+__all__ = ["DATASETS", "ImageDataset", "data_dir", "list", "load", "register", "sha256_arrays", "validate"]

@@ -1,0 +1,189 @@
+"""Images in class folders on disk, decoded with Pillow.
+
+Expected layout (``path`` is the loader option, ``root``/``download`` are ignored)::
+
+    path/
+      train/
+        <class_a>/ img001.png, img002.jpg, ...
+        <class_b>/ ...
+      test/
+        <class_a>/ ...
+
+* Classes are the sub-folders of ``path/train`` sorted by name; label ``i`` is the ``i``-th.
+  The ``test`` split uses the same list (a test class folder unknown to ``train`` is an error,
+  a class absent from ``test`` is fine). When ``path/train`` does not exist the split's own
+  folders define the classes.
+* Files ending in ``.png .jpg .jpeg .bmp .ppm .pgm`` (any case) are read, sorted by name within
+  each class; hidden files and other files are ignored. Every ``train`` class needs an image.
+* ``channels``: 3 (default; converted with Pillow to RGB, alpha dropped) or 1 (converted to L).
+* ``size=(H, W)`` (or an int for square) resizes every image with bilinear filtering; without
+  it every image must already share one size (the error names the first file that does not).
+* ``mean``/``std`` are the per-channel statistics of the loaded ``train`` split (computed from
+  ``path/train`` also when loading ``test``; from the split itself if there is no ``train``).
+
+Other layouts (e.g. Tiny-ImageNet's ``val/images`` + ``val_annotations.txt``) are not read;
+rearrange them into the layout above.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bastion.data import _common, register
+from bastion.data.base import ImageDataset
+from bastion.errors import ConfigError, DataIntegrityError, DatasetNotFoundError
+
+NAME = "image-folder"
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
+
+
+def _check_size(size: Any) -> tuple[int, int] | None:
+    """Normalise the ``size`` option to ``(H, W)`` or ``None``."""
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
+        raise ConfigError(f"size={size!r} must be a positive int or a pair (H, W) of positive ints")
+    return int(size[0]), int(size[1])
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Sorted image files directly inside ``folder``."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS
+    )
+
+
+def _read_split(
+    split_dir: Path, classes: Sequence[str], size: tuple[int, int] | None, channels: int, require_every_class: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image under ``split_dir``.
+
+    Returns:
+        (images ``(N, C, H, W)`` uint8, labels ``(N,)`` int64).
+    """
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise ConfigError("dataset 'image-folder' needs Pillow: pip install pillow (or the [data] extra)") from exc
+
+    index = {c: i for i, c in enumerate(classes)}
+    found = _class_dirs(split_dir)
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise DataIntegrityError(
+            f"{split_dir}: class folder {unknown[0]!r} is not among the train classes {list(classes)}"
+        )
+    mode = "RGB" if channels == 3 else "L"
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    first: tuple[Path, tuple[int, int]] | None = None
+    for cls in found:
+        files = _image_files(split_dir / cls)
+        if not files and require_every_class:
+            raise DataIntegrityError(f"{split_dir / cls}: class folder has no images ({', '.join(EXTENSIONS)})")
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    img = im.convert(mode)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DataIntegrityError(f"{f}: cannot decode image ({_common.describe_exc(exc)})") from exc
+            if size is not None:
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            hw = (img.height, img.width)
+            if first is None:
+                first = (f, hw)
+            elif hw != first[1]:
+                raise DataIntegrityError(
+                    f"{f}: image is {hw[0]}x{hw[1]} but {first[0]} is {first[1][0]}x{first[1][1]}; "
+                    "pass size=(H, W) to resize"
+                )
+            arr = np.asarray(img, dtype=np.uint8)
+            arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            labels.append(index[cls])
+    if not arrays:
+        raise DatasetNotFoundError(
+            f"dataset 'image-folder': no images ({', '.join(EXTENSIONS)}) under {split_dir}/<class>/"
+        )
+    return np.stack(arrays), np.asarray(labels, dtype=np.int64)
+
+
+def _stats(images: np.ndarray, block: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of ``images / 255`` for ``(N, C, H, W)`` uint8 images.
+
+    Accumulated in float64 over blocks of ``block`` images, so memory stays small. A constant
+    channel gets std 1 (no scaling) instead of 0.
+    """
+    total = np.zeros(images.shape[1], dtype=np.float64)
+    total_sq = np.zeros(images.shape[1], dtype=np.float64)
+    for start in range(0, images.shape[0], block):
+        part = images[start : start + block].astype(np.float64) / 255.0
+        total += part.sum(axis=(0, 2, 3))
+        total_sq += np.square(part).sum(axis=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    std = np.where(std > 1e-12, std, 1.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+@register("image-folder", summary="images on disk in path/<split>/<class>/*.png|jpg|... (needs path=)")
+def load_image_folder(
+    split: str,
+    *,
+    root: Path,
+    download: bool,
+    path: str | Path | None = None,
+    size: int | tuple[int, int] | None = None,
+    channels: int = 3,
+    **options: Any,
+) -> ImageDataset:
+    """Load ``path/<split>/<class>/*``: x ``(N, channels, H, W)`` float32 in [0, 1], y ``(N,)`` int64.
+
+    Args:
+        path: the dataset folder (required).
+        size: ``(H, W)`` (or an int) to resize to; default: images must share one size.
+        channels: 3 (RGB) or 1 (grey).
+    """
+    del root, download  # the folder is given explicitly; nothing is downloaded
+    _common.check_split(NAME, split)
+    _common.reject_options(NAME, options, allowed=("path", "size", "channels"))
+    if path is None:
+        raise ConfigError("dataset 'image-folder' needs the option path=<folder with train/ and test/ sub-folders>")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ConfigError(f"channels={channels!r} must be 1 or 3")
+    hw = _check_size(size)
+    base = Path(path).expanduser()
+    split_dir = base / split
+    if not split_dir.is_dir():
+        raise DatasetNotFoundError(
+            f"dataset 'image-folder' ({split}) not found: {split_dir} is not a folder; "
+            f"expected {base}/{split}/<class>/<images>"
+        )
+    train_dir = base / "train"
+    has_train = train_dir.is_dir()
+    classes = _class_dirs(train_dir if has_train else split_dir)
+    if not classes:
+        where = train_dir if has_train else split_dir
+        raise DatasetNotFoundError(f"dataset 'image-folder': no class folders in {where}")
+    images, labels = _read_split(split_dir, classes, hw, channels, require_every_class=(split == "train"))
+    if split == "train" or not has_train:
+        mean, std = _stats(images)
+    else:
+        mean, std = _stats(_read_split(train_dir, classes, hw, channels, require_every_class=True)[0])
+    x, y = _common.to_tensors(images, labels, 255.0, images.shape[1:])
+    return ImageDataset(NAME, split, x, y, tuple(classes), mean, std, str(split_dir))

@@ -1,0 +1,158 @@
+"""Robust accuracy of a model under a list of attacks, over a dataset, in batches.
+
+Each attack runs on every point (so each row is that attack's own number); the worst case per
+budget is the per-sample conjunction: a point counts as robust only if no attack at that
+budget broke it. Results are plain data (:meth:`RobustReport.to_dict`) so a report can be
+rebuilt without rerunning anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bastion.attacks.base import Attack
+from bastion.data.base import ImageDataset
+from bastion.errors import ConfigError
+from bastion.eval.accuracy import predict
+from bastion.models.base import as_classifier
+
+
+@dataclass
+class RobustReport:
+    """Clean and robust accuracy of one model on one dataset.
+
+    Attributes:
+        n: number of evaluated points; clean_accuracy: on those points.
+        rows: one dict per attack: ``attack``, ``label``, ``norm``, ``eps``, ``params``,
+            ``robust_accuracy``, ``gradients``, ``forwards``, ``seconds``; plus one
+            ``worst-case`` row per (norm, eps) when several attacks share it.
+    """
+
+    n: int
+    clean_accuracy: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "clean_accuracy": self.clean_accuracy, "rows": self.rows}
+
+    def value(self, label: str, eps: float) -> float:
+        """Robust accuracy of the row with ``label`` at ``eps``."""
+        for r in self.rows:
+            if r["label"] == label and abs(r["eps"] - eps) < 1e-12:
+                return float(r["robust_accuracy"])
+        raise KeyError(f"no row {label!r} at eps={eps}")
+
+    def table(self, title: str = "") -> str:
+        """A text table: one line per attack, one column per budget (robust accuracy in %)."""
+        cols = sorted({(r["norm"], r["eps"]) for r in self.rows})
+        labels: list[str] = []
+        for r in self.rows:
+            if r["label"] not in labels:
+                labels.append(r["label"])
+        head = [f"{'L2' if n == 'l2' else 'Linf'} eps={e:g}" for n, e in cols]
+        width = max([len("attack"), len("clean"), *map(len, labels)]) + 2
+        lines = []
+        if title:
+            lines.append(title)
+        lines.append(f"clean accuracy: {100 * self.clean_accuracy:.2f}%  (n={self.n})")
+        lines.append("attack".ljust(width) + "".join(h.rjust(max(len(h), 8) + 2) for h in head))
+        for lab in labels:
+            cells = []
+            for (n, e), h in zip(cols, head):
+                v = next((r["robust_accuracy"] for r in self.rows if r["label"] == lab and r["norm"] == n and r["eps"] == e), None)
+                cells.append(("-" if v is None else f"{100 * v:.2f}%").rjust(max(len(h), 8) + 2))
+            lines.append(lab.ljust(width) + "".join(cells))
+        return "\n".join(lines)
+
+
+def attack_label(attack: Attack) -> str:
+    """Short row label: the registry name, with the step count for iterative attacks."""
+    steps = getattr(attack, "steps", None)
+    return f"{attack.name}-{steps}" if steps and attack.name not in ("fgsm",) else attack.name
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageDataset,
+    attacks: Sequence[Attack],
+    *,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> RobustReport:
+    """Clean accuracy and robust accuracy of ``model`` on ``data`` under each attack.
+
+    Args:
+        attacks: attacks with their budgets (e.g. ``[create("pgd", eps=e) for e in eps]``).
+        batch_size: points per attack call. seed: seeds the attacks' random starts.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    for i, a in enumerate(attacks):
+        if not isinstance(a, Attack):
+            raise ConfigError(f"attacks[{i}]={a!r} is not an Attack (use bastion.attacks.create)")
+    clf = as_classifier(model)
+    dev = torch.device(device) if device is not None else next(clf.parameters()).device
+    clf.to(dev)
+    clf.check_inputs(data.x[:1], name=f"{data.name} data")
+    pred = predict(clf, data.x, batch_size=batch_size, device=dev)
+    clean = (pred == data.y)
+    report = RobustReport(n=len(data), clean_accuracy=float(clean.float().mean()) if len(data) else float("nan"))
+    robust_by_budget: dict[tuple[str, float], torch.Tensor] = {}
+    count_by_budget: dict[tuple[str, float], int] = {}
+    total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)
+    bar = tqdm(total=total, desc="attacks", disable=not progress, leave=False, unit="batch")
+    for attack in attacks:
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        robust = torch.zeros(len(data), dtype=torch.bool)
+        grads = fwds = 0
+        secs = 0.0
+        bar.set_description(f"{attack_label(attack)} eps={attack.eps:g}")
+        for i in range(0, len(data), batch_size):
+            xb = data.x[i : i + batch_size].to(dev)
+            yb = data.y[i : i + batch_size].to(dev)
+            res = attack(clf, xb, yb, generator=gen)
+            robust[i : i + batch_size] = res.robust.cpu()
+            grads += res.cost.gradients
+            fwds += res.cost.forwards
+            secs += res.cost.seconds
+            bar.update(1)
+        key = (attack.norm, float(attack.eps))
+        robust_by_budget[key] = robust_by_budget.get(key, torch.ones(len(data), dtype=torch.bool)) & robust
+        count_by_budget[key] = count_by_budget.get(key, 0) + 1
+        report.rows.append(
+            {
+                "attack": attack.name,
+                "label": attack_label(attack),
+                "norm": attack.norm,
+                "eps": float(attack.eps),
+                "params": attack.params,
+                "robust_accuracy": float(robust.float().mean()) if len(data) else float("nan"),
+                "gradients": grads,
+                "forwards": fwds,
+                "seconds": secs,
+            }
+        )
+    bar.close()
+    for key, robust in robust_by_budget.items():
+        if count_by_budget[key] > 1:
+            report.rows.append(
+                {
+                    "attack": "worst-case",
+                    "label": "worst case",
+                    "norm": key[0],
+                    "eps": key[1],
+                    "params": {},
+                    "robust_accuracy": float(robust.float().mean()) if len(data) else float("nan"),
+                    "gradients": 0,
+                    "forwards": 0,
+                    "seconds": 0.0,
+                }
+            )
+    return report

@@ -1,0 +1,295 @@
+"""The training loop: one loop for every objective.
+
+Determinism and resumption work at epoch granularity: epoch ``e`` draws its shuffling,
+augmentation and dropout from seeds derived from ``(config.seed, e)`` alone, and a checkpoint
+(weights, optimiser state, metrics) is written after every epoch. A run killed at any point
+resumes from its last finished epoch and ends with the same weights as an uninterrupted run.
+
+Run directory layout (``out_dir``)::
+
+    latest.json                 {"epoch": e, "best": e*}  (written atomically, last)
+    checkpoints/epoch-NNN/      the checkpoint after epoch NNN (latest and best are kept)
+    final/                      the final model (best on validation when early stopping)
+
+:func:`bastion.train.checkpoint.resolve` turns a run directory into its ``final/`` (or latest
+epoch) checkpoint, so commands take either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bastion.config import to_dict
+from bastion.data.base import ImageDataset
+from bastion.errors import CheckpointError, ConfigError
+from bastion.eval.accuracy import accuracy
+from bastion.train.augment import crop_flip
+from bastion.train.checkpoint import (
+    load_optimizer,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
+from bastion.train.config import TrainConfig
+from bastion.train.objectives import CrossEntropy, Objective
+from bastion.utils.device import resolve_device
+from bastion.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochRecord:
+    """Metrics of one epoch."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_acc: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model and the run's history."""
+
+    model: nn.Module
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None
+    out_dir: Path | None = None
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of ``epoch`` (0-based) under the configured schedule."""
+    if config.schedule == "step":
+        return config.lr * config.gamma ** (epoch // config.step_size)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    return config.lr
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+    )
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def train(
+    model: nn.Module,
+    train_set: ImageDataset,
+    config: TrainConfig | None = None,
+    *,
+    objective: Objective | None = None,
+    val_set: ImageDataset | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+    meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train_set``.
+
+    Args:
+        model: the model (usually from :func:`bastion.models.create`), trained in place.
+        train_set: training data. With ``config.val_fraction > 0`` a validation split is held
+            out of it (seeded), unless ``val_set`` is given.
+        config: hyper-parameters (defaults: :class:`TrainConfig`).
+        objective: the loss of a batch (default: cross-entropy).
+        out_dir: where checkpoints go; ``None`` trains without checkpoints.
+        resume: continue from the last finished epoch in ``out_dir`` if there is one.
+        progress: show a progress bar per epoch.
+        callbacks: called with each epoch's :class:`EpochRecord` after its checkpoint is written.
+        meta: extra metadata stored in every checkpoint (e.g. the dataset name).
+    """
+    config = config or TrainConfig()
+    objective = objective or CrossEntropy()
+    device = resolve_device(config.device)
+    model.to(device)
+    if config.val_fraction and val_set is None:
+        train_set, val_set = train_set.split_off(config.val_fraction, seed=config.seed)
+    augment = config.augment == "crop-flip" or (config.augment == "auto" and train_set.shape == (3, 32, 32))
+    optimizer = make_optimizer(model, config)
+    run_meta = {
+        "model": dict(getattr(model, "spec", {}) or {}),
+        "config": to_dict(config),
+        "objective": objective.describe(),
+        "dataset": {"name": train_set.name, "train_size": len(train_set), "val_size": len(val_set) if val_set else 0},
+        **(meta or {}),
+    }
+    out = Path(out_dir) if out_dir is not None else None
+    result = TrainResult(model=model, out_dir=out)
+    start_epoch = 0
+    best_acc = -1.0
+    bad_epochs = 0
+    if out is not None and resume and (out / "latest.json").is_file():
+        start_epoch, best_acc, bad_epochs = _resume(out, model, optimizer, run_meta, result)
+        if result.stopped_early or start_epoch >= config.epochs:
+            _finish(out, model, run_meta, result)
+            return result
+
+    n = len(train_set)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        seed = _epoch_seed(config.seed, epoch)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout and any other randomness inside the model
+        lr = lr_at(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, unit="batch"
+        )
+        for b in bar:
+            idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
+            xb = train_set.x[idx]
+            if augment:
+                xb = crop_flip(xb, config.crop_padding, gen)
+            xb, yb = xb.to(device, non_blocking=True), train_set.y[idx].to(device, non_blocking=True)
+            loss, logits = objective(model, xb, yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch + 1}, batch {b}; lower lr={config.lr}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            objective.after_step(model, step)
+            step += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar.close()
+        val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=device) if val_set else None
+        rec = EpochRecord(epoch + 1, lr, loss_sum / max(seen, 1), correct / max(seen, 1), val_acc, time.perf_counter() - t0)
+        result.history.append(rec)
+        improved = val_acc is not None and val_acc > best_acc
+        if improved:
+            best_acc, bad_epochs, result.best_epoch = float(val_acc), 0, epoch + 1  # type: ignore[arg-type]
+        elif val_acc is not None:
+            bad_epochs += 1
+        stop = bool(config.patience) and bad_epochs >= config.patience
+        result.stopped_early = stop
+        log.info(
+            "epoch %d/%d lr %.4g loss %.4f acc %.4f%s (%.1fs)",
+            rec.epoch, config.epochs, lr, rec.train_loss, rec.train_acc,
+            f" val {val_acc:.4f}" if val_acc is not None else "", rec.seconds,
+        )
+        if out is not None:
+            _save_epoch(out, model, optimizer, run_meta, result, best_acc, bad_epochs)
+        for cb in callbacks:
+            cb(rec)
+        if stop:
+            break
+    if out is not None:
+        _finish(out, model, run_meta, result)
+    elif result.best_epoch is not None and config.patience:
+        log.info("early stopping without out_dir: the last epoch's weights are kept (best was epoch %d)", result.best_epoch)
+    return result
+
+
+def _epoch_dir(out: Path, epoch: int) -> Path:
+    return out / "checkpoints" / f"epoch-{epoch:03d}"
+
+
+def _save_epoch(
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run_meta: dict[str, Any],
+    result: TrainResult, best_acc: float, bad_epochs: int,
+) -> None:
+    epoch = result.history[-1].epoch
+    meta = {
+        **run_meta,
+        "epoch": epoch,
+        "history": [asdict(r) for r in result.history],
+        "best_epoch": result.best_epoch,
+        "best_val_acc": best_acc if best_acc >= 0 else None,
+        "bad_epochs": bad_epochs,
+        "stopped_early": result.stopped_early,
+    }
+    save_checkpoint(_epoch_dir(out, epoch), model, meta, optimizer)
+    atomic_write_json(out / "latest.json", {"epoch": epoch, "best": result.best_epoch})
+    keep = {f"epoch-{epoch:03d}"} | ({f"epoch-{result.best_epoch:03d}"} if result.best_epoch else set())
+    for d in (out / "checkpoints").iterdir():
+        if d.is_dir() and d.name.startswith("epoch-") and d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _resume(
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run_meta: dict[str, Any], result: TrainResult
+) -> tuple[int, float, int]:
+    try:
+        latest = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+        epoch = int(latest["epoch"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{out / 'latest.json'}: corrupted ({e}); delete it to start afresh") from None
+    path = _epoch_dir(out, epoch)
+    meta = read_meta(path)
+    for key in ("model", "config", "objective"):
+        old, new = meta.get(key), run_meta.get(key)
+        if key == "config" and isinstance(old, dict) and isinstance(new, dict):
+            old = {k: v for k, v in old.items() if k not in ("epochs", "device")}
+            new = {k: v for k, v in new.items() if k not in ("epochs", "device")}
+        if old != new:
+            diff = _first_difference(old, new)
+            raise ConfigError(
+                f"{out} holds a run with a different {key} ({diff}); use another output directory or resume=False"
+            )
+    load_weights(path, model)
+    load_optimizer(path, optimizer, meta)
+    result.history = [EpochRecord(**r) for r in meta.get("history", [])]
+    result.best_epoch = meta.get("best_epoch")
+    result.stopped_early = bool(meta.get("stopped_early"))
+    result.resumed_from = epoch
+    best = meta.get("best_val_acc")
+    log.info("resuming %s after epoch %d", out, epoch)
+    return epoch, (float(best) if best is not None else -1.0), int(meta.get("bad_epochs", 0))
+
+
+def _first_difference(old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+    return f"{old!r} there, {new!r} now"
+
+
+def _finish(out: Path, model: nn.Module, run_meta: dict[str, Any], result: TrainResult) -> None:
+    """Write the final model (the best validation epoch under early stopping) to ``out``."""
+    config = run_meta["config"]
+    if config.get("patience") and result.best_epoch is not None:
+        load_weights(_epoch_dir(out, result.best_epoch), model)
+    history = [asdict(r) for r in result.history]
+    meta = {
+        **run_meta,
+        "epoch": result.history[-1].epoch if result.history else 0,
+        "history": history,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "final": True,
+    }
+    save_checkpoint(out / "final", model, meta)
