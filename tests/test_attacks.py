@@ -3,6 +3,8 @@ torchattacks, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -202,8 +204,8 @@ def test_registry_lists_and_creates():
     assert {"fgsm", "pgd"} <= set(attacks.list())
     atk = attacks.create("pgd", eps=0.2)
     assert atk.params["eps"] == 0.2 and atk.step_size == pytest.approx(2.5 * 0.2 / 10)
-    with pytest.raises(Exception):
-        atk.eps = 0.5  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        atk.eps = 0.5  # type: ignore[misc]  # hyper-parameters are frozen
     assert atk.replace(eps=0.1).eps == 0.1
     with pytest.raises(ConfigError):
         atk.replace(eps=-1.0)

@@ -13,7 +13,6 @@ status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -59,7 +58,7 @@ def _floats(text: str, flag: str) -> list[float]:
 def cmd_list(args: argparse.Namespace) -> int:
     from bastion import attacks, data, models
 
-    tables = {"datasets": data.DATASETS, "models": models.MODELS, "attacks": attacks.ATTACKS}
+    tables: dict[str, Any] = {"datasets": data.DATASETS, "models": models.MODELS, "attacks": attacks.ATTACKS}
     which = [args.what] if args.what != "all" else list(tables)
     for w in which:
         print(f"{w}:")
@@ -87,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.model,
         num_classes=train_set.num_classes,
         in_channels=train_set.shape[0],
-        input_size=tuple(train_set.shape[1:]),
+        input_size=(train_set.shape[1], train_set.shape[2]),
         mean=train_set.mean,
         std=train_set.std,
         init=args.init,

@@ -33,7 +33,9 @@ C = TypeVar("C")
 def option(default: Any, doc: str, **kw: Any) -> Any:
     """A dataclass field with a default and a one-line doc (shown by ``--help`` and docs)."""
     if isinstance(default, (list, dict)):
-        factory = (lambda d=default: type(d)(d))
+        def factory(d: Any = default) -> Any:
+            return type(d)(d)
+
         return dataclasses.field(default_factory=factory, metadata={"doc": doc, **kw})
     return dataclasses.field(default=default, metadata={"doc": doc, **kw})
 
@@ -117,7 +119,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}={value!r} must be a table")
         return dict(value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

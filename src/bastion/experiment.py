@@ -42,8 +42,7 @@ class DataSection:
     eval_samples: int = option(1000, "evaluate robust accuracy on the first N points of eval_split (0: all)")
 
     def __post_init__(self) -> None:
-        if self.dataset not in data_mod.DATASETS:
-            data_mod.DATASETS.get(self.dataset)  # raises the standard unknown-name error
+        data_mod.DATASETS.get(self.dataset)  # an unknown name raises the standard error
         if self.eval_split not in data_mod.SPLITS:
             raise ConfigError(f"eval_split={self.eval_split!r} is not one of 'train', 'test'")
         if not 0 < self.train_fraction <= 1:
@@ -59,8 +58,7 @@ class ModelSection:
     options: dict[str, Any] = option({}, "architecture options, e.g. {extra_skip = 4} for resnet18")
 
     def __post_init__(self) -> None:
-        if self.name not in models_mod.MODELS:
-            models_mod.MODELS.get(self.name)
+        models_mod.MODELS.get(self.name)
 
 
 @dataclass(frozen=True)
@@ -138,14 +136,14 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, resume: bool
     out = Path(cfg.out_dir)
     device = resolve_device(cfg.train.device)
     attack_list = cfg.eval.build()  # fail on bad attack parameters before training
-    kw = {"root": cfg.data.root} if cfg.data.root else {}
+    kw: dict[str, Any] = {"root": cfg.data.root} if cfg.data.root else {}
     train_set = data_mod.load(cfg.data.dataset, "train", fraction=cfg.data.train_fraction, seed=cfg.data.subset_seed, **kw)
     eval_set = data_mod.load(cfg.data.dataset, cfg.data.eval_split, **kw)
     model = models_mod.create(
         cfg.model.name,
         num_classes=train_set.num_classes,
         in_channels=train_set.shape[0],
-        input_size=tuple(train_set.shape[1:]),
+        input_size=(train_set.shape[1], train_set.shape[2]),
         mean=train_set.mean,
         std=train_set.std,
         init=cfg.model.init,

@@ -42,9 +42,8 @@ class Registry(Generic[F]):
         def deco(factory: F) -> F:
             if name in self._entries:
                 raise ConfigError(f"{self.kind} {name!r} is registered twice")
-            doc = summary or (factory.__doc__ or "").strip().splitlines()[0:1]
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            self._entries[name] = Entry(name, factory, text, dict(defaults))
+            first_doc_line = ((factory.__doc__ or "").strip().splitlines() or [""])[0]
+            self._entries[name] = Entry(name, factory, summary or first_doc_line, dict(defaults))
             return factory
 
         return deco

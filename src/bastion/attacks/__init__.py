@@ -12,6 +12,8 @@ sample and stops early per sample.
 
 from __future__ import annotations
 
+import builtins
+
 from typing import Any, Callable, TypeVar
 
 from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, project
@@ -36,7 +38,7 @@ def register(name: str, *, summary: str = "") -> Callable[[A], A]:
 from bastion.attacks import fgsm, pgd  # noqa: E402,F401
 
 
-def list() -> "list[str]":  # noqa: A001 - the registry API is list()/create()
+def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/create()
     """Names of every registered attack."""
     return ATTACKS.names()
 

@@ -385,4 +385,4 @@ def _check_fields(cls: type, params: dict[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     for k in params:
         if k not in known:
-            raise ConfigError(f"attack {cls.name!r} has no parameter {k!r}; parameters: {', '.join(sorted(known))}")
+            raise ConfigError(f"attack {getattr(cls, 'name', cls.__name__)!r} has no parameter {k!r}; parameters: {', '.join(sorted(known))}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bastion.data.base import ImageDataset, sha256_arrays, validate
-from bastion.errors import ConfigError, check_choice
+from bastion.errors import check_choice
 from bastion.registry import Registry
 
 #: name -> loader(split, *, root: Path, download: bool, **kwargs) -> ImageDataset
@@ -71,9 +71,7 @@ def load(
     base = Path(root).expanduser() if root is not None else data_dir()
     ds = entry.factory(split, root=base, download=download, **kwargs)
     if fraction != 1.0:
-        ds = ds.subset(fraction, seed=seed)
-    elif not isinstance(fraction, (int, float)):
-        raise ConfigError(f"fraction={fraction!r} must be a number in (0, 1]")
+        ds = ds.subset(fraction, seed=seed)  # validates fraction
     return ds
 
 

@@ -107,7 +107,7 @@ def evaluate(
     robust_by_budget: dict[tuple[str, float], torch.Tensor] = {}
     count_by_budget: dict[tuple[str, float], int] = {}
     total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)
-    bar = tqdm(total=total, desc="attacks", disable=not progress, leave=False, unit="batch")
+    bar = tqdm(total=total, desc="attacks", disable=None if progress else True, leave=False, unit="batch")
     for attack in attacks:
         gen = torch.Generator(device=dev).manual_seed(seed)
         robust = torch.zeros(len(data), dtype=torch.bool)

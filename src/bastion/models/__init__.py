@@ -11,6 +11,8 @@ builds the bare network (which sees normalised inputs) and :func:`create` wraps 
 
 from __future__ import annotations
 
+import builtins
+
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -28,7 +30,7 @@ register = MODELS.register
 from bastion.models import lenet, small_cnns, resnet, vgg, mobilenet  # noqa: E402,F401
 
 
-def list() -> "list[str]":  # noqa: A001 - the registry API is list()/create()
+def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/create()
     """Names of every registered model."""
     return MODELS.names()
 
@@ -73,14 +75,11 @@ def create(
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or any((not isinstance(v, int)) or v < 1 for v in hw):
         raise ConfigError(f"input_size={input_size!r} must be a positive int or (H, W)")
-    if mean is None or std is None:
-        dm, ds = d.get("mean"), d.get("std")
-        if dm is not None and len(dm) == c:
-            mean, std = (dm if mean is None else mean), (ds if std is None else std)
-        else:
-            mean, std = (mean or (0.5,) * c), (std or (0.5,) * c)
-    if len(mean) != c or len(std) != c:
-        raise ConfigError(f"mean/std have {len(mean)}/{len(std)} channels but in_channels={c}")
+    fits = d.get("mean") is not None and len(d["mean"]) == c
+    mean_: Sequence[float] = mean if mean is not None else (d["mean"] if fits else (0.5,) * c)
+    std_: Sequence[float] = std if std is not None else (d["std"] if fits else (0.5,) * c)
+    if len(mean_) != c or len(std_) != c:
+        raise ConfigError(f"mean/std have {len(mean_)}/{len(std_)} channels but in_channels={c}")
     init = d.get("init") if init is None else init
     if init is not None and init not in INITS:
         raise ConfigError(f"init={init!r} is not one of {', '.join(INITS)}")
@@ -101,8 +100,8 @@ def create(
         init_weights(net, init)
     clf = Classifier(
         net,
-        mean=mean,
-        std=std,
+        mean=mean_,
+        std=std_,
         num_classes=num_classes,
         input_shape=(c, hw[0], hw[1]) if d.get("fixed_size", True) else None,
         arch=name,
@@ -114,8 +113,8 @@ def create(
         "in_channels": c,
         "input_size": [hw[0], hw[1]],
         "init": init,
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
+        "mean": [float(v) for v in mean_],
+        "std": [float(v) for v in std_],
         **({"arch_kwargs": dict(arch_kwargs)} if arch_kwargs else {}),
     }
     return clf

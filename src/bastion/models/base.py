@@ -29,6 +29,9 @@ class Classifier(nn.Module):
         arch: the registry name the model was built from (metadata only).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         net: nn.Module,

@@ -19,6 +19,7 @@ from torch import nn
 
 from bastion.errors import ConfigError
 from bastion.models import register
+from bastion.models.defaults import MNIST
 
 
 def flatten_size(
@@ -114,10 +115,7 @@ class LeNet5(nn.Module):
 @register(
     "lenet5",
     summary="LeNet-5 (LeCun et al. 1998), the MNIST model of seed 001",
-    in_channels=1,
-    input_size=28,
-    mean=(0.1307,),
-    std=(0.3081,),
+    **MNIST,
     fixed_size=True,
 )
 def lenet5(*, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:

@@ -31,6 +31,7 @@ from torch import nn
 
 from bastion.errors import ConfigError
 from bastion.models import register
+from bastion.models.defaults import CIFAR10
 
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
@@ -199,10 +200,7 @@ class MobileNetV3Small(nn.Module):
 @register(
     "mobilenetv3-small",
     summary="MobileNetV3-Small (Howard et al. 2019), seed 004's model; cifar_stem reduces downsampling",
-    in_channels=3,
-    input_size=32,
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
+    **CIFAR10,
     fixed_size=False,
 )
 def mobilenetv3_small(

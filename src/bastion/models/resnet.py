@@ -24,14 +24,9 @@ from torch import nn
 
 from bastion.errors import ConfigError
 from bastion.models import register
+from bastion.models.defaults import CIFAR10
 
-_CIFAR = dict(
-    in_channels=3,
-    input_size=32,
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    fixed_size=False,
-)
+_CIFAR = {**CIFAR10, "fixed_size": False}
 
 #: allowed values of ResNet-18's ``extra_skip`` option (seed 000).
 EXTRA_SKIP_CHOICES: tuple[int | None, ...] = (None, 4, 6)
@@ -217,7 +212,7 @@ class ResNet(nn.Module):
         group_input = out
         idx = 0
         for stage in self.stages:
-            for block in stage:  # type: ignore[union-attr]
+            for block in stage:  # type: ignore[union-attr,attr-defined]
                 if idx in starts:
                     group_input = out
                 out = block(out)

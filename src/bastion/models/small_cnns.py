@@ -17,16 +17,11 @@ import torch
 from torch import nn
 
 from bastion.models import register
+from bastion.models.defaults import CIFAR10, MNIST
 from bastion.models.lenet import flatten_size
 
-_MNIST = dict(in_channels=1, input_size=28, mean=(0.1307,), std=(0.3081,), fixed_size=True)
-_CIFAR = dict(
-    in_channels=3,
-    input_size=32,
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    fixed_size=True,
-)
+_MNIST = {**MNIST, "fixed_size": True}
+_CIFAR = {**CIFAR10, "fixed_size": True}
 
 
 class MnistCNN(nn.Module):

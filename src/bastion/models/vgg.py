@@ -22,6 +22,7 @@ from torch import nn
 
 from bastion.errors import ConfigError
 from bastion.models import register
+from bastion.models.defaults import CIFAR10
 
 #: channel widths per conv layer; "M" is a 2x2 max-pool (Simonyan & Zisserman 2015, Table 1).
 CONFIGS: dict[str, list[Union[int, str]]] = {
@@ -30,14 +31,7 @@ CONFIGS: dict[str, list[Union[int, str]]] = {
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],  # VGG-16
 }
 
-_CIFAR = dict(
-    in_channels=3,
-    input_size=32,
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    fixed_size=False,
-    init="xavier-normal",
-)
+_CIFAR = {**CIFAR10, "fixed_size": False, "init": "xavier-normal"}
 
 
 class VGG(nn.Module):

@@ -163,7 +163,7 @@ def train(
         perm = torch.randperm(n, generator=gen)
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, unit="batch"
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False, unit="batch"
         )
         for b in bar:
             idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
