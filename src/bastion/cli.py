@@ -3,6 +3,7 @@
     bastion list [datasets|models|attacks]
     bastion train --dataset mnist --model lenet5 --out runs/lenet5 [--epochs 4 ...]
     bastion eval runs/lenet5 --attacks fgsm,pgd --eps 0.1,0.2,0.3 [--param pgd.steps=40]
+    bastion attack runs/lenet5 --attacks pgd --eps 0.3 --out adv/ [--targeted next]
     bastion demo                       # the main job: LeNet-5 on MNIST, FGSM and PGD-40
     bastion run --config exp.toml [--set train.epochs=2]
 
@@ -105,21 +106,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from bastion import attacks, data
-    from bastion.eval.robust import evaluate
-    from bastion.train.checkpoint import load_model
-    from bastion.utils.device import resolve_device
-    from bastion.utils.io import atomic_write_json
+def _attack_list(args: argparse.Namespace) -> list[Any]:
+    """The attacks named by ``--attacks`` x ``--eps`` with ``--param`` overrides."""
+    from bastion import attacks
 
-    device = resolve_device(args.device)
-    model, meta = load_model(args.checkpoint, device=device)
-    dataset = args.dataset or (meta.get("dataset") or {}).get("name")
-    if not dataset:
-        raise ConfigError("the checkpoint does not record its dataset; pass --dataset")
     names = [a.strip() for a in args.attacks.split(",") if a.strip()]
     if not names:
         raise ConfigError("--attacks needs at least one attack name")
+    for n in names:
+        attacks.ATTACKS.get(n)  # unknown names fail before anything is loaded
     eps = _floats(args.eps, "--eps")
     params: dict[str, dict[str, Any]] = {}
     for key, value in _parse_assignments(args.param or [], "--param").items():
@@ -127,15 +122,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not dot or attack not in names:
             raise ConfigError(f"--param {key}={value!r} must be ATTACK.FIELD=VALUE with ATTACK in --attacks")
         params.setdefault(attack, {})[field] = value
-    attack_list = [attacks.create(n, eps=e, norm=args.norm, **params.get(n, {})) for n in names for e in eps]
+    return [attacks.create(n, eps=e, norm=args.norm, **params.get(n, {})) for n in names for e in eps]
+
+
+def _load_for_attack(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any, str, list[Any], Any]:
+    """Attacks (validated first), the checkpoint's model and metadata, and the data to attack."""
+    from bastion import data
+    from bastion.train.checkpoint import load_model
+    from bastion.utils.device import resolve_device
+
+    attack_list = _attack_list(args)
+    device = resolve_device(args.device)
+    model, meta = load_model(args.checkpoint, device=device)
+    dataset = args.dataset or (meta.get("dataset") or {}).get("name")
+    if not dataset:
+        raise ConfigError("the checkpoint does not record its dataset; pass --dataset")
     ds = data.load(dataset, args.split)
     if args.n:
         ds = ds.take(args.n)
+    return model, meta, ds, dataset, attack_list, device
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from bastion.eval.robust import evaluate
+    from bastion.utils.io import atomic_write_json
+
+    model, meta, ds, dataset, attack_list, device = _load_for_attack(args)
     report = evaluate(model, ds, attack_list, batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.quiet)
     print(report.table(title=f"{args.checkpoint}: {meta.get('model', {}).get('name', '?')} on {dataset} ({args.split})"))
     if args.json:
         atomic_write_json(args.json, {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, **report.to_dict()})
         print(f"results written to {args.json}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Run attacks on a checkpoint and save every adversarial set (safetensors) + results JSON."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bastion.eval.robust import attack_label
+    from bastion.utils.io import atomic_write, atomic_write_json
+
+    model, meta, ds, dataset, attack_list, device = _load_for_attack(args)
+    out = Path(args.out)
+    targets = None
+    if args.targeted:
+        k = model.num_classes
+        if args.targeted == "next":
+            targets = (ds.y + 1) % k
+        else:
+            g = torch.Generator().manual_seed(args.seed)
+            targets = (ds.y + torch.randint(1, k, ds.y.shape, generator=g)) % k
+    rows = []
+    for attack in attack_list:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        xs, succ, costs = [], [], []
+        for i in range(0, len(ds), args.batch_size):
+            t = None if targets is None else targets[i : i + args.batch_size].to(device)
+            res = attack(model, ds.x[i : i + args.batch_size].to(device), ds.y[i : i + args.batch_size].to(device), targets=t, generator=gen)
+            xs.append(res.x_adv.cpu())
+            succ.append(res.success.cpu())
+            costs.append(res.cost)
+        x_adv, success = torch.cat(xs), torch.cat(succ)
+        fname = f"{attack_label(attack)}_{attack.norm}_eps{attack.eps:g}.safetensors"
+        tensors = {"x_adv": x_adv.contiguous(), "success": success, "y": ds.y.contiguous()}
+        if targets is not None:
+            tensors["targets"] = targets.contiguous()
+        atomic_write(out / fname, lambda p, t=tensors: save_file(t, str(p)))
+        rate = float(success.float().mean())
+        rows.append({
+            "attack": attack.name, "label": attack_label(attack), "norm": attack.norm, "eps": attack.eps,
+            "params": attack.params, "targeted": targets is not None,
+            "success_rate": rate, "robust_accuracy": None if targets is not None else 1 - rate,
+            "gradients": sum(c.gradients for c in costs), "forwards": sum(c.forwards for c in costs),
+            "seconds": sum(c.seconds for c in costs), "file": fname,
+        })
+        what = "success rate" if targets is not None else "robust accuracy"
+        print(f"{attack_label(attack):<16} {attack.norm} eps={attack.eps:g}: {what} {100 * (rate if targets is not None else 1 - rate):.2f}%  -> {out / fname}")
+    atomic_write_json(out / "results.json", {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, "n": len(ds), "rows": rows})
+    print(f"results written to {out / 'results.json'}")
     return 0
 
 
@@ -189,21 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", help="clean and robust accuracy of a checkpoint")
-    s.add_argument("checkpoint", help="a checkpoint directory or a training run directory")
-    s.add_argument("--attacks", default="fgsm,pgd", help="comma-separated attack names (default fgsm,pgd)")
-    s.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.2,0.3 or 0.0313")
-    s.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    s.add_argument("--param", action="append", help="attack hyper-parameter ATTACK.FIELD=VALUE, e.g. pgd.steps=40")
-    s.add_argument("--dataset", help="default: the checkpoint's training dataset")
-    s.add_argument("--split", default="test", choices=["train", "test"])
-    s.add_argument("-n", type=int, default=0, help="evaluate on the first N points (default all)")
-    s.add_argument("--batch-size", dest="batch_size", type=int, default=500)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--json", help="write the results to this JSON file (atomically)")
-    s.add_argument("-q", "--quiet", action="store_true")
-    s.set_defaults(func=cmd_eval)
+    for cmd, helptext, func in (("eval", "clean and robust accuracy of a checkpoint under attacks", cmd_eval),
+                                ("attack", "run attacks on a checkpoint, save the adversarial examples and a results JSON", cmd_attack)):
+        s = sub.add_parser(cmd, help=helptext)
+        s.add_argument("checkpoint", help="a checkpoint directory or a training run directory")
+        s.add_argument("--attacks", default="fgsm,pgd", help="comma-separated attack names (default fgsm,pgd)")
+        s.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.2,0.3 or 0.0313")
+        s.add_argument("--norm", default="linf", choices=["linf", "l2"])
+        s.add_argument("--param", action="append", help="attack hyper-parameter ATTACK.FIELD=VALUE, e.g. pgd.steps=40")
+        s.add_argument("--dataset", help="default: the checkpoint's training dataset")
+        s.add_argument("--split", default="test", choices=["train", "test"])
+        s.add_argument("-n", type=int, default=0, help="use the first N points (default all)")
+        s.add_argument("--batch-size", dest="batch_size", type=int, default=500)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default="auto")
+        s.add_argument("-q", "--quiet", action="store_true")
+        if cmd == "eval":
+            s.add_argument("--json", help="write the results to this JSON file (atomically)")
+        else:
+            s.add_argument("--out", required=True, help="directory for the adversarial sets and results.json")
+            s.add_argument("--targeted", choices=["next", "random"], help="targeted attack: target y+1, or a random other class")
+        s.set_defaults(func=func)
 
     for name, helptext in (("demo", "the main job: train LeNet-5 on MNIST, print clean / FGSM / PGD-40 accuracy"),
                            ("run", "run an experiment config (default: the main job's)")):

@@ -35,12 +35,27 @@ def register(name: str, *, summary: str = "") -> Callable[[A], A]:
 
 
 # Attack files register themselves on import; they are imported here and nowhere else.
-from bastion.attacks import fgsm, pgd  # noqa: E402,F401
+from bastion.attacks import fgsm, pgd, bim, ffgsm, mifgsm, rfgsm, tpgd  # noqa: E402,F401
+
+
+# Compositions and wrappers (transfer registers ``gradient-ensemble``).
+from bastion.attacks.compose import Cascade, worst_case  # noqa: E402
+from bastion.attacks.transfer_attacks import GradientEnsemble, Transfer, transfer  # noqa: E402
 
 
 def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/create()
     """Names of every registered attack."""
     return ATTACKS.names()
+
+
+def eot(attack: Attack, samples: int) -> Attack:
+    """Expectation over Transformation (Athalye et al. 2018): ``attack`` with every gradient
+    averaged over ``samples`` draws of the model's randomness (seed 001's PGD-EOT)."""
+    if getattr(attack, "gradient_free", False):
+        from bastion.errors import ConfigError
+
+        raise ConfigError(f"eot: attack {attack.name!r} uses no gradients; EOT does not apply")
+    return attack.replace(eot_samples=samples)
 
 
 def create(name: str, **params: Any) -> Attack:
@@ -53,4 +68,7 @@ def create(name: str, **params: Any) -> Attack:
     return cls(**params)
 
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "AttackRun", "Cost", "create", "list", "project", "register"]
+__all__ = [
+    "ATTACKS", "Attack", "AttackResult", "AttackRun", "Cascade", "Cost", "GradientEnsemble", "Transfer",
+    "create", "eot", "list", "project", "register", "transfer", "worst_case",
+]

@@ -103,24 +103,38 @@ class AttackResult:
 
     Attributes:
         x_adv: ``(N, C, H, W)`` adversarial inputs, inside the budget and the bounds. For a
-            point where the attack succeeded, an iterate that satisfies the criterion; for
-            the others, the attack's last iterate (the clean point if it was never attacked).
+            point where the attack succeeded, an iterate that satisfies the criterion (for a
+            minimal-perturbation attack, the smallest one found); for the others, the
+            attack's last iterate (the clean point if it was never attacked).
         success: ``(N,)`` bool, the criterion holds at ``x_adv`` (misclassified, or classified
             as the target for a targeted attack). Includes points that were already
             misclassified before the attack.
         clean_success: ``(N,)`` bool, the criterion already held at the clean input.
+        distances: ``(N,)`` size of ``x_adv - x`` in the attack's norm where it succeeded
+            (0 for points already misclassified), ``inf`` where it failed.
         cost: gradient and forward evaluations, and time.
         attack: registry name; params: the frozen hyper-parameters.
-        targeted: whether ``targets`` were given.
+        targeted: whether ``targets`` were given. norm: the threat model's norm.
+        details: attack-specific extras (e.g. a composition's per-attack breakdown).
     """
 
     x_adv: torch.Tensor
     success: torch.Tensor
     clean_success: torch.Tensor
+    distances: torch.Tensor
     cost: Cost
     attack: str
     params: dict[str, Any]
     targeted: bool = False
+    norm: str = "linf"
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def robust_accuracy_at(self, eps: float) -> float:
+        """Robust accuracy at budget ``eps``: a point counts as broken if the attack succeeded
+        with a perturbation of size <= ``eps``. One run of a minimal-perturbation attack thus
+        gives the whole robust-accuracy curve."""
+        broken = self.success & (self.distances <= eps * (1 + 1e-6) + 1e-12)
+        return float((~broken).float().mean()) if broken.numel() else float("nan")
 
     @property
     def robust(self) -> torch.Tensor:
@@ -159,8 +173,12 @@ class AttackRun:
         eps: float,
         early_stop: bool,
         generator: torch.Generator | None,
+        minimal: bool = False,
+        eot_samples: int = 1,
     ) -> None:
         self.model = model
+        self.minimal = minimal
+        self.eot_samples = eot_samples
         self.targeted = targeted
         self.norm = norm
         self.eps = float(eps)
@@ -170,6 +188,7 @@ class AttackRun:
         n = x.shape[0]
         self.best = x.detach().clone()
         self.success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.best_dist = torch.full((n,), float("inf"), device=x.device)
         self.idx = torch.arange(n, device=x.device)
         self.x = x.detach()
         self.labels = labels
@@ -212,27 +231,49 @@ class AttackRun:
         ``loss`` is a per-sample loss the attack ascends; default cross-entropy on the true
         label (untargeted) or minus cross-entropy on the target (targeted). Per-sample losses
         are summed, so one sample's gradient never depends on the rest of the batch.
+
+        With ``eot_samples = k > 1`` (Expectation over Transformation, Athalye et al. 2018)
+        the loss, gradient and logits are averaged over ``k`` forward/backward passes, i.e.
+        over ``k`` draws of a randomised model's randomness; each pass counts as a gradient
+        evaluation.
         """
         x_adv = self.project(x_adv.detach()).requires_grad_(True)
-        with torch.enable_grad():
-            logits = self.model(x_adv)
-            if loss is None:
-                per_sample = ce_loss(logits, self.labels)
-                per_sample = -per_sample if self.targeted else per_sample
-            else:
-                per_sample = loss(logits, self.labels)
-            (grad,) = torch.autograd.grad(per_sample.sum(), x_adv)
-        self.gradients += self.n
-        logits = logits.detach()
-        self._record(x_adv.detach(), logits)
-        return per_sample.detach(), grad.detach(), logits
+        loss_fn = loss if loss is not None else self.default_loss
+        grad_sum = torch.zeros_like(x_adv)
+        losses, logit_draws = [], []
+        for _ in range(self.eot_samples):
+            with torch.enable_grad():
+                logits = self.model(x_adv)
+                per_sample = loss_fn(logits, self.labels)
+                (grad,) = torch.autograd.grad(per_sample.sum(), x_adv)
+            grad_sum += grad
+            losses.append(per_sample.detach())
+            logit_draws.append(logits.detach())
+        self.gradients += self.n * self.eot_samples
+        mean_logits = torch.stack(logit_draws).mean(0)
+        self._record(x_adv.detach(), mean_logits)
+        return torch.stack(losses).mean(0), grad_sum / self.eot_samples, mean_logits
 
-    def prune(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Drop the points that already succeeded from the working set (when early stopping
-        is on) and return ``tensors`` (per-sample state of the attack) restricted likewise."""
-        if not self.early_stop:
+    def default_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the true label (untargeted) or minus cross-entropy on the target."""
+        per_sample = ce_loss(logits, labels)
+        return -per_sample if self.targeted else per_sample
+
+    def prune(self, *tensors: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Shrink the working set and return ``tensors`` (the attack's per-sample state)
+        restricted likewise.
+
+        Drops the points that already succeeded when early stopping is on (never for a
+        minimal-perturbation attack, which goes on shrinking its perturbation), and the
+        points where the attack's own ``keep`` mask (``(n,)`` bool) is false.
+        """
+        drop_done = self.early_stop and not self.minimal
+        if not drop_done and keep is None:
             return tensors
-        keep = ~self.success[self.idx]
+        k = ~self.success[self.idx] if drop_done else torch.ones(self.n, dtype=torch.bool, device=self.idx.device)
+        if keep is not None:
+            k = k & keep.to(k.device)
+        keep = k
         if bool(keep.all()):
             return tensors
         self.idx = self.idx[keep]
@@ -251,8 +292,16 @@ class AttackRun:
     # ---- engine internals
     def _record(self, x_adv: torch.Tensor, logits: torch.Tensor) -> None:
         ok = self.criterion(logits)
-        # a success replaces the stored point; a failure does so only while none succeeded
-        update = ok | ~self.success[self.idx]
+        never = ~self.success[self.idx]
+        if self.minimal:
+            # keep the smallest successful perturbation; failures only while none succeeded
+            dist = flat_norm(x_adv - self.x, self.norm)
+            smaller = ok & (dist < self.best_dist[self.idx])
+            self.best_dist[self.idx[smaller]] = dist[smaller]
+            update = smaller | (never & ~ok)
+        else:
+            # a success replaces the stored point; a failure does so only while none succeeded
+            update = ok | never
         where = self.idx[update]
         self.best[where] = x_adv[update]
         self.success[self.idx[ok]] = True
@@ -273,16 +322,26 @@ class Attack(ABC):
     eps: float = 8 / 255
     norm: str = "linf"
     early_stop: bool = True
+    eot_samples: int = 1
 
     #: registry name, set by :func:`bastion.attacks.register`
     name: ClassVar[str] = ""
     #: the norms this attack supports
     norms: ClassVar[tuple[str, ...]] = ("linf",)
+    #: a minimal-perturbation attack: ``eps`` may be ``inf`` (unbounded), the engine keeps the
+    #: smallest successful perturbation per point and does not stop at the first success
+    minimal: ClassVar[bool] = False
+    #: a score-based (black-box) attack that never asks for gradients
+    gradient_free: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, self.norms)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (self.eps >= 0) or self.eps == float("inf"):
-            raise ConfigError(f"eps={self.eps!r} must be a finite number >= 0")
+        bad = isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (self.eps >= 0)
+        if bad or (self.eps == float("inf") and not self.minimal):
+            what = "a number >= 0 (inf for no bound)" if self.minimal else "a finite number >= 0"
+            raise ConfigError(f"eps={self.eps!r} must be {what}")
+        if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
+            raise ConfigError(f"eot_samples={self.eot_samples!r} must be an integer >= 1")
         self.validate()
 
     def validate(self) -> None:
@@ -345,6 +404,8 @@ class Attack(ABC):
                 eps=self.eps,
                 early_stop=self.early_stop,
                 generator=generator,
+                minimal=self.minimal,
+                eot_samples=self.eot_samples,
             )
             run.check(x)
             clean_success = run.success.clone()
@@ -353,15 +414,22 @@ class Attack(ABC):
                 self._run(run)
         finally:
             clf.train(was_training)
-        return AttackResult(
-            x_adv=run.best,
-            success=run.success,
-            clean_success=clean_success,
-            cost=Cost(run.gradients, run.forwards, time.perf_counter() - start),
-            attack=self.name,
-            params=self.params,
-            targeted=targets is not None,
-        )
+        return _result(self, x, run, clean_success, time.perf_counter() - start, targets is not None)
+
+
+def _result(attack: "Attack", x: torch.Tensor, run: AttackRun, clean_success: torch.Tensor, seconds: float, targeted: bool) -> AttackResult:
+    dist = flat_norm(run.best - x, attack.norm)
+    return AttackResult(
+        x_adv=run.best,
+        success=run.success,
+        clean_success=clean_success,
+        distances=torch.where(run.success, dist, torch.full_like(dist, float("inf"))),
+        cost=Cost(run.gradients, run.forwards, seconds),
+        attack=attack.name,
+        params=attack.params,
+        targeted=targeted,
+        norm=attack.norm,
+    )
 
 
 def _check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Composition: the per-sample worst case over a list of attacks, as a cascade.
+
+Following AutoAttack (Croce & Hein, ICML 2020), each attack is given only the points that are
+still robust after the attacks before it, so the worst case costs far less than running every
+attack on every point, and the result is the same: a point is robust only if no attack broke
+it. The result's ``details`` hold, per attack, the robust accuracy after it (cumulative) and how
+many points it was the first to break.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm
+from bastion.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Cascade(Attack):
+    """Run ``attacks`` in order, each on the points still robust; keep the worst case.
+
+    All attacks must share one threat model (``norm`` and ``eps``); the cascade's own ``eps``
+    and ``norm`` are taken from them.
+    """
+
+    attacks: tuple[Attack, ...] = ()
+    label: str = "cascade"
+
+    def __post_init__(self) -> None:
+        if not self.attacks:
+            raise ConfigError("attacks: a composition needs at least one attack")
+        for i, a in enumerate(self.attacks):
+            if not isinstance(a, Attack):
+                raise ConfigError(f"attacks[{i}]={a!r} is not an Attack")
+        first = self.attacks[0]
+        for a in self.attacks[1:]:
+            if a.norm != first.norm or a.eps != first.eps:
+                raise ConfigError(
+                    f"attacks: all must share one threat model, got {first.name} ({first.norm}, eps={first.eps}) "
+                    f"and {a.name} ({a.norm}, eps={a.eps})"
+                )
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        object.__setattr__(self, "eps", first.eps)
+        object.__setattr__(self, "norm", first.norm)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"label": self.label, "attacks": [{"name": a.name, **a.params} for a in self.attacks]}
+
+    def _run(self, run: AttackRun) -> None:  # pragma: no cover - __call__ is overridden
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        targets: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> AttackResult:
+        start = time.perf_counter()
+        n = x.shape[0]
+        x_adv = x.detach().clone()
+        success = torch.zeros(n, dtype=torch.bool, device=x.device)
+        broken_by = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+        clean_success: torch.Tensor | None = None
+        cost = Cost()
+        per_attack: list[dict[str, Any]] = []
+        for i, attack in enumerate(self.attacks):
+            todo = (~success).nonzero().squeeze(1)
+            if i > 0 and todo.numel() == 0:
+                per_attack.append({"attack": attack.name, "attacked": 0, "broke": 0, "robust_after": 0.0, "cost": dataclasses.asdict(Cost())})
+                continue
+            res = attack(model, x[todo], y[todo], targets=None if targets is None else targets[todo], generator=generator)
+            if clean_success is None:
+                clean_success = res.clean_success  # the first attack saw every point
+            newly = todo[res.success]
+            success[newly] = True
+            broken_by[newly[broken_by[newly] < 0]] = i
+            x_adv[todo] = res.x_adv  # successes, and the last iterate of failures
+            cost = cost + res.cost
+            per_attack.append(
+                {
+                    "attack": attack.name,
+                    "attacked": int(todo.numel()),
+                    "broke": int((broken_by == i).sum()),
+                    "robust_after": float((~success).float().mean()),
+                    "cost": dataclasses.asdict(res.cost),
+                }
+            )
+        assert clean_success is not None  # at least one attack ran on all points
+        dist = flat_norm(x_adv - x, self.norm)
+        return AttackResult(
+            x_adv=x_adv,
+            success=success,
+            clean_success=clean_success,
+            distances=torch.where(success, dist, torch.full_like(dist, float("inf"))),
+            cost=Cost(cost.gradients, cost.forwards, time.perf_counter() - start),
+            attack=self.label,
+            params=self.params,
+            targeted=targets is not None,
+            norm=self.norm,
+            details={"per_attack": per_attack, "broken_by": broken_by.cpu().tolist()},
+        )
+
+
+def worst_case(attacks: "list[Attack] | tuple[Attack, ...]", label: str = "worst-case") -> Cascade:
+    """The per-sample worst case over ``attacks`` (a :class:`Cascade`)."""
+    return Cascade(attacks=tuple(attacks), label=label)
