@@ -35,12 +35,13 @@ def register(name: str, *, summary: str = "") -> Callable[[A], A]:
 
 
 # Attack files register themselves on import; they are imported here and nowhere else.
-from bastion.attacks import fgsm, pgd, bim, ffgsm, mifgsm, rfgsm, tpgd  # noqa: E402,F401
+from bastion.attacks import fgsm, pgd, bim, ffgsm, mifgsm, rfgsm, tpgd, apgd, deepfool, cw, lbfgs, square, fab  # noqa: E402,F401
 
 
 # Compositions and wrappers (transfer registers ``gradient-ensemble``).
 from bastion.attacks.compose import Cascade, worst_case  # noqa: E402
 from bastion.attacks.transfer_attacks import GradientEnsemble, Transfer, transfer  # noqa: E402
+from bastion.attacks import autoattack  # noqa: E402,F401  (composes the attacks above)
 
 
 def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/create()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from bastion.attacks import losses, register
-from bastion.attacks.base import Attack, AttackRun, flat_norm
+from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
 from bastion.errors import ConfigError
 
 #: iterations (of a 10,000-query budget) after which ``p`` is halved (Andriushchenko et al.)
@@ -93,7 +93,8 @@ class Square(Attack):
         p_init: initial fraction of the image the square covers (schedule above).
         restarts: independent runs from a new random initialisation, on points not yet broken.
 
-    Cost: at most ``restarts * n_queries`` forward evaluations per point, no gradients.
+    Cost: at most ``restarts * (n_queries + 1)`` forward evaluations per point (the extra one
+    hands the best iterate of a failed restart back to the engine), no gradients.
     """
 
     norms = ("linf", "l2")
@@ -115,7 +116,8 @@ class Square(Attack):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _loss(run: AttackRun):  # type: ignore[no-untyped-def]
+    def _loss(run: AttackRun) -> LossFn:
+        """The margin loss the attack ascends (positive once the criterion holds)."""
         return losses.margin_targeted if run.targeted else losses.margin
 
     def _signs(self, run: AttackRun, *shape: int) -> torch.Tensor:
@@ -183,7 +185,7 @@ class Square(Attack):
 
     def _side(self, it: int, n_features: int, h: int, w: int) -> int:
         p = p_selection(self.p_init, it, self.n_queries)
-        s = int(round(math.sqrt(p * n_features)))
+        s = round(math.sqrt(p * n_features))
         if self.norm == "linf":
             return min(max(s, 1), h, w)
         s = min(max(s, 3), h, w)
@@ -194,7 +196,7 @@ class Square(Attack):
     # ------------------------------------------------------------------ the algorithm
     def _run(self, run: AttackRun) -> None:
         loss = self._loss(run)
-        _, c, h, w = run.x.shape
+        _, _, h, w = run.x.shape
         for _ in range(self.restarts):
             run.prune()
             if run.done:
@@ -216,4 +218,8 @@ class Square(Attack):
                 x_best = torch.where(better.view(-1, 1, 1, 1), run.project(cand), x_best)
                 best = torch.where(better, new, best)
                 fooled = fooled | ok
+            # hand the best iterate (not the last rejected candidate) back to the engine
             x_best, best, fooled = run.prune(x_best, best, fooled, keep=~fooled)
+            if run.done:
+                return
+            run.check(x_best)

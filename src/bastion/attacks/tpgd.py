@@ -83,7 +83,7 @@ class TPGD(Attack):
             raise ConfigError(_UNTARGETED)
         alpha = self.step_size
         clean_logits = run.check(run.x)  # one counted forward per point
-        x_adv: torch.Tensor = run.x + self.init_std * run.normal(run.x)
+        x_adv: torch.Tensor = run.project(run.x + self.init_std * run.normal(run.x))
         for _ in range(self.steps):
             _, grad, _ = run.loss_grad(x_adv, loss=losses.kl_from(clean_logits))
             x_adv, grad, clean_logits = run.prune(x_adv, grad, clean_logits)
