@@ -6,7 +6,7 @@ given fast test parameters below."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

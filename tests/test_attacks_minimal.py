@@ -13,7 +13,7 @@ from torch import nn
 
 from bastion import attacks
 from bastion.attacks.base import flat_norm
-from bastion.errors import ConfigError, InputError
+from bastion.errors import ConfigError
 from bastion.models.base import Classifier
 
 INF = float("inf")
@@ -334,5 +334,5 @@ def test_bad_parameters_name_the_field(name, params, field):
 
 def test_deepfool_refuses_targets(lenet, batch):
     x, y = batch
-    with pytest.raises(InputError, match="untargeted"):
+    with pytest.raises(ConfigError, match="untargeted"):
         attacks.create("deepfool")(lenet, x[:4], y[:4], targets=(y[:4] + 1) % 10)

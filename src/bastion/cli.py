@@ -156,10 +156,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     """Run attacks on a checkpoint and save every adversarial set (safetensors) + results JSON."""
+    from functools import partial
+
     import torch
-    from safetensors.torch import save_file
 
     from bastion.eval.robust import attack_label
     from bastion.utils.io import atomic_write, atomic_write_json
@@ -189,7 +196,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         tensors = {"x_adv": x_adv.contiguous(), "success": success, "y": ds.y.contiguous()}
         if targets is not None:
             tensors["targets"] = targets.contiguous()
-        atomic_write(out / fname, lambda p, t=tensors: save_file(t, str(p)))
+        atomic_write(out / fname, partial(_save_tensors, tensors))
         rate = float(success.float().mean())
         rows.append({
             "attack": attack.name, "label": attack_label(attack), "norm": attack.norm, "eps": attack.eps,

@@ -43,6 +43,7 @@ class AutoAttack(Attack):
     """
 
     norms = ("linf", "l2")
+    supports_targets = False
 
     version: str = "standard"
     steps: int = 100
@@ -86,8 +87,7 @@ class AutoAttack(Attack):
         targets: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> AttackResult:
-        if targets is not None:
-            raise ConfigError("autoattack is an untargeted evaluation (its APGD-T and FAB-T pick their own targets); call it without targets")
+        self._refuse_unsupported_targets(targets)  # its APGD-T and FAB-T pick their own targets
         cascade = Cascade(attacks=tuple(self.components()), label=f"autoattack-{self.version}")
         res = cascade(model, x, y, generator=generator)
         return dataclasses.replace(res, attack=self.name, params={**self.params, "components": res.params["attacks"]})

@@ -333,6 +333,8 @@ class Attack(ABC):
     minimal: ClassVar[bool] = False
     #: a score-based (black-box) attack that never asks for gradients
     gradient_free: ClassVar[bool] = False
+    #: whether the attack can be called with ``targets``; the engine refuses them otherwise
+    supports_targets: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, self.norms)
@@ -356,6 +358,10 @@ class Attack(ABC):
         """A copy with some hyper-parameters changed (validated again)."""
         _check_fields(type(self), changes)
         return dataclasses.replace(self, **changes)
+
+    def _refuse_unsupported_targets(self, targets: torch.Tensor | None) -> None:
+        if targets is not None and not self.supports_targets:
+            raise ConfigError(f"targets: {self.name} is an untargeted attack; call it without targets")
 
     @abstractmethod
     def _run(self, run: AttackRun) -> None:
@@ -383,6 +389,7 @@ class Attack(ABC):
 
         The model is put in eval mode for the call and restored afterwards.
         """
+        self._refuse_unsupported_targets(targets)
         clf = as_classifier(model)
         clf.check_inputs(x, name="x")
         y = _check_labels(y, x, clf, "y")

@@ -35,7 +35,7 @@ Choices, and how they differ from the paper and from torchattacks 3.5.1:
   engine (``run.loss_grad``), so one iteration costs ``num_candidates - 1`` gradient
   evaluations per point still attacked; ``num_candidates`` counts the true class too, like the
   reference code's ``num_classes``.
-* Untargeted only (a targeted call raises :class:`~bastion.errors.InputError`).
+* Untargeted only (a targeted call raises :class:`~bastion.errors.ConfigError`).
 
 ``minimal = True`` and ``eps = inf`` by default: the engine keeps the smallest successful
 iterate, so ``AttackResult.robust_accuracy_at(eps)`` gives the whole robust-accuracy curve
@@ -49,10 +49,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from bastion.attacks import register
-from bastion.attacks.base import Attack, AttackResult, AttackRun, LossFn, flat_norm
+from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
 from bastion.errors import ConfigError, InputError
 
 #: added to every step's length, times the width of the input range (the authors' code adds
@@ -91,6 +90,7 @@ class DeepFool(Attack):
     """
 
     minimal: ClassVar[bool] = True
+    supports_targets: ClassVar[bool] = False
     norms = ("l2", "linf")
 
     eps: float = float("inf")
@@ -107,20 +107,6 @@ class DeepFool(Attack):
         o = self.overshoot
         if isinstance(o, bool) or not isinstance(o, (int, float)) or not (0 <= o < float("inf")):
             raise ConfigError(f"overshoot={o!r} must be a finite number >= 0")
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        targets: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> AttackResult:
-        """As :meth:`Attack.__call__`; DeepFool is untargeted, so ``targets`` must be ``None``."""
-        if targets is not None:
-            raise InputError("deepfool is an untargeted attack; call it without targets")
-        return super().__call__(model, x, y, generator=generator)
 
     def _run(self, run: AttackRun) -> None:
         clean_logits = run.check(run.x)

@@ -25,26 +25,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from bastion.attacks import losses, register
-from bastion.attacks.base import Attack, AttackResult, AttackRun
+from bastion.attacks.base import Attack, AttackRun
 from bastion.errors import ConfigError, check_positive
-
-_UNTARGETED = "targets: tpgd is untargeted (it ascends the KL divergence from the clean prediction); targets must be None"
 
 
 @register("tpgd", summary="PGD on the TRADES KL loss (Zhang et al. 2019), untargeted")
 @dataclass(frozen=True)
 class TPGD(Attack):
     """PGD ascending ``KL(clean || adversarial)``; cost: one forward plus ``steps`` gradient
-    evaluations per point.
+    evaluations per point. Untargeted only: the loss ignores the labels.
 
     Args:
         steps: number of iterations, an integer >= 1.
         alpha: step size; ``None`` means ``2.5 * eps / steps``.
         init_std: standard deviation of the Gaussian start (0.001 in TRADES), >= 0.
     """
+
+    supports_targets = False
 
     norms = ("linf",)
 
@@ -64,23 +63,7 @@ class TPGD(Attack):
         """The step size actually used."""
         return float(self.alpha) if self.alpha is not None else 2.5 * self.eps / self.steps
 
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        targets: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> AttackResult:
-        """As :meth:`Attack.__call__`, untargeted only (``targets`` must be ``None``)."""
-        if targets is not None:
-            raise ConfigError(_UNTARGETED)
-        return super().__call__(model, x, y, generator=generator)
-
     def _run(self, run: AttackRun) -> None:
-        if run.targeted:  # unreachable through __call__; kept for direct engine use
-            raise ConfigError(_UNTARGETED)
         alpha = self.step_size
         clean_logits = run.check(run.x)  # one counted forward per point
         x_adv: torch.Tensor = run.project(run.x + self.init_std * run.normal(run.x))

@@ -25,7 +25,7 @@ from torch import nn
 from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm, project
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier, as_classifier
+from bastion.models.base import as_classifier
 
 
 class LogitEnsemble(nn.Module):
