@@ -62,6 +62,16 @@ def test_train_and_eval(trained, tmp_path, capsys):
         (["train", "--dataset", "imagenet", "--model", "lenet5", "--out", "{tmp}"], "unknown dataset 'imagenet'"),
         (["train", "--dataset", "digits", "--model", "lenet6", "--out", "{tmp}"], "unknown model 'lenet6'"),
         (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--epochs", "0"], "epochs=0"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "armor"], "unknown defense 'armor'"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "superimpose",
+          "--defense-param", "alpha=0.7"], "alpha=0.7"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "superimpose-beta",
+          "--defense-param", "q=0"], "q=0"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "pgd-at",
+          "--defense-param", "attack='pgdd'"], "unknown attack 'pgdd'"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "pgd-at",
+          "--defense-param", "eps=-0.1"], "eps=-0.1"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense-param", "eps=0.1"], "--defense"),
         (["run", "--set", "train.lr=-1"], "lr=-1"),
         (["run", "--set", "eval.attacks=['fgsm','cw2']"], "unknown attack 'cw2'"),
         (["run", "--set", "model.nme='x'"], "model.nme"),
@@ -72,6 +82,21 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, capsys, argv, needle):
     argv = [a.format(ckpt=trained, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     assert needle in _err_line(capsys)
+
+
+def test_train_with_a_defense_records_it(tmp_path, capsys):
+    out = tmp_path / "fgsm-at"
+    assert main(["train", "--dataset", "digits", "--model", "madry-mnist", "--epochs", "1", "--optimizer", "adam",
+                 "--lr", "0.002", "--defense", "fgsm-at", "--defense-param", "eps=0.1", "--out", str(out), "-q"]) == 0
+    from bastion.train.checkpoint import load_model
+
+    model, meta = load_model(out)
+    assert meta["objective"]["defense"] == "fgsm-at" and meta["objective"]["eps"] == 0.1
+    assert main(["list", "defenses"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("fgsm-at", "pgd-at", "fgsm-pgd-at", "mixed-at", "fast-at", "trades", "superimpose",
+                 "superimpose-kl", "superimpose-beta", "vat", "pcl", "denoiser"):
+        assert f"  {name} " in listed
 
 
 def test_tampered_checkpoint_via_cli(trained, tmp_path, capsys):

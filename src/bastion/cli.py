@@ -57,9 +57,11 @@ def _floats(text: str, flag: str) -> list[float]:
 
 # --------------------------------------------------------------------------- commands
 def cmd_list(args: argparse.Namespace) -> int:
-    from bastion import attacks, data, models
+    from bastion import attacks, data, defenses, models
 
-    tables: dict[str, Any] = {"datasets": data.DATASETS, "models": models.MODELS, "attacks": attacks.ATTACKS}
+    tables: dict[str, Any] = {
+        "datasets": data.DATASETS, "models": models.MODELS, "attacks": attacks.ATTACKS, "defenses": defenses.DEFENSES,
+    }
     which = [args.what] if args.what != "all" else list(tables)
     for w in which:
         print(f"{w}:")
@@ -82,6 +84,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     raw.update(_parse_assignments(args.set or [], "--set"))
     cfg = from_dict(TrainConfig, raw)
     options = _parse_assignments(args.option or [], "--option")
+    defense = None
+    if args.defense:
+        from bastion import defenses
+
+        defense = defenses.create(args.defense, **_parse_assignments(args.defense_param or [], "--defense-param"))
+    elif args.defense_param:
+        raise ConfigError("--defense-param needs --defense NAME")
     train_set = data.load(args.dataset, "train", fraction=args.fraction, seed=args.subset_seed)
     model = models.create(
         args.model,
@@ -94,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=cfg.seed,
         **options,
     )
-    res = train(model, train_set, cfg, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
+    if defense is not None:
+        model = defense.prepare(model, train_set)
+    res = train(model, train_set, cfg, objective=defense, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
     test_set = data.load(args.dataset, "test")
     from bastion.eval.accuracy import accuracy
 
@@ -234,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="list datasets, models and attacks")
-    s.add_argument("what", nargs="?", default="all", choices=["all", "datasets", "models", "attacks"])
+    s.add_argument("what", nargs="?", default="all", choices=["all", "datasets", "models", "attacks", "defenses"])
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("train", help="train a model and checkpoint it every epoch (resumes when killed)")
@@ -257,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fraction", type=float, default=1.0, help="train on this fraction of the training set")
     s.add_argument("--subset-seed", dest="subset_seed", type=int, default=0)
     s.add_argument("--option", action="append", help="architecture option KEY=VALUE (e.g. extra_skip=4)")
+    s.add_argument("--defense", help="train with a defense (see `bastion list defenses`), with its seed's defaults")
+    s.add_argument("--defense-param", dest="defense_param", action="append", help="defense hyper-parameter KEY=VALUE")
     s.add_argument("--set", action="append", help="any TrainConfig field KEY=VALUE")
     s.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a run")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

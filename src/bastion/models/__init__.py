@@ -128,8 +128,17 @@ def from_spec(spec: dict[str, Any]) -> Classifier:
     kw = {k: v for k, v in spec.items() if k not in ("name", "arch_kwargs", "init")}
     if "input_size" in kw:
         kw["input_size"] = tuple(kw["input_size"])
-    # weights are loaded afterwards, so the init scheme does not matter: skip the work
-    return create(spec["name"], **kw, **dict(spec.get("arch_kwargs") or {}))
+    kw.pop("front_end", None)
+    kw.pop("aux", None)
+    model = create(spec["name"], **kw, **dict(spec.get("arch_kwargs") or {}))
+    if spec.get("front_end") or spec.get("aux"):
+        from bastion import defenses  # defenses build on models, not the reverse
+
+        if spec.get("front_end"):
+            defenses.attach_front_end(model, dict(spec["front_end"]))
+        for name, params in dict(spec.get("aux") or {}).items():
+            defenses.attach_aux(model, name, dict(params))
+    return model
 
 
 __all__ = ["Classifier", "MODELS", "as_classifier", "create", "from_spec", "init_weights", "list", "register"]

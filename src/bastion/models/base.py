@@ -27,6 +27,7 @@ class Classifier(nn.Module):
         bounds: the valid input range, ``(low, high)``.
         stochastic: ``True`` when the forward pass is random at evaluation time.
         arch: the registry name the model was built from (metadata only).
+        front_end: optional module applied to the inputs first (a defense's front end).
     """
 
     mean: torch.Tensor
@@ -43,6 +44,7 @@ class Classifier(nn.Module):
         bounds: tuple[float, float] = (0.0, 1.0),
         stochastic: bool = False,
         arch: str = "",
+        front_end: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -52,6 +54,9 @@ class Classifier(nn.Module):
         if not bounds[0] < bounds[1]:
             raise ConfigError(f"bounds={bounds!r} must satisfy low < high")
         self.net = net
+        #: an input transformation applied before normalisation (e.g. a denoiser); it maps
+        #: inputs in ``bounds`` to inputs in ``bounds`` and must be differentiable
+        self.front_end = front_end
         c = len(mean)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, c, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, c, 1, 1))
@@ -77,6 +82,8 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` for inputs ``(N, C, H, W)`` in ``bounds``."""
+        if self.front_end is not None:
+            x = self.front_end(x)
         return self.net((x - self.mean) / self.std)
 
     def check_inputs(self, x: torch.Tensor, *, name: str = "x", tol: float = 1e-6) -> None:

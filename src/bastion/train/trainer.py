@@ -59,6 +59,7 @@ class EpochRecord:
     train_acc: float
     val_acc: float | None
     seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,6 +160,8 @@ def train(
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        objective.context.update(epoch=epoch, epochs=config.epochs, step=step, device=device)
+        objective.start_epoch(model, epoch)
         model.train()
         perm = torch.randperm(n, generator=gen)
         loss_sum, correct, seen = 0.0, 0, 0
@@ -185,15 +188,16 @@ def train(
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         bar.close()
+        extra = objective.end_epoch(model, epoch)
         val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=device) if val_set else None
-        rec = EpochRecord(epoch + 1, lr, loss_sum / max(seen, 1), correct / max(seen, 1), val_acc, time.perf_counter() - t0)
+        rec = EpochRecord(epoch + 1, lr, loss_sum / max(seen, 1), correct / max(seen, 1), val_acc, time.perf_counter() - t0, extra)
         result.history.append(rec)
         improved = val_acc is not None and val_acc > best_acc
         if improved:
             best_acc, bad_epochs, result.best_epoch = float(val_acc), 0, epoch + 1  # type: ignore[arg-type]
         elif val_acc is not None:
             bad_epochs += 1
-        stop = bool(config.patience) and bad_epochs >= config.patience
+        stop = (bool(config.patience) and bad_epochs >= config.patience) or bool(extra.get("stop"))
         result.stopped_early = stop
         log.info(
             "epoch %d/%d lr %.4g loss %.4f acc %.4f%s (%.1fs)",
