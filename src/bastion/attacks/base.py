@@ -194,6 +194,7 @@ class AttackRun:
         self.labels = labels
         self.gradients = 0
         self.forwards = 0
+        self._projected: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     # ---- what the attack uses
     @property
@@ -207,7 +208,17 @@ class AttackRun:
 
     def project(self, x_adv: torch.Tensor) -> torch.Tensor:
         """``x_adv`` projected onto the budget around :attr:`x` and the model's bounds."""
-        return project(x_adv, self.x, self.norm, self.eps, self.bounds)
+        out = project(x_adv.detach(), self.x, self.norm, self.eps, self.bounds)
+        self._projected = (out, out._version, self.x)
+        return out
+
+    def _enforce(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """``x_adv`` inside the budget and bounds: projected again unless it is, unmodified,
+        the tensor :meth:`project` just returned for the current working set."""
+        last = self._projected
+        if last is not None and last[0] is x_adv and last[1] == x_adv._version and last[2] is self.x:
+            return x_adv
+        return self.project(x_adv)
 
     def criterion(self, logits: torch.Tensor) -> torch.Tensor:
         """``(n,)`` bool: misclassified (untargeted) or classified as the target (targeted)."""
@@ -216,7 +227,7 @@ class AttackRun:
 
     def check(self, x_adv: torch.Tensor) -> torch.Tensor:
         """Evaluate ``x_adv`` (forward only), record it, and return its logits."""
-        x_adv = self.project(x_adv.detach())
+        x_adv = self._enforce(x_adv)
         with torch.no_grad():
             logits = self.model(x_adv)
         self.forwards += self.n
@@ -237,22 +248,27 @@ class AttackRun:
         over ``k`` draws of a randomised model's randomness; each pass counts as a gradient
         evaluation.
         """
-        x_adv = self.project(x_adv.detach()).requires_grad_(True)
+        x_adv = self._enforce(x_adv)
         loss_fn = loss if loss is not None else self.default_loss
-        grad_sum = torch.zeros_like(x_adv)
-        losses, logit_draws = [], []
-        for _ in range(self.eot_samples):
-            with torch.enable_grad():
-                logits = self.model(x_adv)
-                per_sample = loss_fn(logits, self.labels)
-                (grad,) = torch.autograd.grad(per_sample.sum(), x_adv)
-            grad_sum += grad
-            losses.append(per_sample.detach())
-            logit_draws.append(logits.detach())
+        draws = [self._gradient_pass(x_adv, loss_fn) for _ in range(self.eot_samples)]
         self.gradients += self.n * self.eot_samples
-        mean_logits = torch.stack(logit_draws).mean(0)
-        self._record(x_adv.detach(), mean_logits)
-        return torch.stack(losses).mean(0), grad_sum / self.eot_samples, mean_logits
+        if len(draws) == 1:
+            per_sample, grad, logits = draws[0]
+        else:
+            per_sample = torch.stack([d[0] for d in draws]).mean(0)
+            grad = torch.stack([d[1] for d in draws]).mean(0)
+            logits = torch.stack([d[2] for d in draws]).mean(0)
+        self._record(x_adv, logits)
+        return per_sample, grad, logits
+
+    def _gradient_pass(self, x_adv: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward/backward pass: (per-sample loss, input gradient, logits), detached."""
+        xg = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self.model(xg)
+            per_sample = loss_fn(logits, self.labels)
+            (grad,) = torch.autograd.grad(per_sample.sum(), xg)
+        return per_sample.detach(), grad, logits.detach()
 
     def default_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the true label (untargeted) or minus cross-entropy on the target."""
@@ -292,19 +308,20 @@ class AttackRun:
     # ---- engine internals
     def _record(self, x_adv: torch.Tensor, logits: torch.Tensor) -> None:
         ok = self.criterion(logits)
-        never = ~self.success[self.idx]
+        before = self.success.index_select(0, self.idx)
         if self.minimal:
             # keep the smallest successful perturbation; failures only while none succeeded
             dist = flat_norm(x_adv - self.x, self.norm)
-            smaller = ok & (dist < self.best_dist[self.idx])
-            self.best_dist[self.idx[smaller]] = dist[smaller]
-            update = smaller | (never & ~ok)
+            best_dist = self.best_dist.index_select(0, self.idx)
+            smaller = ok & (dist < best_dist)
+            self.best_dist.index_copy_(0, self.idx, torch.where(smaller, dist, best_dist))
+            update = smaller | (~before & ~ok)
         else:
             # a success replaces the stored point; a failure does so only while none succeeded
-            update = ok | never
-        where = self.idx[update]
-        self.best[where] = x_adv[update]
-        self.success[self.idx[ok]] = True
+            update = ok | ~before
+        mask = update.view(-1, *([1] * (x_adv.dim() - 1)))
+        self.best.index_copy_(0, self.idx, torch.where(mask, x_adv, self.best.index_select(0, self.idx)))
+        self.success.index_copy_(0, self.idx, before | ok)
 
 
 # --------------------------------------------------------------------------- the base class
