@@ -60,8 +60,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     base_epoch: float | None = None
     for name in ["none", *names]:
-        model = models.create(args.model, num_classes=tr.num_classes, in_channels=tr.shape[0],
-                              input_size=(tr.shape[1], tr.shape[2]), mean=tr.mean, std=tr.std, seed=0)
+        model = models.for_dataset(args.model, tr, seed=0)
         defense = None if name == "none" else defenses.create(name, **overrides.get(name, {}))
         t0 = time.perf_counter()
         if defense is not None:

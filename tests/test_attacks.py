@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
+from _checks import assert_within
 from bastion import attacks, models
 from bastion.attacks.base import flat_norm
 from bastion.errors import ConfigError, InputError, UnknownNameError
 
-TOL = 1e-6
 CONFIGS = [
     ("fgsm", {}),
     ("pgd", {"steps": 5}),
@@ -20,13 +20,6 @@ CONFIGS = [
     ("pgd", {"steps": 5, "random_start": False}),
     ("pgd", {"steps": 5, "early_stop": False}),
 ]
-
-
-def _within(res: attacks.AttackResult, x: torch.Tensor, norm: str, eps: float) -> None:
-    d = flat_norm(res.x_adv - x, norm)
-    assert float(d.max()) <= eps + TOL, f"{norm} perturbation {float(d.max())} exceeds eps={eps}"
-    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype
 
 
 @pytest.mark.parametrize("name,params", CONFIGS)
@@ -37,7 +30,7 @@ def test_budget_bounds_and_success_are_honest(lenet, batch, name, params, norm, 
     atk = attacks.create(name, eps=eps, norm=norm, **params)
     t = (y + 1) % 10 if targeted else None
     res = atk(lenet, x, y, targets=t, generator=torch.Generator().manual_seed(0))
-    _within(res, x, norm, eps)
+    assert_within(res, x, norm, eps)
     # success is exactly what the model says at the returned points
     with torch.no_grad():
         pred = lenet(res.x_adv).argmax(1)
@@ -142,7 +135,7 @@ def test_plain_module_is_accepted(batch):
     x, y = batch
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     res = attacks.create("pgd", eps=0.1, steps=3)(net, x, y)
-    _within(res, x, "linf", 0.1)
+    assert_within(res, x, "linf", 0.1)
 
 
 def test_generator_makes_random_start_reproducible(lenet, batch):

@@ -9,20 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from _checks import assert_within
 from bastion import attacks
 from bastion.attacks.base import flat_norm
 from bastion.attacks.fab import project_hyperplane_box
 from bastion.attacks.square import p_selection
 from bastion.errors import ConfigError
 
-TOL = 1e-6
-
-
-def _within(res: attacks.AttackResult, x: torch.Tensor, norm: str, eps: float) -> None:
-    d = flat_norm(res.x_adv - x, norm)
-    assert float(d.max()) <= eps + TOL, f"{norm} perturbation {float(d.max())} exceeds eps={eps}"
-    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype
 
 
 def _ta_robust_accuracy(model: nn.Module, adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float) -> float:
@@ -52,7 +45,7 @@ def test_budget_bounds_and_success_are_honest(lenet, batch, name, params, norm, 
     atk = attacks.create(name, eps=eps, norm=norm, **params)
     t = (y + 1) % 10 if targeted else None
     res = atk(lenet, x, y, targets=t, generator=torch.Generator().manual_seed(0))
-    _within(res, x, norm, eps)
+    assert_within(res, x, norm, eps)
     with torch.no_grad():
         pred = lenet(res.x_adv).argmax(1)
     # success is exactly what the model says at the returned points (targeted: the target)
@@ -209,7 +202,7 @@ def test_fab_finds_the_linear_boundary_within_two_percent(norm, targeted_classes
         assert torch.equal(net(x).argmax(1), y)
     above = attacks.create("fab", eps=1.02 * dist, norm=norm, targeted_classes=targeted_classes)(net, x, y)
     assert bool(above.success.all()), above.success
-    _within(above, x, norm, 1.02 * dist)
+    assert_within(above, x, norm, 1.02 * dist)
     below = attacks.create("fab", eps=0.98 * dist, norm=norm, targeted_classes=targeted_classes)(net, x, y)
     assert not bool(below.success.any())
     # 2 classes: one rival, so one gradient per point and step; the first step already succeeds

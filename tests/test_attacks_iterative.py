@@ -14,11 +14,11 @@ import torch.nn.functional as F
 import torchattacks  # installed by `make setup` (no-deps)
 from torch import nn
 
+from _checks import assert_within
 from bastion import attacks, models
 from bastion.attacks.base import Attack, AttackRun, flat_norm
 from bastion.errors import ConfigError
 
-TOL = 1e-6
 NEW = ("bim", "mifgsm", "rfgsm", "ffgsm", "tpgd")
 
 # (name, norm, eps, params)
@@ -37,20 +37,13 @@ CONFIGS: list[tuple[str, str, float, dict[str, Any]]] = [
 CASES = [(*c, t) for c in CONFIGS for t in (False, True) if not (c[0] == "tpgd" and t)]
 
 
-def _within(res: attacks.AttackResult, x: torch.Tensor, norm: str, eps: float) -> None:
-    d = flat_norm(res.x_adv - x, norm)
-    assert float(d.max()) <= eps + TOL, f"{norm} perturbation {float(d.max())} exceeds eps={eps}"
-    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype
-
-
 @pytest.mark.parametrize("name,norm,eps,params,targeted", CASES)
 def test_budget_bounds_and_success_are_honest(lenet, batch, name, norm, eps, params, targeted):
     x, y = batch
     atk = attacks.create(name, eps=eps, norm=norm, **params)
     t = (y + 1) % 10 if targeted else None
     res = atk(lenet, x, y, targets=t, generator=torch.Generator().manual_seed(0))
-    _within(res, x, norm, eps)
+    assert_within(res, x, norm, eps)
     with torch.no_grad():
         pred = lenet(res.x_adv).argmax(1)
     # success is exactly what the model says at the returned points; targeted means the target
@@ -253,7 +246,7 @@ def test_eot_costs_exactly_k_times_the_gradients(lenet, batch, name, params):
     assert plain.cost.gradients == params.get("steps", 1) * len(x)
     assert res.cost.gradients == 8 * plain.cost.gradients
     assert res.params["eot_samples"] == 8
-    _within(res, x, "linf", 0.1)
+    assert_within(res, x, "linf", 0.1)
 
 
 def test_eot_gradient_is_closer_to_the_noise_free_gradient(lenet, batch):

@@ -92,17 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.defense_param:
         raise ConfigError("--defense-param needs --defense NAME")
     train_set = data.load(args.dataset, "train", fraction=args.fraction, seed=args.subset_seed)
-    model = models.create(
-        args.model,
-        num_classes=train_set.num_classes,
-        in_channels=train_set.shape[0],
-        input_size=(train_set.shape[1], train_set.shape[2]),
-        mean=train_set.mean,
-        std=train_set.std,
-        init=args.init,
-        seed=cfg.seed,
-        **options,
-    )
+    model = models.for_dataset(args.model, train_set, init=args.init, seed=cfg.seed, **options)
     if defense is not None:
         model = defense.prepare(model, train_set)
     res = train(model, train_set, cfg, objective=defense, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)

@@ -139,17 +139,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, resume: bool
     kw: dict[str, Any] = {"root": cfg.data.root} if cfg.data.root else {}
     train_set = data_mod.load(cfg.data.dataset, "train", fraction=cfg.data.train_fraction, seed=cfg.data.subset_seed, **kw)
     eval_set = data_mod.load(cfg.data.dataset, cfg.data.eval_split, **kw)
-    model = models_mod.create(
-        cfg.model.name,
-        num_classes=train_set.num_classes,
-        in_channels=train_set.shape[0],
-        input_size=(train_set.shape[1], train_set.shape[2]),
-        mean=train_set.mean,
-        std=train_set.std,
-        init=cfg.model.init,
-        seed=cfg.train.seed,
-        **cfg.model.options,
-    )
+    model = models_mod.for_dataset(cfg.model.name, train_set, init=cfg.model.init, seed=cfg.train.seed, **cfg.model.options)
     t_train = time.perf_counter()
     result = train(
         model, train_set, cfg.train, out_dir=out / "model", resume=resume, progress=progress,

@@ -441,13 +441,19 @@ class Attack(ABC):
         return _result(self, x, run, clean_success, time.perf_counter() - start, targets is not None)
 
 
+def success_distances(x_adv: torch.Tensor, x: torch.Tensor, success: torch.Tensor, norm: str) -> torch.Tensor:
+    """``(N,)`` size of ``x_adv - x`` in ``norm`` where ``success``, ``inf`` elsewhere (the
+    ``distances`` of an :class:`AttackResult`)."""
+    dist = flat_norm(x_adv - x, norm)
+    return torch.where(success, dist, torch.full_like(dist, float("inf")))
+
+
 def _result(attack: "Attack", x: torch.Tensor, run: AttackRun, clean_success: torch.Tensor, seconds: float, targeted: bool) -> AttackResult:
-    dist = flat_norm(run.best - x, attack.norm)
     return AttackResult(
         x_adv=run.best,
         success=run.success,
         clean_success=clean_success,
-        distances=torch.where(run.success, dist, torch.full_like(dist, float("inf"))),
+        distances=success_distances(run.best, x, run.success, attack.norm),
         cost=Cost(run.gradients, run.forwards, seconds),
         attack=attack.name,
         params=attack.params,

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from bastion.attacks import register
-from bastion.attacks.base import Attack, AttackRun, steepest_ascent
+from bastion.attacks.base import Attack, AttackRun
+from bastion.attacks.pgd import iterate
 from bastion.errors import ConfigError, check_positive
 
 
@@ -60,12 +60,4 @@ class BIM(Attack):
         return float(self.alpha) if self.alpha is not None else 1.25 * self.eps / self.steps
 
     def _run(self, run: AttackRun) -> None:
-        alpha = self.step_size
-        x_adv: torch.Tensor = run.x
-        for _ in range(self.steps):
-            _, grad, _ = run.loss_grad(x_adv)
-            x_adv, grad = run.prune(x_adv, grad)
-            if run.done:
-                return
-            x_adv = run.project(x_adv + alpha * steepest_ascent(grad, self.norm))
-        run.check(x_adv)
+        iterate(run, run.x, self.step_size, self.steps, self.norm)

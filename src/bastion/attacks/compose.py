@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm
+from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, success_distances
 from bastion.errors import ConfigError
 
 
@@ -96,12 +96,11 @@ class Cascade(Attack):
                 }
             )
         assert clean_success is not None  # at least one attack ran on all points
-        dist = flat_norm(x_adv - x, self.norm)
         return AttackResult(
             x_adv=x_adv,
             success=success,
             clean_success=clean_success,
-            distances=torch.where(success, dist, torch.full_like(dist, float("inf"))),
+            distances=success_distances(x_adv, x, success, self.norm),
             cost=Cost(cost.gradients, cost.forwards, time.perf_counter() - start),
             attack=self.label,
             params=self.params,

@@ -25,6 +25,19 @@ from bastion.attacks.base import Attack, AttackRun, flat_norm, steepest_ascent
 from bastion.errors import ConfigError
 
 
+def iterate(run: AttackRun, x_adv: torch.Tensor, alpha: float, steps: int, norm: str) -> None:
+    """``steps`` projected steepest-ascent steps of size ``alpha`` from ``x_adv`` on ``run``'s
+    working set, dropping points as they break; the last iterate is checked. The inner loop of
+    PGD and of BIM (which is this loop from ``x``)."""
+    for _ in range(steps):
+        _, grad, _ = run.loss_grad(x_adv)
+        x_adv, grad = run.prune(x_adv, grad)
+        if run.done:
+            return
+        x_adv = run.project(x_adv + alpha * steepest_ascent(grad, norm))
+    run.check(x_adv)
+
+
 @register("pgd", summary="Projected gradient descent (Madry et al. 2018), random start + restarts")
 @dataclass(frozen=True)
 class PGD(Attack):
@@ -72,11 +85,4 @@ class PGD(Attack):
             run.prune()
             if run.done:
                 return
-            x_adv = self._start(run)
-            for _ in range(self.steps):
-                _, grad, _ = run.loss_grad(x_adv)
-                x_adv, grad = run.prune(x_adv, grad)
-                if run.done:
-                    return
-                x_adv = run.project(x_adv + alpha * steepest_ascent(grad, self.norm))
-            run.check(x_adv)
+            iterate(run, self._start(run), alpha, self.steps, self.norm)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bastion.attacks import register
-from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm, project
+from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm, project, success_distances
 from bastion.errors import ConfigError
 from bastion.models.base import as_classifier
 
@@ -68,12 +68,11 @@ def _score_on_target(
     # a point the target already gets wrong needs no perturbation
     x_out = torch.where(clean_success[:, None, None, None], x, x_adv)
     success = clean_success | adv_success
-    dist = flat_norm(x_out - x, attack.norm)
     return AttackResult(
         x_adv=x_out,
         success=success,
         clean_success=clean_success,
-        distances=torch.where(success, dist, torch.full_like(dist, float("inf"))),
+        distances=success_distances(x_out, x, success, attack.norm),
         cost=Cost(cost.gradients, cost.forwards + 2 * x.shape[0], time.perf_counter() - start),
         attack=attack.name,
         params=attack.params,

@@ -120,6 +120,15 @@ def create(
     return clf
 
 
+def for_dataset(name: str, dataset: Any, **kwargs: Any) -> Classifier:
+    """Model ``name`` sized for ``dataset`` (an :class:`~bastion.data.ImageDataset`): its class
+    count, channels, image size, and normalisation by its training statistics. ``kwargs`` go
+    to :func:`create` (``init``, ``seed``, architecture options)."""
+    c, h, w = dataset.shape
+    return create(name, num_classes=dataset.num_classes, in_channels=c, input_size=(h, w),
+                  mean=dataset.mean, std=dataset.std, **kwargs)
+
+
 def from_spec(spec: dict[str, Any]) -> Classifier:
     """Rebuild a model from the ``spec`` that :func:`create` attached to it (weights are not
     restored: use :func:`bastion.train.checkpoint.load_model` for that)."""
@@ -141,4 +150,4 @@ def from_spec(spec: dict[str, Any]) -> Classifier:
     return model
 
 
-__all__ = ["Classifier", "MODELS", "as_classifier", "create", "from_spec", "init_weights", "list", "register"]
+__all__ = ["Classifier", "MODELS", "as_classifier", "create", "for_dataset", "from_spec", "init_weights", "list", "register"]
