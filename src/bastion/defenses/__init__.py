@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from bastion.defenses.base import Defense
+from bastion.defenses.base import Defense, ModelDefense
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier
 from bastion.registry import Registry
 
-DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES: Registry[type[Defense] | type[ModelDefense]] = Registry("defense")
 #: front-end name -> builder(params: dict, model: Classifier) -> nn.Module
 FRONT_ENDS: Registry[Callable[..., nn.Module]] = Registry("front end")
 #: auxiliary training module name -> builder(params: dict, model: Classifier) -> nn.Module
@@ -32,10 +32,11 @@ FRONT_ENDS: Registry[Callable[..., nn.Module]] = Registry("front end")
 AUX_MODULES: Registry[Callable[..., nn.Module]] = Registry("auxiliary module")
 
 
-def register(name: str, *, summary: str = "") -> Callable[[type[Defense]], type[Defense]]:
-    """Class decorator: register a :class:`Defense` under ``name`` (its ``name`` field default)."""
+def register(name: str, *, summary: str = "") -> Callable[[Any], Any]:
+    """Class decorator: register a :class:`Defense` (training objective) or a
+    :class:`ModelDefense` (builds a randomised/population model) under ``name``."""
 
-    def deco(cls: type[Defense]) -> type[Defense]:
+    def deco(cls: Any) -> Any:
         DEFENSES.register(name, summary=summary)(cls)
         return cls
 
@@ -43,6 +44,7 @@ def register(name: str, *, summary: str = "") -> Callable[[type[Defense]], type[
 
 
 # Defense files register themselves on import; they are imported here and nowhere else.
+from bastion.defenses import randomized  # noqa: E402,F401  (the Randomized base and RANDOMIZED kinds)
 from bastion.defenses import adversarial, superimpose, vat, pcl, denoiser  # noqa: E402,F401
 
 
@@ -85,5 +87,5 @@ def attach_aux(model: Classifier, name: str, params: dict[str, Any], module: nn.
 
 
 __all__ = [
-    "AUX_MODULES", "DEFENSES", "Defense", "FRONT_ENDS", "attach_aux", "attach_front_end", "create", "list", "register",
+    "AUX_MODULES", "DEFENSES", "Defense", "FRONT_ENDS", "ModelDefense", "attach_aux", "attach_front_end", "create", "list", "register",
 ]

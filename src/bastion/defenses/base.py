@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +39,67 @@ class Defense(Objective):
 
     def describe(self) -> dict[str, Any]:
         return {"defense": self.name, **super().describe()}
+
+
+@dataclass(frozen=True)
+class ModelDefense:
+    """A defense that *builds a model* rather than a training objective: a random-submodel
+    population, CLM, a bagging ensemble, SAP or a Multi-SAP vote. The result is a
+    :class:`~bastion.defenses.randomized.Randomized` classifier.
+
+    Subclasses implement :meth:`_fit` (train what the defense needs under ``out_dir`` and
+    return the model) and :meth:`wrap` (build the defense from already-trained members, when
+    that makes sense). :meth:`fit` adds the contract every caller relies on: the result is saved
+    as an ordinary checkpoint at ``out_dir/final`` (loadable with
+    :func:`bastion.train.checkpoint.load_model`), and a finished ``out_dir`` is loaded, not
+    retrained, unless ``resume=False``.
+    """
+
+    name: str = "model-defense"
+
+    def fit(
+        self,
+        make_model: Callable[[int], Classifier],
+        train_set: ImageDataset,
+        config: Any = None,
+        *,
+        out_dir: str | Path | None = None,
+        resume: bool = True,
+        progress: bool = True,
+    ) -> Classifier:
+        """Train the defense and return it.
+
+        Args:
+            make_model: ``seed -> fresh Classifier`` (the architecture of every member).
+            train_set: training data. config: a :class:`~bastion.train.TrainConfig` for the members.
+            out_dir: run directory (members' runs under it; the result at ``out_dir/final``);
+                ``None`` trains without checkpoints.
+        """
+        from bastion.train.checkpoint import load_model, save_checkpoint
+        from bastion.train.config import TrainConfig
+
+        config = config if config is not None else TrainConfig()
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None and resume and (out / "final" / "meta.json").is_file():
+            model, _ = load_model(out / "final")
+            return model
+        model = self._fit(make_model, train_set, config, out_dir=out, resume=resume, progress=progress)
+        if out is not None:
+            from bastion.config import to_dict
+
+            save_checkpoint(out / "final", model, {
+                "model": dict(model.spec), "defense": self.describe(), "config": to_dict(config),
+                "dataset": {"name": train_set.name, "train_size": len(train_set)}, "final": True,
+            })
+        return model
+
+    def _fit(self, make_model: Callable[[int], Classifier], train_set: ImageDataset, config: Any, *,
+             out_dir: Path | None, resume: bool, progress: bool) -> Classifier:
+        raise NotImplementedError
+
+    def wrap(self, members: Sequence[Classifier]) -> Classifier:
+        """The defense built around already-trained ``members``."""
+        raise NotImplementedError(f"defense {self.name!r} cannot be built from trained members")
+
+    def describe(self) -> dict[str, Any]:
+        return {"defense": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}}

@@ -132,6 +132,10 @@ def for_dataset(name: str, dataset: Any, **kwargs: Any) -> Classifier:
 def from_spec(spec: dict[str, Any]) -> Classifier:
     """Rebuild a model from the ``spec`` that :func:`create` attached to it (weights are not
     restored: use :func:`bastion.train.checkpoint.load_model` for that)."""
+    if isinstance(spec, dict) and "randomized" in spec:
+        from bastion.defenses.randomized import RANDOMIZED  # defenses build on models, not the reverse
+
+        return RANDOMIZED.get(str(spec["randomized"])).factory(spec)
     if not isinstance(spec, dict) or "name" not in spec:
         raise ConfigError(f"model spec {spec!r} must be a table with at least a 'name'")
     kw = {k: v for k, v in spec.items() if k not in ("name", "arch_kwargs", "init")}

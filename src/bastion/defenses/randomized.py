@@ -1,0 +1,312 @@
+"""Random and population defenses: one interface, three ways to run.
+
+A randomised defense (SAP, a random-submodel population, a Multi-SAP vote, a bagging ensemble)
+is a :class:`Randomized` classifier. Whatever its randomness, it offers
+
+* :meth:`Randomized.forward` -- **one random draw**: each sample of the batch gets its own
+  independent draw (one SAP mask, one randomly chosen submodel), with gradients. This is what
+  an attacker who queries the model once sees, and what EOT averages over.
+* :meth:`Randomized.expected_probs` -- **the expected output**: mean class probabilities over
+  ``n`` draws (or over every member of a population), differentiable. :meth:`expected` wraps it
+  as a classifier returning log-probabilities, so any attack can go through it (the adaptive
+  protocol's "attack the expectation").
+* :meth:`Randomized.vote` -- **the vote**: the majority class over ``n`` draws (or over all
+  members); ties go to the class with the highest mean probability. Deterministic for a
+  population of fixed members, random when the voters are random draws.
+
+:attr:`Randomized.decision` says which of the three the *deployed* system answers with
+(``"draw"`` for ULM/CLM, ``"vote"`` for Multi-SAP, ``"vote"`` or ``"mean"`` for bagging);
+:meth:`Randomized.decide` returns that answer, and :meth:`deployed` is a classifier view whose
+argmax is it. :meth:`frozen` fixes the randomness (the same draws on every call), which the
+sanity check "the attack succeeds once the randomness is fixed" needs.
+
+Checkpoints: a randomised model's ``spec`` is ``{"randomized": KIND, "params": {...},
+"members": [member specs]}``; :func:`bastion.models.from_spec` rebuilds the empty structure
+through :data:`RANDOMIZED` and the usual checkpoint code loads its weights (members, masks and
+all) from one safetensors file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bastion.errors import ConfigError
+from bastion.models.base import Classifier
+from bastion.registry import Registry
+
+#: what the deployed system answers with
+DECISIONS = ("draw", "vote", "mean")
+
+#: kind -> builder(spec: dict) -> Randomized with untrained weights of the right shapes
+RANDOMIZED: Registry[Callable[[dict[str, Any]], "Randomized"]] = Registry("randomized model kind")
+
+
+class Randomized(Classifier):
+    """Base of every random or population classifier (inputs in ``bounds``, logits out).
+
+    Subclasses implement :meth:`draw` (logits of one independent draw per sample) and may
+    override :meth:`sample_logits` (``n`` draws at once, batched) and :meth:`expected_probs`
+    (exact mean over a finite population).
+
+    Args:
+        template: a member classifier (gives channels, classes, input shape and bounds).
+        decision: what the deployed system answers with (one of :data:`DECISIONS`).
+        draws: default number of draws for :meth:`expected_probs` and :meth:`vote`.
+        kind: the :data:`RANDOMIZED` registry name (recorded in ``spec``).
+    """
+
+    #: True when expected_probs/vote average over random draws (SAP, Multi-SAP) rather than
+    #: over a fixed list of members (ULM, bagging): then the expectation is itself random
+    random_expectation: bool = True
+
+    def __init__(self, template: Classifier, *, decision: str, draws: int, kind: str) -> None:
+        c = template.in_channels if template.in_channels > 0 else 1
+        super().__init__(
+            nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=template.num_classes,
+            input_shape=template.input_shape, bounds=template.bounds, stochastic=True, arch=kind,
+        )
+        if decision not in DECISIONS:
+            raise ConfigError(f"decision={decision!r} is not one of {', '.join(DECISIONS)}")
+        if not isinstance(draws, int) or draws < 1:
+            raise ConfigError(f"draws={draws!r} must be an integer >= 1")
+        self.decision = decision
+        self.draws = draws
+        self.kind = kind
+        self._frozen_seed: int | None = None
+
+    # ------------------------------------------------------------------ the three ways to run
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, K)`` of one independent random draw per sample."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._frozen_seed is None:
+            return self.draw(x)
+        with _seeded(self._frozen_seed, x.device):
+            return self.draw(x)
+
+    def sample_logits(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Logits ``(n, N, K)`` of ``n`` independent draws (default ``self.draws``)."""
+        n = self._n(n)
+        return torch.stack([self(x) for _ in range(n)])
+
+    def expected_probs(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Mean class probabilities ``(N, K)`` over ``n`` draws; differentiable."""
+        return F.softmax(self.sample_logits(x, n), dim=-1).mean(0)
+
+    def vote_counts(self, x: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts (N, K), mean probabilities (N, K))`` of the voters' argmax classes."""
+        logits = self.sample_logits(x, n)
+        counts = F.one_hot(logits.argmax(-1), self.num_classes).sum(0).to(logits.dtype)
+        return counts, F.softmax(logits, dim=-1).mean(0)
+
+    def vote(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Majority class ``(N,)``; ties go to the highest mean probability."""
+        counts, probs = self.vote_counts(x, n)
+        return _break_ties(counts, probs).argmax(-1)
+
+    @torch.no_grad()
+    def decide(self, x: torch.Tensor) -> torch.Tensor:
+        """The deployed system's answer ``(N,)`` (random unless the randomness is frozen)."""
+        if self.decision == "draw":
+            return self(x).argmax(-1)
+        if self.decision == "vote":
+            return self.vote(x)
+        return self.expected_probs(x).argmax(-1)
+
+    # ------------------------------------------------------------------ classifier views
+    def expected(self, n: int | None = None) -> "ExpectedOutput":
+        """A classifier whose logits are ``log expected_probs(x, n)`` (attack through this)."""
+        return ExpectedOutput(self, self._n(n))
+
+    def voted(self, n: int | None = None) -> "VotedOutput":
+        """A classifier whose argmax is :meth:`vote` (log of smoothed vote shares; no
+        useful gradient: for evaluation, not for crafting)."""
+        return VotedOutput(self, self._n(n))
+
+    def deployed(self) -> Classifier:
+        """A classifier view whose argmax is the deployed decision."""
+        if self.decision == "draw":
+            return self
+        if self.decision == "vote":
+            return self.voted()
+        return self.expected()
+
+    @contextlib.contextmanager
+    def frozen(self, seed: int = 0) -> Iterator["Randomized"]:
+        """Within the block, every forward uses the same random numbers (seeded by ``seed``),
+        so the model is a deterministic function of its input."""
+        old = self._frozen_seed
+        self._frozen_seed = int(seed)
+        try:
+            yield self
+        finally:
+            self._frozen_seed = old
+
+    def randomness(self) -> dict[str, Any]:
+        """What is random, for reports: kind, decision, draws, and subclass details."""
+        return {"kind": self.kind, "decision": self.decision, "draws": self.draws,
+                "random_expectation": self.random_expectation}
+
+    def _n(self, n: int | None) -> int:
+        n = self.draws if n is None else n
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n={n!r} (number of draws) must be an integer >= 1")
+        return n
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, decision={self.decision!r}, draws={self.draws}, num_classes={self.num_classes}"
+
+
+class Population(Randomized):
+    """A finite population of member classifiers; one member drawn at random per sample
+    (seed 001's ULM). :meth:`expected_probs` and :meth:`vote` are exact over all members."""
+
+    random_expectation = False
+
+    def __init__(self, members: Sequence[Classifier], *, decision: str = "draw", kind: str = "ulm",
+                 params: dict[str, Any] | None = None) -> None:
+        members = list(members)
+        if not members:
+            raise ConfigError("a population needs at least one member")
+        first = members[0]
+        for i, m in enumerate(members[1:], 1):
+            if m.num_classes != first.num_classes or m.in_channels != first.in_channels:
+                raise ConfigError(
+                    f"members[{i}] has {m.num_classes} classes / {m.in_channels} channels but members[0] has "
+                    f"{first.num_classes} / {first.in_channels}"
+                )
+        super().__init__(first, decision=decision, draws=len(members), kind=kind)
+        self.members = nn.ModuleList(members)
+        self.spec = {"randomized": kind, "params": {"decision": decision, **dict(params or {})},
+                     "members": [dict(m.spec) for m in members]}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(M, N, K)`` of every member."""
+        return torch.stack([m(x) for m in self.members])
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        # each sample is one query, answered by its own randomly chosen member; every member
+        # runs only on the samples assigned to it, so a draw costs one forward pass in all
+        pick = torch.randint(len(self.members), (x.shape[0],), device=x.device)
+        out: torch.Tensor | None = None
+        for i, m in enumerate(self.members):
+            idx = (pick == i).nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            li = m(x.index_select(0, idx))
+            if out is None:
+                out = li.new_zeros((x.shape[0], li.shape[1]))
+            out = out.index_copy(0, idx, li)
+        assert out is not None
+        return out
+
+    def sample_logits(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """With ``n`` omitted: every member once (exact); else ``n`` random draws."""
+        if n is None:
+            return self.member_logits(x)
+        return super().sample_logits(x, n)
+
+    def expected_probs(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        return F.softmax(self.sample_logits(x, n), dim=-1).mean(0)
+
+    def expected(self, n: int | None = None) -> "ExpectedOutput":
+        return ExpectedOutput(self, n)
+
+    def voted(self, n: int | None = None) -> "VotedOutput":
+        return VotedOutput(self, n)
+
+    def randomness(self) -> dict[str, Any]:
+        return {**super().randomness(), "members": len(self.members)}
+
+
+@RANDOMIZED.register("ulm", summary="population of submodels, one drawn at random per query (seed 001)")
+def _build_population(spec: dict[str, Any]) -> Population:
+    return Population(build_members(spec), kind=spec["randomized"], **_population_kwargs(spec))
+
+
+def _population_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    params = dict(spec.get("params") or {})
+    decision = params.pop("decision", "draw")
+    return {"decision": decision, "params": params}
+
+
+def build_members(spec: dict[str, Any]) -> list[Classifier]:
+    """Rebuild (untrained) member classifiers from a randomized spec's ``members``."""
+    from bastion import models
+
+    members = spec.get("members")
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"randomized spec {spec.get('randomized')!r} lists no members")
+    return [models.from_spec(dict(m)) for m in members]
+
+
+class ExpectedOutput(Classifier):
+    """Classifier view of ``log expected_probs(x, n)`` of a :class:`Randomized` model."""
+
+    def __init__(self, model: Randomized, n: int | None) -> None:
+        c = model.in_channels
+        super().__init__(
+            nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=model.num_classes,
+            input_shape=model.input_shape, bounds=model.bounds, stochastic=model.random_expectation,
+            arch=f"{model.kind}:expected",
+        )
+        self.model = model
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.expected_probs(x, self.n).clamp_min(1e-12).log()
+
+
+class VotedOutput(Classifier):
+    """Classifier view of a :class:`Randomized` model's vote: log of vote shares (smoothed by
+    a small multiple of the mean probabilities, which breaks ties as :meth:`Randomized.vote`
+    does). Carries no gradient."""
+
+    def __init__(self, model: Randomized, n: int | None) -> None:
+        c = model.in_channels
+        super().__init__(
+            nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=model.num_classes,
+            input_shape=model.input_shape, bounds=model.bounds, stochastic=model.random_expectation,
+            arch=f"{model.kind}:vote",
+        )
+        self.model = model
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            counts, probs = self.model.vote_counts(x, self.n)
+            shares = _break_ties(counts, probs) / counts.sum(-1, keepdim=True)
+            return shares.clamp_min(1e-12).log()
+
+
+def _break_ties(counts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    # probabilities are < 1 each, so adding half of them never overturns a whole vote
+    return counts + 0.5 * probs
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def is_randomized(model: nn.Module) -> bool:
+    """True for any model whose output is random at evaluation time."""
+    return bool(getattr(model, "stochastic", False))
+
+
+__all__ = [
+    "DECISIONS", "ExpectedOutput", "Population", "RANDOMIZED", "Randomized", "VotedOutput", "build_members",
+    "is_randomized",
+]
