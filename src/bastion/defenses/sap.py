@@ -1,0 +1,358 @@
+"""Stochastic Activation Pruning (SAP).
+
+Dhillon, Azizzadenesheli, Lipton, Bernstein, Kossaifi, Khanna and Anandkumar, "Stochastic
+Activation Pruning for Robust Adversarial Defense", ICLR 2018 (arXiv:1803.01442), Alg. 1; used
+by seed 000 (Sec. 2.3.4, 6.3, 6.4.3) after **every ReLU** with **100 %** of the units sampled.
+
+For one sample and one layer, let ``h`` be the layer's whole output (all ``d`` activations of
+that sample, flattened). SAP
+
+1. turns ``|h|`` into a distribution ``p_j = |h_j| / sum_i |h_i|``;
+2. draws ``r = ceil(fraction * d)`` unit indices **with replacement** from ``p``;
+3. zeroes every unit never drawn;
+4. rescales each survivor by ``1 / (1 - (1 - p_j)^r)``, the inverse of its probability of
+   being drawn at least once, so that ``E[SAP(h)] = h`` exactly.
+
+Sampling is exact and vectorised over the batch: the ``r`` draws of a row are generated as
+*sorted* uniforms (normalised partial sums of ``r + 1`` exponentials: the order statistics
+of ``r`` i.i.d. uniforms), located in the row's cumulative ``|h|`` by one batched
+``searchsorted`` (sorted queries are cache friendly, about twice as fast as unsorted ones), and
+scattered into a keep-mask. Only which units are drawn matters, so the order is irrelevant.
+Random numbers come from torch's global generator, so :meth:`Randomized.frozen` fixes them.
+
+Gradients flow through the surviving activations and through the rescaling factor (which
+depends on ``h``); the mask itself is piecewise constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bastion.defenses import register
+from bastion.defenses.base import ModelDefense
+from bastion.defenses.randomized import RANDOMIZED, Randomized, build_members
+from bastion.errors import ConfigError
+from bastion.models.base import Classifier
+
+#: at most this many rows (draws x samples) go through one forward in :meth:`SAPClassifier.sample_logits`
+MAX_ROWS = 8192
+
+
+def check_fraction(value: Any, name: str = "fraction") -> float:
+    """``value`` must be a finite number > 0 (``r = ceil(fraction * d)`` draws per layer)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be a number > 0 (fraction of a layer's units drawn by SAP)")
+    return float(value)
+
+
+def sap_keep_mask(a: torch.Tensor, r: int) -> torch.Tensor:
+    """Which units ``r`` draws with replacement hit.
+
+    Args:
+        a: ``(N, d)`` non-negative weights (``|h|``); row ``i`` is sampled from ``a[i] / a[i].sum()``.
+        r: draws per row (>= 1).
+
+    Returns:
+        bool ``(N, d)``: ``True`` where unit ``j`` of row ``i`` was drawn at least once. Rows of
+        all zeros keep nothing that matters (their output is zero anyway).
+    """
+    n, d = a.shape
+    if r > LARGE_R_FACTOR * d:
+        return _keep_mask_binomial(a, r)
+    c = a.cumsum(1)  # (N, d) unnormalised CDF
+    total = c[:, -1:]
+    # sorted uniforms: S_k / S_{r+1} with S the partial sums of r + 1 Exp(1) variables
+    s = torch.rand(n, r + 1, device=a.device, dtype=a.dtype).clamp_min_(torch.finfo(a.dtype).tiny).log_().cumsum_(1)
+    u = s[:, :r].mul_(total / s[:, r:])  # (N, r) sorted in [0, total) (partial sums of -Exp(1) / their total)
+    idx = torch.searchsorted(c, u.contiguous(), right=True).clamp_max_(d - 1)
+    return torch.zeros((n, d), dtype=torch.bool, device=a.device).scatter_(1, idx, True)
+
+
+def _keep_mask_binomial(a: torch.Tensor, r: int) -> torch.Tensor:
+    """Exact keep-mask for many draws (``r`` >> ``d``), at a cost independent of ``r``: the
+    multinomial counts are split down a binary tree over the units, each node's count
+    dividing binomially between its halves in proportion to their weight."""
+    n, d = a.shape
+    levels = max(0, math.ceil(math.log2(d)))
+    w = a.new_zeros(n, 2 ** levels)
+    w[:, :d] = a
+    sums = [w]
+    for _ in range(levels):
+        sums.append(sums[-1].view(n, -1, 2).sum(-1))
+    counts = a.new_full((n, 1), float(r))
+    for lvl in range(levels - 1, -1, -1):
+        child = sums[lvl].view(n, -1, 2)
+        parent = child.sum(-1)
+        prob = torch.where(parent > 0, child[..., 0] / parent.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(parent))
+        left = torch.binomial(counts, prob.clamp(0.0, 1.0))
+        counts = torch.stack([left, counts - left], -1).view(n, -1)
+    return (counts[:, :d] > 0) & (a > 0)
+
+
+#: above ``LARGE_R_FACTOR * d`` draws, :func:`sap_keep_mask` splits counts binomially instead
+LARGE_R_FACTOR = 8
+
+
+def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False) -> torch.Tensor:
+    """One SAP draw on a batch of activations ``h`` of shape ``(N, ...)`` (each sample's whole
+    activation map is one distribution); returns a tensor of the same shape. ``nonneg=True``
+    promises ``h >= 0`` (a ReLU's output), which saves taking ``|h|``.
+
+    ``E[sap(h)] = h`` (Dhillon et al. 2018, Sec. 3): unit ``j`` survives with probability
+    ``q_j = 1 - (1 - p_j)^r`` and is then scaled by ``1 / q_j``.
+    """
+    if h.shape[0] == 0 or h[0].numel() == 0:
+        return h
+    n = h.shape[0]
+    flat = h.reshape(n, -1)
+    d = flat.shape[1]
+    r = max(1, math.ceil(fraction * d))
+    tiny = torch.finfo(flat.dtype).tiny
+    if not (torch.is_grad_enabled() and flat.requires_grad):
+        # fast path (no autograd): in-place, few passes over the activations. Sums of
+        # non-negative floats are >= each term, so p <= 1 and (1 - p) needs no clamp.
+        a = flat if nonneg else flat.abs()
+        keep = sap_keep_mask(a, r)
+        q = a.div(a.sum(1, keepdim=True).clamp_min_(tiny)).neg_().add_(1.0).pow_(r).neg_().add_(1.0)  # 1 - (1 - p)^r
+        return (flat * keep).div_(q.clamp_min_(tiny)).view_as(h)
+    a = flat.abs()
+    with torch.no_grad():
+        keep = sap_keep_mask(a.detach(), r)
+    total = a.sum(1, keepdim=True)
+    p = a / total.clamp_min(torch.finfo(a.dtype).tiny)
+    # q = 1 - (1 - p)^r computed stably as -expm1(r * log1p(-p))
+    q = -torch.expm1(r * torch.log1p(-p.clamp_max(1.0)))
+    ok = keep & (q > 0)
+    scale = torch.where(ok, 1.0 / torch.where(ok, q, torch.ones_like(q)), torch.zeros_like(q))
+    return (flat * scale).view_as(h)
+
+
+class SAP(nn.Module):
+    """Stochastic Activation Pruning as a layer (see :func:`sap`). ``active=False`` makes it
+    the identity (used by Multi-SAP strategy 2's plain voters)."""
+
+    def __init__(self, fraction: float = 1.0, *, nonneg: bool = False) -> None:
+        super().__init__()
+        self.fraction = check_fraction(fraction)
+        self.nonneg = bool(nonneg)
+        self.active = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sap(x, self.fraction, nonneg=self.nonneg) if self.active else x
+
+    def extra_repr(self) -> str:
+        return f"fraction={self.fraction}, active={self.active}"
+
+
+class ReLUSAP(nn.Sequential):
+    """``nn.ReLU`` followed by :class:`SAP` (what :func:`insert_sap` puts in place of a ReLU).
+    It has no parameters, so a model's state-dict keys are unchanged by the insertion."""
+
+    def __init__(self, relu: nn.Module, fraction: float) -> None:
+        super().__init__(relu, SAP(fraction, nonneg=True))
+
+
+def insert_sap(model: Classifier, fraction: float = 1.0) -> Classifier:
+    """A deep copy of ``model`` with :class:`SAP` after every ``nn.ReLU`` module.
+
+    Works on any registered model without editing its class: Bastion's bare networks use one
+    ``nn.ReLU`` module per activation, each of which is replaced by :class:`ReLUSAP`. The copy's
+    ``spec`` is the base model's (the weights are the same), its ``stochastic`` flag is set.
+    """
+    fraction = check_fraction(fraction)
+    if any(isinstance(m, SAP) for m in model.modules()):
+        raise ConfigError("model already contains SAP layers")
+    out = copy.deepcopy(model)
+    _replace_relus(out, fraction)
+    out.stochastic = True
+    return out
+
+
+def _replace_relus(module: nn.Module, fraction: float) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, ReLUSAP(child, fraction))
+        else:
+            _replace_relus(child, fraction)
+
+
+def sap_layers(model: nn.Module) -> list[SAP]:
+    """Every :class:`SAP` layer of ``model`` (in module order)."""
+    return [m for m in model.modules() if isinstance(m, SAP)]
+
+
+def count_relus(model: nn.Module) -> int:
+    """Number of ``nn.ReLU`` modules of ``model`` (those inside :class:`ReLUSAP` included)."""
+    return sum(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+@contextlib.contextmanager
+def sap_active(model: nn.Module, active: bool) -> Iterator[nn.Module]:
+    """Within the block, every SAP layer of ``model`` is switched on (``True``) or off."""
+    layers = sap_layers(model)
+    old = [m.active for m in layers]
+    for m in layers:
+        m.active = active
+    try:
+        yield model
+    finally:
+        for m, a in zip(layers, old):
+            m.active = a
+
+
+def repeated_logits(model: nn.Module, x: torch.Tensor, n: int, max_rows: int = MAX_ROWS) -> torch.Tensor:
+    """Logits ``(n, N, K)`` of ``model`` on ``x`` repeated ``n`` times along the batch: one
+    forward for all draws (in chunks of at most ``max_rows`` rows). Each row gets its own
+    SAP draw, so these are ``n`` independent draws per sample."""
+    b = x.shape[0]
+    per = max(1, max_rows // max(b, 1))
+    outs = []
+    for start in range(0, n, per):
+        k = min(per, n - start)
+        xr = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+        outs.append(model(xr).view(k, b, -1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class SAPClassifier(Randomized):
+    """One network with SAP after every ReLU (Dhillon et al. 2018); deployed decision: one draw.
+
+    Args:
+        member: the trained base classifier (copied; SAP is inserted in the copy).
+        fraction: draws per layer as a fraction of the layer's units (seed 000: 1.0).
+        draws: default number of draws of :meth:`expected_probs` / :meth:`vote`.
+    """
+
+    def __init__(self, member: Classifier, *, fraction: float = 1.0, draws: int = 50, decision: str = "draw") -> None:
+        fraction = check_fraction(fraction)
+        super().__init__(member, decision=decision, draws=draws, kind="sap")
+        self.fraction = fraction
+        self.members = nn.ModuleList([insert_sap(member, fraction)])
+        self.spec = {"randomized": "sap", "params": {"fraction": fraction, "draws": draws, "decision": decision},
+                     "members": [dict(member.spec)]}
+
+    @property
+    def net_sap(self) -> Classifier:
+        """The base network with SAP layers."""
+        return self.members[0]  # type: ignore[return-value]
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net_sap(x)
+
+    def sample_logits(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """Logits ``(n, N, K)`` of ``n`` SAP draws, as one batched forward."""
+        return repeated_logits(self.net_sap, x, self._n(n))
+
+    def randomness(self) -> dict[str, Any]:
+        return {**super().randomness(), "fraction": self.fraction, "sap_layers": len(sap_layers(self.net_sap))}
+
+
+@RANDOMIZED.register("sap", summary="Stochastic Activation Pruning after every ReLU (Dhillon et al. 2018)")
+def _build_sap(spec: dict[str, Any]) -> SAPClassifier:
+    return SAPClassifier(build_members(spec)[0], **dict(spec.get("params") or {}))
+
+
+def train_base(
+    make_model: Callable[[int], Classifier],
+    train_set: Any,
+    config: Any,
+    *,
+    base_defense: str | None,
+    base_params: dict[str, Any],
+    out_dir: Path | None,
+    resume: bool,
+    progress: bool,
+    seed: int | None = None,
+) -> Classifier:
+    """Train one base network (optionally with training defense ``base_defense``)."""
+    from bastion import defenses
+    from bastion.train.trainer import train
+
+    model = make_model(config.seed if seed is None else seed)
+    objective = defenses.create(base_defense, **dict(base_params)) if base_defense else None
+    if objective is not None and hasattr(objective, "prepare"):
+        model = objective.prepare(model, train_set)
+    train(model, train_set, config, objective=objective, out_dir=out_dir, resume=resume, progress=progress)
+    return model.eval()
+
+
+def check_base(base_defense: str | None, base_params: Any) -> None:
+    """Validate a ``base_defense`` name and its ``base_params`` (ConfigError naming the field)."""
+    if base_defense is None:
+        if base_params:
+            raise ConfigError(f"base_params={base_params!r} given but base_defense is None")
+        return
+    if not isinstance(base_defense, str):
+        raise ConfigError(f"base_defense={base_defense!r} must be a defense name or None")
+    if not isinstance(base_params, dict):
+        raise ConfigError(f"base_params={base_params!r} must be a dict")
+    from bastion import defenses
+
+    cls = defenses.DEFENSES.get(base_defense).factory
+    if isinstance(cls, type) and issubclass(cls, ModelDefense):
+        raise ConfigError(f"base_defense={base_defense!r} builds a model; it must be a training defense")
+    defenses.create(base_defense, **base_params)
+
+
+@register("sap", summary="Stochastic Activation Pruning after every ReLU of a trained net (Dhillon et al. 2018; seed 000)")
+@dataclass(frozen=True)
+class SAPDefense(ModelDefense):
+    """Train one base network (plain, or with ``base_defense``) and put SAP after its ReLUs.
+
+    Args:
+        fraction: SAP draws per layer as a fraction of its units (seed 000: 1.0 = 100 %).
+        draws: default draws of the expected output / vote.
+        base_defense: training defense of the base net (e.g. ``"pgd-at"``), or None.
+        base_params: its parameters.
+    """
+
+    name: str = "sap"
+    fraction: float = 1.0
+    draws: int = 50
+    base_defense: str | None = None
+    base_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fraction(self.fraction)
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
+            raise ConfigError(f"draws={self.draws!r} must be an integer >= 1")
+        check_base(self.base_defense, self.base_params)
+
+    def _fit(self, make_model: Callable[[int], Classifier], train_set: Any, config: Any, *,
+             out_dir: Path | None, resume: bool, progress: bool) -> Classifier:
+        base = train_base(make_model, train_set, config, base_defense=self.base_defense, base_params=self.base_params,
+                          out_dir=out_dir / "base" if out_dir is not None else None, resume=resume, progress=progress)
+        return self.wrap([base])
+
+    def wrap(self, members: Sequence[Classifier]) -> SAPClassifier:
+        members = list(members)
+        if len(members) != 1:
+            raise ConfigError(f"members has {len(members)} models; SAP wraps exactly one")
+        return SAPClassifier(members[0], fraction=self.fraction, draws=self.draws)
+
+
+__all__ = [
+    "SAP",
+    "ReLUSAP",
+    "SAPClassifier",
+    "SAPDefense",
+    "check_fraction",
+    "count_relus",
+    "insert_sap",
+    "repeated_logits",
+    "sap",
+    "sap_active",
+    "sap_keep_mask",
+    "sap_layers",
+    "train_base",
+]

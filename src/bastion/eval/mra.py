@@ -1,0 +1,272 @@
+"""Model Robustness Average (MRA) and seed 001's attack protocol for random-submodel populations
+(seed 001, Jasser & Garibay, "Resilience from diversity", Sec. 3, Fig. 2, eq. 6), plus the
+adaptive check that attacks the population's expected output instead.
+
+Seed 001's protocol (Sec. 3, Fig. 2): "1. the attacker would use a submodel at random to craft
+an attack using an image. 2. The attacker queries the perturbed image for classification. 3.
+The system dispatches a submodel randomly selected for the job." The MRA (eq. 6) then scores
+the set ``X'`` of perturbed images, "each sample ... perturbed by a random submodel ``m_i``",
+by *every* submodel, and averages:
+
+    MRA = 1/n * sum_{i=1..n} ( 1/N * sum_{j=1..N} rho(m_i, x'_j) )
+
+with ``rho`` = 1 when ``m_i`` classifies ``x'_j`` correctly. This is the exact expectation,
+over the classifying draw, of the deployed ULM/CLM's accuracy on ``X'``. The crafting draw is
+random; :func:`seed001_protocol` repeats it ``repeats`` times and reports the mean and spread.
+
+Because the attacker crafts on one fixed submodel and the defender answers with another, the
+protocol measures *transfer* between submodels, not white-box robustness of the population.
+:func:`expected_output_attack` gives the adaptive attacker's number: the attack is run on the
+population's mean probabilities (``population.expected()``), or with EOT over its one-draw
+forward, and a point counts as robust only if the deployed decision is right in a majority of
+``k`` independent queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bastion import attacks as attacks_mod
+from bastion.attacks.base import Attack
+from bastion.data.base import ImageDataset
+from bastion.defenses.randomized import Population
+from bastion.errors import ConfigError
+from bastion.eval.accuracy import predict
+
+
+def _members(population: Population | Sequence[nn.Module]) -> list[nn.Module]:
+    members = list(population.members) if isinstance(population, Population) else list(population)
+    if not members:
+        raise ConfigError("population has no members")
+    return members
+
+
+def _device(population: Population | Sequence[nn.Module], device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for m in _members(population):
+        for p in m.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNG inside the block only (the population's draws use it)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def member_correct(population: Population | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *,
+                   batch_size: int = 1000, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(M, N)`` bool: whether member ``i`` classifies point ``j`` correctly (``rho`` of eq. 6)."""
+    dev = _device(population, device)
+    rows = []
+    for m in _members(population):
+        was = m.training
+        m.eval()
+        rows.append(predict(m, x, batch_size=batch_size, device=dev).cpu() == y.cpu())
+        m.train(was)
+    return torch.stack(rows)
+
+
+def mra_from_correct(correct: torch.Tensor) -> float:
+    """Eq. 6 from the ``(M, N)`` correctness matrix: mean over members of each member's
+    accuracy over the ``N`` points."""
+    if correct.dim() != 2 or correct.numel() == 0:
+        raise ConfigError(f"correct must be a non-empty (members, points) matrix, got shape {tuple(correct.shape)}")
+    return float(correct.float().mean(dim=1).mean())
+
+
+def mra(population: Population | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *,
+        batch_size: int = 1000, device: torch.device | str | None = None) -> float:
+    """Seed 001's MRA (eq. 6) of ``population`` on (perturbed) points ``x`` with labels ``y``;
+    on clean points this is seed 001's Table 1 ("MRAs on benign samples")."""
+    return mra_from_correct(member_correct(population, x, y, batch_size=batch_size, device=device))
+
+
+def _attack_info(attack: Attack) -> dict[str, Any]:
+    return {"name": attack.name, "eps": float(attack.eps), "norm": attack.norm,
+            "params": {k: v for k, v in attack.params.items() if isinstance(v, (int, float, str, bool, type(None)))}}
+
+
+def seed001_protocol(
+    population: Population,
+    data: ImageDataset,
+    attack: Attack,
+    *,
+    repeats: int = 1,
+    seed: int = 0,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Seed 001's attack protocol and MRA (Sec. 3, Fig. 2, eq. 6).
+
+    For each repeat ``r``: every point ``x_j`` gets a crafting submodel ``c_j`` drawn
+    uniformly (generator seeded ``seed + r``); ``attack`` is run on submodel ``c_j`` alone
+    (a deterministic classifier) to give ``x'_j``; then every submodel classifies every
+    ``x'_j`` and eq. 6 averages. Also reported: the accuracy of one random classifying draw
+    per point (what a single deployed query answers), and the split into the cases where the
+    classifying submodel is the crafting one (``same_member_accuracy``, ~ white-box) or
+    another one (``cross_member_accuracy``, transfer).
+
+    Returns:
+        dict with ``mra`` (mean over repeats), ``mra_std``, ``mra_per_repeat``,
+        ``clean_mra``, ``one_draw_accuracy``, ``same_member_accuracy``,
+        ``cross_member_accuracy``, ``per_member_accuracy`` (mean over repeats, one per
+        submodel), ``n``, ``members``, ``repeats``, ``attack``, ``gradients`` (per point),
+        ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ConfigError(f"repeats={repeats!r} must be an integer >= 1")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    members = _members(population)
+    M, N = len(members), len(data)
+    dev = _device(population, device)
+    for m in members:
+        m.to(dev)
+    y = data.y
+    clean = member_correct(members, data.x, y, batch_size=batch_size, device=dev)
+    per_repeat, one_draw, same, cross = [], [], [], []
+    per_member = torch.zeros(M)
+    grads, t0 = 0, time.perf_counter()
+    bar = tqdm(total=repeats * M, desc=f"seed001 {attack.name}", disable=None if progress else True, leave=False)
+    for r in range(repeats):
+        g = torch.Generator().manual_seed(int(seed) + r)
+        craft = torch.randint(M, (N,), generator=g)
+        classify = torch.randint(M, (N,), generator=g)
+        x_adv = data.x.clone()
+        atk_gen = torch.Generator(device=dev).manual_seed(int(seed) * 7919 + r)
+        for k, m in enumerate(members):
+            idx = (craft == k).nonzero(as_tuple=True)[0]
+            for s in range(0, len(idx), batch_size):
+                bi = idx[s:s + batch_size]
+                res = attack(m, data.x[bi].to(dev), y[bi].to(dev), generator=atk_gen)
+                x_adv[bi] = res.x_adv.detach().cpu()
+                grads += res.cost.gradients
+            bar.update(1)
+        correct = member_correct(members, x_adv, y, batch_size=batch_size, device=dev)  # (M, N)
+        per_repeat.append(mra_from_correct(correct))
+        per_member += correct.float().mean(1)
+        cols = torch.arange(N)
+        one_draw.append(float(correct[classify, cols].float().mean()))
+        same.append(float(correct[craft, cols].float().mean()))
+        if M > 1:
+            others = (correct.float().sum(0) - correct[craft, cols].float()) / (M - 1)
+            cross.append(float(others.mean()))
+    bar.close()
+    mras = torch.tensor(per_repeat)
+    return {
+        "protocol": "seed001",
+        "mra": float(mras.mean()),
+        "mra_std": float(mras.std(unbiased=False)) if repeats > 1 else 0.0,
+        "mra_per_repeat": per_repeat,
+        "clean_mra": mra_from_correct(clean),
+        "one_draw_accuracy": sum(one_draw) / repeats,
+        "same_member_accuracy": sum(same) / repeats,
+        "cross_member_accuracy": (sum(cross) / repeats) if cross else None,
+        "per_member_accuracy": (per_member / repeats).tolist(),
+        "n": N, "members": M, "repeats": repeats, "seed": seed,
+        "attack": _attack_info(attack),
+        "gradients": grads / max(N * repeats, 1),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def expected_output_attack(
+    population: Population,
+    data: ImageDataset,
+    attack: Attack,
+    *,
+    eot: int | None = None,
+    k: int = 5,
+    seed: int = 0,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The adaptive attacker against a population: ``attack`` through the expected output.
+
+    * ``eot=None``: the attack runs on ``population.expected()`` (log of the mean member
+      probabilities, exact over all members: PGD on the mean probabilities);
+    * ``eot=n``: the attack runs on the one-draw forward (one random submodel per sample
+      and query) with every gradient averaged over ``n`` draws (``attacks.eot``; EOT-PGD).
+
+    A point counts as robust only if the deployed decision (:meth:`Population.decide`; one
+    random submodel for ULM/CLM) is right in a strict majority of ``k`` independent queries
+    (global RNG seeded ``seed`` for the queries, restored afterwards).
+
+    Returns:
+        dict with ``robust_accuracy`` (majority of ``k``), ``query_accuracy`` (mean over the
+        ``k`` queries), ``mra`` (eq. 6 on the adversarial points), ``clean_accuracy``
+        (majority of ``k`` on clean points), ``n``, ``k``, ``eot``, ``attack``,
+        ``gradients`` (per point), ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"k={k!r} (queries per point) must be an integer >= 1")
+    if eot is not None and (not isinstance(eot, int) or isinstance(eot, bool) or eot < 1):
+        raise ConfigError(f"eot={eot!r} must be None or an integer >= 1")
+    dev = _device(population, device)
+    population.to(dev).eval()
+    target: nn.Module = population.expected() if eot is None else population
+    atk = attack if eot is None else attacks_mod.eot(attack, eot)
+    N = len(data)
+    x_adv = data.x.clone()
+    grads, t0 = 0, time.perf_counter()
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    bar = tqdm(total=(N + batch_size - 1) // batch_size, desc=f"expected {attack.name}",
+               disable=None if progress else True, leave=False)
+    for s in range(0, N, batch_size):
+        res = atk(target, data.x[s:s + batch_size].to(dev), data.y[s:s + batch_size].to(dev), generator=gen)
+        x_adv[s:s + batch_size] = res.x_adv.detach().cpu()
+        grads += res.cost.gradients
+        bar.update(1)
+    bar.close()
+    adv_votes = query_correct(population, x_adv, data.y, k=k, seed=seed, batch_size=batch_size, device=dev)
+    clean_votes = query_correct(population, data.x, data.y, k=k, seed=seed + 1, batch_size=batch_size, device=dev)
+    return {
+        "protocol": "expected-output" if eot is None else "eot",
+        "robust_accuracy": float((adv_votes.sum(0) * 2 > k).float().mean()),
+        "query_accuracy": float(adv_votes.float().mean()),
+        "mra": mra(population, x_adv, data.y, batch_size=batch_size, device=dev),
+        "clean_accuracy": float((clean_votes.sum(0) * 2 > k).float().mean()),
+        "n": N, "k": k, "eot": eot, "seed": seed,
+        "attack": _attack_info(atk),
+        "gradients": grads / max(N, 1),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+@torch.no_grad()
+def query_correct(population: Population, x: torch.Tensor, y: torch.Tensor, *, k: int = 5, seed: int = 0,
+                  batch_size: int = 1000, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(k, N)`` bool: whether each of ``k`` independent queries of the deployed decision
+    (:meth:`Population.decide`) is right on each point."""
+    dev = _device(population, device)
+    was = population.training
+    population.eval()
+    out = torch.zeros(k, len(y), dtype=torch.bool)
+    with _rng(seed, dev):
+        for q in range(k):
+            for s in range(0, len(y), batch_size):
+                pred = population.decide(x[s:s + batch_size].to(dev)).cpu()
+                out[q, s:s + batch_size] = pred == y[s:s + batch_size].cpu()
+    population.train(was)
+    return out
+
+
+__all__ = ["expected_output_attack", "member_correct", "mra", "mra_from_correct", "query_correct", "seed001_protocol"]

@@ -1,0 +1,216 @@
+"""SAP (Dhillon et al. 2018) and Multi-SAP (seed 000): bastion.defenses.sap / multisap / pool."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bastion import defenses, models
+from bastion.defenses.multisap import MultiSAP
+from bastion.defenses.pool import PoolMember, default_pool
+from bastion.defenses.sap import (
+    SAPClassifier,
+    count_relus,
+    insert_sap,
+    sap,
+    sap_keep_mask,
+    sap_layers,
+)
+from bastion.errors import ConfigError
+from bastion.train.checkpoint import load_model, save_checkpoint
+
+
+def test_sap_is_unbiased():
+    # n draws of SAP(h): each coordinate is h_j / q_j with prob q_j, else 0, so its sample mean
+    # has standard deviation h_j * sqrt((1 - q_j) / q_j / n); allow 5 of those (+ float slack)
+    torch.manual_seed(0)
+    h = torch.relu(torch.randn(1, 3, 4, 4))
+    n = 4000
+    out = sap(h.expand(n, 3, 4, 4).contiguous(), 1.0)
+    p = h.flatten() / h.sum()
+    r = 48
+    q = 1 - (1 - p) ** r
+    sd = torch.where(q > 0, h.flatten() * ((1 - q) / q.clamp_min(1e-12) / n).sqrt(), torch.zeros_like(q))
+    err = (out.reshape(n, -1).mean(0) - h.flatten()).abs()
+    assert bool((err <= 5 * sd + 1e-5).all()), (err - 5 * sd).max()
+    # and it is random: some units are pruned
+    assert bool((out == 0).sum() > (h == 0).sum() * n)
+
+
+def test_keep_probability_matches_formula():
+    torch.manual_seed(1)
+    a = torch.rand(1, 12) ** 3
+    n = 20000
+    keep = sap_keep_mask(a.expand(n, 12).contiguous(), 12).float().mean(0)
+    q = 1 - (1 - a[0] / a.sum()) ** 12
+    sd = (q * (1 - q) / n).sqrt()
+    assert bool(((keep - q).abs() <= 5 * sd + 1e-4).all())
+
+
+def test_infinite_draws_prune_nothing_and_zeros_exactly_where_not_drawn():
+    torch.manual_seed(2)
+    h = torch.relu(torch.randn(5, 6, 7, 7))
+    assert torch.allclose(sap(h, 1e7), h, atol=1e-5)
+    # one draw of fraction 1: pruned units are exactly the zeros of the output, survivors scaled
+    torch.manual_seed(3)
+    keep = sap_keep_mask(h.reshape(5, -1), h[0].numel())
+    torch.manual_seed(3)
+    out = sap(h, 1.0).reshape(5, -1)
+    torch.manual_seed(3)
+    assert torch.equal(sap(h, 1.0, nonneg=True).reshape(5, -1), out), "the ReLU fast path draws the same"
+    torch.manual_seed(3)
+    hg = h.clone().requires_grad_(True)
+    assert torch.allclose(sap(hg, 1.0).reshape(5, -1), out, rtol=1e-4, atol=1e-6), "the autograd path draws the same"
+    flat = h.reshape(5, -1)
+    assert torch.equal(out == 0, ~keep | (flat == 0))
+    p = flat / flat.sum(1, keepdim=True)
+    q = 1 - (1 - p) ** flat.shape[1]
+    assert torch.allclose(out[keep & (flat > 0)], (flat / q)[keep & (flat > 0)], rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "mnist-cnn"])
+def test_sap_after_every_relu(arch):
+    m = models.create(arch, seed=0)
+    s = insert_sap(m, 0.5)
+    assert len(sap_layers(s)) == count_relus(m) > 0
+    assert len(sap_layers(m)) == 0, "the original model is not modified"
+    assert set(s.state_dict()) == set(m.state_dict())
+
+
+def test_sap_classifier_batched_draws_and_roundtrip(tmp_path, batch):
+    x, _ = batch
+    x = x[:8]
+    clf = SAPClassifier(models.create("lenet5", seed=0), fraction=1.0, draws=7).eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = clf.sample_logits(x, 7)
+        assert a.shape == (7, 8, 10)
+        assert not torch.allclose(a[0], a[1])
+        with clf.frozen(5):
+            f1, f2 = clf(x), clf(x)
+        assert torch.equal(f1, f2)
+    save_checkpoint(tmp_path / "c", clf, {"model": clf.spec})
+    back, _ = load_model(tmp_path / "c")
+    assert isinstance(back, SAPClassifier) and back.fraction == 1.0 and back.draws == 7
+    with torch.no_grad(), clf.frozen(1), back.frozen(1):
+        assert torch.allclose(clf(x), back(x), atol=1e-6)
+
+
+def test_multisap_voter_counts_and_vote(tmp_path, batch):
+    x, _ = batch
+    x = x[:6]
+    base = models.create("lenet5", seed=0)
+    d1 = defenses.create("multi-sap", strategy=1)
+    s1 = d1.wrap([base]).eval()
+    assert s1.num_voters == 50 and s1.decision == "vote"
+    nets = [models.create("lenet5", seed=i) for i in range(5)]
+    s2 = defenses.create("multi-sap", strategy=2).wrap(nets).eval()
+    assert s2.num_voters == 55
+    with torch.no_grad():
+        v = s2.sample_logits(x)
+        assert v.shape == (55, 6, 10)
+        # the last 5 voters are the plain nets
+        for k in range(5):
+            assert torch.allclose(v[50 + k], nets[k](x), atol=1e-5)
+        # batched voters equal a sequential reference under the same seed: one net, M=3
+        m3 = MultiSAP([base], draws_per_net=3)
+        torch.manual_seed(4)
+        batched = m3.sample_logits(x)
+        torch.manual_seed(4)
+        # the repeated batch draws each row's mask in one call: replay it row block by row block
+        ref_in = x.repeat(3, 1, 1, 1)
+        seq = m3.members[0](ref_in).view(3, 6, -1)
+        assert torch.allclose(batched, seq, atol=1e-6)
+        counts, _ = s2.vote_counts(x)
+        assert torch.equal(counts.sum(-1), torch.full((6,), 55.0))
+        # forward = one voter per sample: its logits are some voter's (plain voters are exact)
+        torch.manual_seed(0)
+        out = s2(x.repeat(40, 1, 1, 1)).view(40, 6, 10)
+        plain = torch.stack([n(x) for n in nets])
+        hit_plain = ((out[:, None] - plain[None]).abs().amax(-1) < 1e-5).any(1)
+        assert 0 < int(hit_plain.sum()) < 40 * 6
+    save_checkpoint(tmp_path / "m", s2, {"model": s2.spec})
+    back, _ = load_model(tmp_path / "m")
+    assert isinstance(back, MultiSAP) and back.num_voters == 55 and back.include_plain
+    with torch.no_grad():
+        assert torch.allclose(back.sample_logits(x)[50:], v[50:], atol=1e-5)
+
+
+def test_vote_is_majority_of_the_batched_voters(batch):
+    x, _ = batch
+    x = x[:16]
+    ms = MultiSAP([models.create("lenet5", seed=0)], draws_per_net=9).eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        vote = ms.vote(x)
+        torch.manual_seed(0)
+        logits = ms.sample_logits(x)
+    counts = torch.nn.functional.one_hot(logits.argmax(-1), 10).sum(0).float()
+    probs = torch.softmax(logits, -1).mean(0)
+    top = counts.max(-1, keepdim=True).values
+    # the vote is a majority class, and among tied majority classes the most probable one
+    assert bool((counts.gather(1, vote[:, None]) == top).all())
+    best_tied = torch.where(counts == top, probs, torch.full_like(probs, -1.0)).argmax(-1)
+    assert torch.equal(vote, best_tied)
+
+
+def test_bad_config_names_field():
+    with pytest.raises(ConfigError, match="fraction"):
+        defenses.create("sap", fraction=0)
+    with pytest.raises(ConfigError, match="fraction"):
+        insert_sap(models.create("lenet5"), -1.0)
+    with pytest.raises(ConfigError, match="strategy"):
+        defenses.create("multi-sap", strategy=3)
+    with pytest.raises(ConfigError, match="draws"):
+        defenses.create("multi-sap", draws=0)
+    with pytest.raises(ConfigError, match="draws_per_net"):
+        defenses.create("multi-sap", draws_per_net=0)
+    with pytest.raises(ConfigError, match="fraction"):
+        PoolMember(fraction=1.5)
+
+
+def test_default_pool_varies_members():
+    pool = default_pool(5, arch="lenet5")
+    assert len({(m.fraction, m.init, m.subset_seed) for m in pool}) == 5
+    assert len({m.seed for m in pool}) == 5
+    assert all(not m.arch_kwargs for m in pool)
+    assert any(m.arch_kwargs for m in default_pool(10, arch="resnet18"))
+    assert math.isclose(default_pool(1)[0].fraction, 1.0)
+
+
+def test_population_member_logits_batched_equals_loop(batch):
+    from bastion.defenses.randomized import Population
+
+    x, _ = batch
+    x = x[:8].clone().requires_grad_(True)
+    members = [models.create("lenet5", seed=i) for i in range(3)]
+    pop = Population(members).eval()
+    out = pop.member_logits(x)
+    ref = torch.stack([m(x) for m in members])
+    assert torch.allclose(out, ref, atol=1e-5)
+    gx, gw = torch.autograd.grad(out.square().sum(), (x, members[1].net.conv1.weight))
+    rx, rw = torch.autograd.grad(ref.square().sum(), (x, members[1].net.conv1.weight))
+    assert torch.allclose(gx, rx, atol=1e-4) and torch.allclose(gw, rw, atol=1e-4)
+
+
+def test_defense_fit_trains_pool_saves_and_reloads(tmp_path, mnist_small):
+    from bastion.train.config import TrainConfig
+
+    tr, te = mnist_small
+    tr = tr.take(96)
+    cfg = TrainConfig(epochs=1, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0)
+    d = defenses.create("multi-sap", strategy=2, nets=2, draws_per_net=2, base_defense=None)
+    ms = d.fit(lambda seed: models.create("lenet5", seed=seed), tr, cfg, out_dir=tmp_path / "ms", progress=False)
+    assert isinstance(ms, MultiSAP) and ms.num_voters == 6
+    assert (tmp_path / "ms" / "member-00").is_dir() and (tmp_path / "ms" / "member-01").is_dir()
+    back, meta = load_model(tmp_path / "ms" / "final")
+    assert isinstance(back, MultiSAP) and back.num_voters == 6 and meta["defense"]["strategy"] == 2
+    with torch.no_grad():
+        x = te.x[:4]
+        assert torch.allclose(back.sample_logits(x)[4:], ms.sample_logits(x)[4:], atol=1e-5)
+    s = defenses.create("sap", fraction=0.5).fit(lambda seed: models.create("lenet5", seed=seed), tr, cfg,
+                                                 out_dir=tmp_path / "sap", progress=False)
+    assert isinstance(s, SAPClassifier) and s.fraction == 0.5
+    assert isinstance(load_model(tmp_path / "sap" / "final")[0], SAPClassifier)
