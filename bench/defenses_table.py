@@ -94,6 +94,7 @@ def main() -> None:
             "randomised": random,
         }
         rows.append(row)
+        atomic_write_json(out / "table.partial.json", {"rows": rows})  # a killed run keeps finished rows
         print(f"{name:<18} clean {100 * row['clean']:6.2f}%  FGSM {100 * row['fgsm']:6.2f}%  PGD-40 {100 * row['pgd40']:6.2f}%  "
               f"AA-{aa.version} {100 * row['autoattack']:6.2f}%  epoch {epoch_s:7.1f}s  x{row['epoch_ratio']:.2f}", flush=True)
 

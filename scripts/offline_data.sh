@@ -21,3 +21,14 @@ else
   echo "fashion-mnist: WARNING: no Debian package manager with root here;" \
        "Bastion will download Fashion-MNIST on first use (or put the idx files under \$BASTION_DATA/fashion-mnist)" >&2
 fi
+
+# Headless Chromium renders the HTML report in a test (and takes the docs' screenshot).
+if command -v chromium >/dev/null 2>&1; then
+  echo "chromium: found"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "chromium: installing Debian's chromium (headless report checks)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+else
+  echo "chromium: WARNING: not installed and no root apt here; the HTML report test will fail" >&2
+fi

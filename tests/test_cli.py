@@ -133,3 +133,26 @@ def test_run_main_job_small(tmp_path, capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "bastion.cli", "list", "attacks"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "pgd" in r.stdout
+
+
+def test_train_population_defense_and_pool(tmp_path, capsys):
+    """`bastion train --defense ulm` builds and saves a population; `bastion pool` trains a
+    diverse pool; `bastion eval` on a random model says its numbers are single draws."""
+    from bastion.defenses.randomized import Population
+    from bastion.train.checkpoint import load_model
+
+    out = tmp_path / "ulm"
+    rc = main(["train", "--dataset", "digits", "--model", "madry-mnist", "--epochs", "1", "--defense", "ulm",
+               "--defense-param", "members=2", "--out", str(out), "-q"])
+    assert rc == 0
+    assert "deployed decision: draw" in capsys.readouterr().out
+    pop, meta = load_model(out)
+    assert isinstance(pop, Population) and len(pop) == 2 and meta["defense"]["members"] == 2
+    assert main(["eval", str(out), "--attacks", "fgsm", "--eps", "0.1", "-n", "50", "-q"]) == 0
+    assert "this model is random" in capsys.readouterr().err
+    rc = main(["pool", "--dataset", "digits", "--model", "madry-mnist", "--members", "2", "--epochs", "1",
+               "--out", str(tmp_path / "pool"), "-q"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "member 00" in text and "member 01" in text and "orthogonal" in text
+    assert (tmp_path / "pool" / "member-01" / "final" / "meta.json").is_file()

@@ -4,8 +4,13 @@
     bastion train --dataset mnist --model lenet5 --out runs/lenet5 [--epochs 4 ...]
     bastion eval runs/lenet5 --attacks fgsm,pgd --eps 0.1,0.2,0.3 [--param pgd.steps=40]
     bastion attack runs/lenet5 --attacks pgd --eps 0.3 --out adv/ [--targeted next]
-    bastion demo                       # the main job: LeNet-5 on MNIST, FGSM and PGD-40
-    bastion run --config exp.toml [--set train.epochs=2]
+    bastion run [CONFIG] [--set dataset.eval_samples=200] [--out DIR]
+                                       # the harness (default: the quick config): train what is
+                                       # missing, paper + adaptive protocols, flags, report
+    bastion results [--db PATH] [--defense D] [--protocol P] [--format table|json|csv]
+    bastion report [--db PATH] [--config-hash H] --out DIR
+    bastion demo                       # one experiment: LeNet-5 on MNIST, FGSM and PGD-40
+    bastion run --config exp.toml [--set train.epochs=2]   # one experiment config (demo.toml format)
 
 Every error a user can cause ends the command with one line ``bastion: error: ...`` and exit
 status 2.
@@ -14,6 +19,7 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -92,6 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.defense_param:
         raise ConfigError("--defense-param needs --defense NAME")
     train_set = data.load(args.dataset, "train", fraction=args.fraction, seed=args.subset_seed)
+    from bastion.defenses.base import ModelDefense
+
+    if isinstance(defense, ModelDefense):  # builds a population / randomised model (ulm, clm, sap, ...)
+        return _train_model_defense(args, defense, train_set, cfg, options)
     model = models.for_dataset(args.model, train_set, init=args.init, seed=cfg.seed, **options)
     if defense is not None:
         model = defense.prepare(model, train_set)
@@ -104,6 +114,54 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {h.epoch:3d}  lr {h.lr:.4g}  loss {h.train_loss:.4f}  train acc {100 * h.train_acc:.2f}%"
               + (f"  val acc {100 * h.val_acc:.2f}%" if h.val_acc is not None else "") + f"  ({h.seconds:.1f}s)")
     print(f"test accuracy: {100 * acc:.2f}%  -> checkpoint {Path(args.out) / 'final'}")
+    return 0
+
+
+def _train_model_defense(args: argparse.Namespace, defense: Any, train_set: Any, cfg: Any, options: dict[str, Any]) -> int:
+    """``bastion train --defense ulm|clm|bagging-noise|sap|multi-sap``: the defense trains its
+    members under ``--out`` and saves the whole model at ``--out/final``."""
+    from bastion import data, models
+    from bastion.harness.protocols import decisions
+
+    def make_model(seed: int) -> Any:
+        return models.for_dataset(args.model, train_set, init=args.init, seed=seed, **options)
+
+    model = defense.fit(make_model, train_set, cfg, out_dir=args.out, resume=not args.no_resume, progress=not args.quiet)
+    test_set = data.load(args.dataset, "test")
+    model.eval()
+    acc = float((decisions(model, test_set.x, batch_size=cfg.eval_batch_size) == test_set.y).float().mean())
+    how = f" (deployed decision: {model.decision}, one query)" if hasattr(model, "decision") else ""
+    print(f"test accuracy{how}: {100 * acc:.2f}%  -> checkpoint {Path(args.out) / 'final'}")
+    return 0
+
+
+def cmd_pool(args: argparse.Namespace) -> int:
+    """Train a diverse pool (seed 000 Sec. 6.2): members differing by data subset, seed, weight
+    initialisation and (where the architecture has them) extra skip connections."""
+    from bastion import data
+    from bastion.config import from_dict
+    from bastion.defenses.pool import default_pool, train_pool
+    from bastion.train.config import TrainConfig
+
+    raw: dict[str, Any] = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("optimizer", args.optimizer)) if v is not None}
+    raw.update(_parse_assignments(args.set or [], "--set"))
+    cfg = from_dict(TrainConfig, raw)
+    params = _parse_assignments(args.defense_param or [], "--defense-param")
+    if params and not args.defense:
+        raise ConfigError("--defense-param needs --defense NAME")
+    if args.defense:
+        from bastion import defenses
+
+        defenses.create(args.defense, **params)  # validate before training anything
+    train_set = data.load(args.dataset, "train", fraction=args.fraction, seed=0)
+    members = default_pool(args.members, arch=args.model)
+    nets = train_pool(members, args.model, train_set, cfg, args.out, defense=args.defense, defense_params=params,
+                      resume=not args.no_resume, progress=not args.quiet)
+    from bastion.eval.accuracy import accuracy
+
+    test_set = data.load(args.dataset, "test")
+    for i, (m, net) in enumerate(zip(members, nets)):
+        print(f"member {i:02d} {m}: test accuracy {100 * accuracy(net, test_set):.2f}%  -> {Path(args.out) / f'member-{i:02d}'}")
     return 0
 
 
@@ -150,7 +208,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, meta, ds, dataset, attack_list, device = _load_for_attack(args)
     report = evaluate(model, ds, attack_list, batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.quiet)
-    print(report.table(title=f"{args.checkpoint}: {meta.get('model', {}).get('name', '?')} on {dataset} ({args.split})"))
+    spec = meta.get("model", {}) or {}
+    print(report.table(title=f"{args.checkpoint}: {spec.get('name') or spec.get('randomized', '?')} on {dataset} ({args.split})"))
+    if getattr(model, "stochastic", False):
+        print("note: this model is random; the numbers above attack and judge single random draws. "
+              "For the honest number (attacks through the expected output, EOT, majority of k queries) "
+              "evaluate it with `bastion run` (adaptive protocol).", file=sys.stderr)
     if args.json:
         atomic_write_json(args.json, {"checkpoint": str(args.checkpoint), "dataset": dataset, "split": args.split, **report.to_dict()})
         print(f"results written to {args.json}")
@@ -213,18 +276,102 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from bastion.experiment import load_config, run_experiment
+_LEGACY_SECTIONS = ("data", "model", "train", "eval")
 
+
+def _is_legacy_run(args: argparse.Namespace, overrides: dict[str, Any]) -> bool:
+    """``run`` keeps the single-experiment configs of :mod:`bastion.experiment` working: with
+    ``--config``, with a config file that has no harness tables, or (no config) with ``--set``
+    overrides of that schema's sections (``train.``, ``eval.``, ``data.``, ``model.``)."""
+    from bastion.harness.config import is_harness_file
+
+    if getattr(args, "config", None):
+        return True
+    if getattr(args, "harness_config", None):
+        return not is_harness_file(args.harness_config)
+    return args.command == "demo" or any(k.split(".")[0] in _LEGACY_SECTIONS for k in overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     overrides = _parse_assignments(args.set or [], "--set")
     if getattr(args, "out", None):
         overrides["out_dir"] = args.out
-    cfg = load_config(args.config, overrides)
-    res = run_experiment(cfg, progress=not args.quiet, resume=not args.no_resume)
-    print(res["table"])
-    t = res["timing"]
-    print(f"(train {res['training']['seconds_this_run']:.0f}s, attacks {t['eval_seconds']:.0f}s, total {t['total_seconds']:.0f}s; "
-          f"results in {Path(cfg.out_dir) / 'results.json'})")
+    if _is_legacy_run(args, overrides):
+        from bastion.experiment import load_config, run_experiment
+
+        cfg = load_config(args.config or getattr(args, "harness_config", None), overrides)
+        res = run_experiment(cfg, progress=not args.quiet, resume=not args.no_resume)
+        print(res["table"])
+        t = res["timing"]
+        print(f"(train {res['training']['seconds_this_run']:.0f}s, attacks {t['eval_seconds']:.0f}s, total {t['total_seconds']:.0f}s; "
+              f"results in {Path(cfg.out_dir) / 'results.json'})")
+        return 0
+    from bastion.harness import load_harness_config, run
+
+    hcfg = load_harness_config(args.harness_config, overrides)
+    if args.no_resume:
+        print("bastion: note: --no-resume has no effect on harness configs (delete the out_dir to start afresh)", file=sys.stderr)
+    summary = run(hcfg, progress=not args.quiet)
+    print(f"{hcfg.name}: config {summary.config_hash}, {summary.trained} model(s) trained, "
+          f"{summary.evaluated} evaluation(s) run, {summary.seconds:.0f}s")
+    print(summary.table)
+    print(f"results database: {summary.db_path}")
+    if summary.report:
+        print(f"report: {summary.report[1]}  (markdown: {summary.report[0]})")
+    return 0
+
+
+def _default_db() -> Path:
+    from bastion.harness.config import load_harness_config
+
+    return load_harness_config().db_path
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from bastion.results.db import ResultsDB
+
+    db_path = Path(args.db) if args.db else _default_db()
+    if not db_path.is_file():
+        raise ConfigError(f"--db {str(db_path)!r} does not exist (run `bastion run` first)")
+    if args.format == "table":
+        from bastion.harness.runner import table
+
+        print(table(db_path, args.config_hash, defense=args.defense, protocol=args.protocol))
+        return 0
+    rows = ResultsDB(db_path).evaluations(config_hash=args.config_hash, defense=args.defense, protocol=args.protocol)
+    cols = ["config_hash", "experiment", "dataset", "defense", "model_key", "protocol", "attack", "attack_label", "norm",
+            "eps", "n", "clean_accuracy", "robust_accuracy", "gradients", "forwards", "seconds", "created"]
+    if args.format == "json":
+        print(json.dumps([{**{c: r[c] for c in cols}, "attack_params": r["attack_params"], "extra": r["extra"],
+                           "versions": r["versions"]} for r in rows], indent=1))
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r[c] for c in cols])
+        print(buf.getvalue(), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bastion.harness.runner import write_report
+    from bastion.results.db import ResultsDB
+
+    db_path = Path(args.db) if args.db else _default_db()
+    if not db_path.is_file():
+        raise ConfigError(f"--db {str(db_path)!r} does not exist (run `bastion run` first)")
+    h = args.config_hash
+    if h is None:
+        rows = ResultsDB(db_path).evaluations()
+        if not rows:
+            raise ConfigError(f"--db {str(db_path)!r} holds no evaluations")
+        h = max(rows, key=lambda r: r["created"])["config_hash"]
+    md, html = write_report(db_path, h, args.out, title=args.title)
+    print(f"report: {html}  (markdown: {md})")
     return 0
 
 
@@ -265,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("pool", help="train a diverse pool of models (seed 000: data subsets, seeds, inits, extra skips)")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--model", required=True)
+    s.add_argument("--members", type=int, default=5)
+    s.add_argument("--fraction", type=float, default=1.0, help="the pool's training set: this fraction of the split")
+    s.add_argument("--out", required=True, help="pool directory (member-NN/ runs, each resumable)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--optimizer", choices=["sgd", "adam"])
+    s.add_argument("--defense", help="train every member with this training defense (e.g. pgd-at)")
+    s.add_argument("--defense-param", dest="defense_param", action="append", help="defense hyper-parameter KEY=VALUE")
+    s.add_argument("--set", action="append", help="any TrainConfig field KEY=VALUE")
+    s.add_argument("--no-resume", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_pool)
+
     for cmd, helptext, func in (("eval", "clean and robust accuracy of a checkpoint under attacks", cmd_eval),
                                 ("attack", "run attacks on a checkpoint, save the adversarial examples and a results JSON", cmd_attack)):
         s = sub.add_parser(cmd, help=helptext)
@@ -287,18 +450,40 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--targeted", choices=["next", "random"], help="targeted attack: target y+1, or a random other class")
         s.set_defaults(func=func)
 
-    for name, helptext in (("demo", "the main job: train LeNet-5 on MNIST, print clean / FGSM / PGD-40 accuracy"),
-                           ("run", "run an experiment config (default: the main job's)")):
-        s = sub.add_parser(name, help=helptext)
-        if name == "run":
-            s.add_argument("--config", help="experiment TOML (default: bastion/configs/demo.toml)")
-        else:
-            s.set_defaults(config=None)
-        s.add_argument("--out", help="output directory (default: the config's out_dir)")
-        s.add_argument("--set", action="append", help="override a config field, e.g. train.epochs=2")
-        s.add_argument("--no-resume", action="store_true")
-        s.add_argument("-q", "--quiet", action="store_true")
-        s.set_defaults(func=cmd_run)
+    s = sub.add_parser("demo", help="the main job of earlier versions: train LeNet-5 on MNIST, print clean / FGSM / PGD-40 accuracy")
+    s.set_defaults(config=None, harness_config=None)
+    s.add_argument("--out", help="output directory (default: the config's out_dir)")
+    s.add_argument("--set", action="append", help="override a config field, e.g. train.epochs=2")
+    s.add_argument("--no-resume", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("run", help="run a harness config: train what is missing, attack (paper + adaptive), check, report "
+                                   "(default: the quick config)")
+    s.add_argument("harness_config", nargs="?", metavar="CONFIG",
+                   help="harness TOML (default: bastion/configs/quick.toml); an experiment TOML also works")
+    s.add_argument("--config", help="a single-experiment TOML (bastion/configs/demo.toml format)")
+    s.add_argument("--out", help="output directory (default: the config's out_dir)")
+    s.add_argument("--set", action="append", help="override a config field, e.g. dataset.eval_samples=200 or "
+                                                  "models.pgd-at.train.epochs=1")
+    s.add_argument("--no-resume", action="store_true", help="(experiment configs) retrain from scratch")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("results", help="query the results database")
+    s.add_argument("--db", help="database (default: the quick config's)")
+    s.add_argument("--config-hash", dest="config_hash", help="only this run's rows")
+    s.add_argument("--defense", help="only this model (its id in the config)")
+    s.add_argument("--protocol", choices=["paper", "adaptive"])
+    s.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    s.set_defaults(func=cmd_results)
+
+    s = sub.add_parser("report", help="rebuild the Markdown + HTML report from the database alone")
+    s.add_argument("--db", help="database (default: the quick config's)")
+    s.add_argument("--config-hash", dest="config_hash", help="the run to report (default: the latest)")
+    s.add_argument("--title")
+    s.add_argument("--out", required=True, help="directory for report.md and report.html")
+    s.set_defaults(func=cmd_report)
     return p
 
 

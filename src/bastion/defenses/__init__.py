@@ -45,7 +45,7 @@ def register(name: str, *, summary: str = "") -> Callable[[Any], Any]:
 
 # Defense files register themselves on import; they are imported here and nowhere else.
 from bastion.defenses import randomized  # noqa: E402,F401  (the Randomized base and RANDOMIZED kinds)
-from bastion.defenses import adversarial, superimpose, vat, pcl, denoiser  # noqa: E402,F401
+from bastion.defenses import adversarial, superimpose, vat, pcl, denoiser, squeeze, ulm, clm, bagging, sap, multisap  # noqa: E402,F401
 
 
 def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/create()

@@ -1,0 +1,464 @@
+"""Sanity checks of an evaluation: signs of gradient masking or of an attack that did not work.
+
+After the attacks of one model under one protocol have run, :func:`run_checks` looks at their
+rows (and spends a little extra computation on ``n_points`` points) and returns one
+:class:`Flag` per check. The checks are those of Carlini et al. 2019, "On Evaluating
+Adversarial Robustness" (arXiv:1902.06705, section 5 and the checklist), and the ones
+AutoAttack (Croce & Hein 2020, arXiv:2003.01690) reports; :data:`CHECKS` gives each one's
+one-line explanation for reports. A flag with ``passed=False`` is a warning sign, not a proof.
+
+Rows are dicts with at least ``attack``, ``attack_label``, ``eps``, ``norm``,
+``robust_accuracy``, ``clean_accuracy``, ``n``, ``attack_params`` (dict) and ``extra`` (dict;
+``extra["kind"]`` is ``"transfer"`` or ``"score"`` for transfer / score-based attacks); an
+optional ``robust`` per-sample mask (as :meth:`bastion.results.db.ResultsDB.evaluations`
+returns) is used when the data is the evaluation set in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bastion import attacks
+from bastion.attacks.base import Attack
+from bastion.errors import ConfigError
+from bastion.models.base import as_classifier
+
+#: check name -> one-line explanation (shown next to the flag in reports)
+CHECKS: dict[str, str] = {
+    "iterative-beats-single-step": "Iterative attacks must be at least as strong as single-step ones at the same budget; "
+    "otherwise the gradients are locally misleading (Carlini et al. 2019, 5.5).",
+    "monotone-in-eps": "Robust accuracy must not increase with the budget; otherwise the attack is failing at large budgets "
+    "(Carlini et al. 2019, 5.2).",
+    "near-chance-at-large-eps": "With an unreasonably large budget (eps 0.5 Linf on [0,1] images) the attack must reach "
+    "chance-level accuracy; otherwise it is not finding existing adversarial examples (Carlini et al. 2019, 5.2).",
+    "converged": "Five times the steps and more restarts must not lower robust accuracy by more than a point; otherwise "
+    "the attack had not converged (Carlini et al. 2019, 5.3; AutoAttack).",
+    "white-box-beats-black-box": "Transfer and score-based attacks must not beat the white-box ones; otherwise the "
+    "white-box gradients are masked (Carlini et al. 2019, 5.4; Athalye et al. 2018).",
+    "gradients-not-vanishing": "Input gradients of the loss must not be zero on many points (shattered or saturated "
+    "gradients, e.g. a quantising front end or saturated softmax; Athalye et al. 2018).",
+    "noise-weaker-than-attack": "Random noise of the same size must break fewer points than the attack; otherwise "
+    "the attack is worse than random search (Carlini et al. 2019, 5.2).",
+    "breaks-when-randomness-fixed": "For a random defense, the attack must succeed once the randomness is fixed; "
+    "otherwise the attack itself, not the randomness, is failing (Athalye et al. 2018, EOT).",
+}
+
+#: attacks that take one gradient step (rfgsm counts when ``steps == 1``)
+SINGLE_STEP = frozenset({"fgsm", "ffgsm", "rfgsm"})
+#: evaluation-row pseudo-attacks that are no attack of their own
+_NOT_ATTACKS = frozenset({"worst-case", "clean", "none"})
+#: the "unreasonably large" budget of the near-chance check, Linf on [0, 1] inputs
+LARGE_EPS_LINF = 0.5
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One check's outcome: ``name`` (a key of :data:`CHECKS`), ``passed`` and a one-line
+    ``detail`` with the numbers."""
+
+    name: str
+    passed: bool
+    detail: str
+
+    def explanation(self) -> str:
+        return CHECKS.get(self.name, "")
+
+
+# ---------------------------------------------------------------------------- row helpers
+def _kind(row: dict[str, Any]) -> str:
+    """"single", "iterative", "transfer", "score" or "" (not an attack)."""
+    name = str(row.get("attack", ""))
+    extra = row.get("extra") or {}
+    kind = extra.get("kind") if isinstance(extra, dict) else None
+    if kind in ("transfer", "score"):
+        return str(kind)
+    if name in _NOT_ATTACKS:
+        return ""
+    factory = attacks.ATTACKS.get(name).factory if name in attacks.ATTACKS.names() else None
+    if factory is not None and getattr(factory, "gradient_free", False):
+        return "score"
+    params = row.get("attack_params") or {}
+    if name in SINGLE_STEP and int(params.get("steps", 1) or 1) <= 1:
+        return "single"
+    return "iterative"
+
+
+def _white_box(row: dict[str, Any]) -> bool:
+    return _kind(row) in ("single", "iterative")
+
+
+def _eps_key(e: float) -> float:
+    return round(float(e), 10)
+
+
+def _tol(*ns: int) -> float:
+    """Allowed difference between two accuracies: one point, or the sampling noise of the
+    smaller sample (two points out of n) when that is larger."""
+    n = max(1, min(int(k) for k in ns if k) if any(ns) else 1)
+    return max(0.01, 2.0 / n)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+# ---------------------------------------------------------------------------- data helpers
+def _xy(data: Any, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(data, "x") and hasattr(data, "y"):
+        x, y = data.x, data.y
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+    else:
+        raise ConfigError(f"data={type(data).__name__} must be an ImageDataset or an (x, y) pair")
+    return x[:n].to(device), y[:n].to(device).long()
+
+
+def _device(model: nn.Module, device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        b = next(iter(model.buffers()), None)
+        return b.device if b is not None else torch.device("cpu")
+    return p.device
+
+
+def _is_random(model: nn.Module, random: bool) -> bool:
+    return bool(random or getattr(model, "stochastic", False))
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        out.append(model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
+
+
+def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                   seed: int) -> torch.Tensor:
+    """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches."""
+    gen = torch.Generator(device=x.device).manual_seed(seed) if x.device.type != "mps" else None
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        res = attack(model, x[i : i + batch_size], y[i : i + batch_size], generator=gen)
+        out.append(~res.success)
+    return torch.cat(out)
+
+
+def _attack_from_row(row: dict[str, Any], **changes: Any) -> Attack | None:
+    """The row's attack rebuilt from its registry name and parameters (None if it cannot be)."""
+    name = str(row.get("attack", ""))
+    if name not in attacks.ATTACKS.names():
+        return None
+    cls = attacks.ATTACKS.get(name).factory
+    try:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+    except TypeError:
+        return None
+    params = {k: v for k, v in dict(row.get("attack_params") or {}).items() if k in known}
+    params["eps"] = float(row["eps"])
+    if "norm" in known:
+        params["norm"] = str(row.get("norm", params.get("norm", "linf")))
+    params.update({k: v for k, v in changes.items() if k in known})
+    try:
+        return attacks.create(name, **params)
+    except Exception:  # noqa: BLE001 - a composed attack that create() cannot rebuild: not applicable
+        return None
+
+
+def _large_eps(norm: str, x: torch.Tensor) -> float:
+    if norm == "linf":
+        return LARGE_EPS_LINF
+    # the L2 ball that contains the Linf ball of radius 0.5
+    return LARGE_EPS_LINF * math.sqrt(x[0].numel())
+
+
+class _Reseeded(nn.Module):
+    """A stochastic model with its randomness fixed: every forward re-seeds the global RNG."""
+
+    def __init__(self, model: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            return self.model(x)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, seed: int) -> Iterator[nn.Module]:
+    frozen = getattr(model, "frozen", None)
+    if callable(frozen):
+        with frozen(seed) as m:
+            yield m
+    else:
+        yield as_classifier(_Reseeded(model, seed), bounds=getattr(model, "bounds", (0.0, 1.0)))
+
+
+# ---------------------------------------------------------------------------- the checks
+def check_iterative_vs_single(rows: Sequence[dict[str, Any]]) -> Flag:
+    name = "iterative-beats-single-step"
+    bad, seen = [], []
+    for e in sorted({_eps_key(r["eps"]) for r in rows}):
+        at = [r for r in rows if _eps_key(r["eps"]) == e]
+        single = [r for r in at if _kind(r) == "single"]
+        it = [r for r in at if _kind(r) == "iterative"]
+        if not single or not it:
+            continue
+        s = min(single, key=lambda r: r["robust_accuracy"])
+        i = min(it, key=lambda r: r["robust_accuracy"])
+        seen.append(f"eps={e:g}: {i['attack_label']} {_pct(i['robust_accuracy'])} vs {s['attack_label']} {_pct(s['robust_accuracy'])}")
+        if i["robust_accuracy"] > s["robust_accuracy"] + _tol(i["n"], s["n"]) + 1e-6:
+            bad.append(seen[-1])
+    if not seen:
+        return Flag(name, True, "not applicable: no budget with both a single-step and an iterative attack")
+    if bad:
+        return Flag(name, False, "iterative weaker than single-step at " + "; ".join(bad))
+    return Flag(name, True, "; ".join(seen))
+
+
+def check_monotone(rows: Sequence[dict[str, Any]]) -> Flag:
+    name = "monotone-in-eps"
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if _kind(r):
+            groups.setdefault((str(r["attack_label"]), str(r["norm"])), []).append(r)
+    bad, curves = [], 0
+    for (label, _), rs in groups.items():
+        rs = sorted(rs, key=lambda r: float(r["eps"]))
+        if len(rs) < 2:
+            continue
+        curves += 1
+        for a, b in itertools.pairwise(rs):
+            if b["robust_accuracy"] > a["robust_accuracy"] + _tol(a["n"], b["n"]) + 1e-6:
+                bad.append(f"{label}: {_pct(a['robust_accuracy'])} at eps={float(a['eps']):g} -> "
+                           f"{_pct(b['robust_accuracy'])} at eps={float(b['eps']):g}")
+    if not curves:
+        return Flag(name, True, "not applicable: no attack evaluated at two budgets")
+    if bad:
+        return Flag(name, False, "accuracy rises with eps: " + "; ".join(bad))
+    return Flag(name, True, f"{curves} attack curve(s) non-increasing in eps")
+
+
+def check_black_box(rows: Sequence[dict[str, Any]]) -> Flag:
+    name = "white-box-beats-black-box"
+    bad, seen = [], []
+    for e in sorted({_eps_key(r["eps"]) for r in rows}):
+        at = [r for r in rows if _eps_key(r["eps"]) == e]
+        wb = [r for r in at if _white_box(r)]
+        bb = [r for r in at if _kind(r) in ("transfer", "score")]
+        if not wb or not bb:
+            continue
+        w = min(wb, key=lambda r: r["robust_accuracy"])
+        b = min(bb, key=lambda r: r["robust_accuracy"])
+        seen.append(f"eps={e:g}: white-box {w['attack_label']} {_pct(w['robust_accuracy'])} vs "
+                    f"{b['attack_label']} {_pct(b['robust_accuracy'])}")
+        if b["robust_accuracy"] < w["robust_accuracy"] - _tol(w["n"], b["n"]) - 1e-6:
+            bad.append(seen[-1])
+    if not seen:
+        return Flag(name, True, "not applicable: no transfer or score-based attack next to a white-box one")
+    if bad:
+        return Flag(name, False, "black-box stronger than white-box at " + "; ".join(bad))
+    return Flag(name, True, "; ".join(seen))
+
+
+def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                    zero_tol: float = 1e-20, max_fraction: float = 0.05) -> Flag:
+    """Fraction of points whose input gradient of the cross-entropy is (numerically) zero, and
+    how many of those have a loss that is not saturated (loss > 1e-6: zero gradients there
+    cannot be explained by a perfectly confident prediction)."""
+    name = "gradients-not-vanishing"
+    zero = unsat = 0
+    norms = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size].clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xb), y[i : i + batch_size], reduction="none")
+        (g,) = torch.autograd.grad(loss.sum(), xb, allow_unused=True)
+        gn = torch.zeros(xb.shape[0], device=x.device) if g is None else g.flatten(1).norm(dim=1)
+        z = gn <= zero_tol
+        zero += int(z.sum())
+        unsat += int((z & (loss.detach() > 1e-6)).sum())
+        norms.append(gn.detach())
+    n = x.shape[0]
+    frac = zero / max(n, 1)
+    med = float(torch.cat(norms).median()) if norms else 0.0
+    detail = (f"{zero}/{n} points ({_pct(frac)}) have zero input gradient, {unsat} of them with unsaturated loss; "
+              f"median gradient norm {med:.3g}")
+    return Flag(name, frac <= max_fraction, detail)
+
+
+def _noise(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator | None, bounds: tuple[float, float]) -> torch.Tensor:
+    if norm == "linf":
+        d = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
+    else:
+        d = torch.randn(x.shape, generator=gen, device=x.device)
+        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1))) * eps
+    return (x + d).clamp(*bounds)
+
+
+def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
+                batch_size: int, seed: int) -> Flag:
+    name = "noise-weaker-than-attack"
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    bounds = getattr(model, "bounds", (0.0, 1.0))
+    bad, seen = [], []
+    for norm in sorted({str(r["norm"]) for r in rows if _white_box(r)}):
+        for e in sorted({_eps_key(r["eps"]) for r in rows if _white_box(r) and str(r["norm"]) == norm}):
+            wb = [r for r in rows if _white_box(r) and str(r["norm"]) == norm and _eps_key(r["eps"]) == e]
+            best = min(wb, key=lambda r: r["robust_accuracy"])
+            xn = _noise(x, e, norm, gen, bounds)
+            acc = float(_correct(model, xn, y, batch_size).float().mean())
+            seen.append(f"{norm} eps={e:g}: noise {_pct(acc)} vs {best['attack_label']} {_pct(best['robust_accuracy'])}")
+            if acc < best["robust_accuracy"] - _tol(x.shape[0], best["n"]) - 1e-6:
+                bad.append(seen[-1])
+    if not seen:
+        return Flag(name, True, "not applicable: no white-box attack rows")
+    if bad:
+        return Flag(name, False, "random noise stronger than the attack: " + "; ".join(bad))
+    return Flag(name, True, "; ".join(seen))
+
+
+def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, num_classes: int,
+                    batch_size: int, seed: int, steps: int = 20) -> Flag:
+    name = "near-chance-at-large-eps"
+    eps = _large_eps(norm, x)
+    pgd = attacks.create("pgd", eps=eps, norm=norm, steps=steps)
+    acc = float(_attack_robust(model, pgd, x, y, batch_size, seed).float().mean())
+    chance = 1.0 / max(num_classes, 1)
+    limit = chance + 0.1
+    detail = f"pgd-{steps} at {norm} eps={eps:.3g}: {_pct(acc)} on {x.shape[0]} points (chance {_pct(chance)}, limit {_pct(limit)})"
+    return Flag(name, acc <= limit, detail)
+
+
+def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
+                    batch_size: int, seed: int, factor: int = 5) -> Flag:
+    """Re-run the strongest step-based white-box attack at the largest budget on ``x`` with its
+    own parameters, then ``factor`` times the steps and one more restart (at least two) on the
+    points it left robust; raise when the stronger attack breaks more than a point more (or two
+    points of ``x``, when ``x`` is small)."""
+    name = "converged"
+    cands = [r for r in rows if _kind(r) == "iterative" and "steps" in (r.get("attack_params") or {})]
+    if not cands:
+        return Flag(name, True, "not applicable: no step-based white-box attack")
+    e_max = max(float(r["eps"]) for r in cands)
+    row = min((r for r in cands if _eps_key(r["eps"]) == _eps_key(e_max)), key=lambda r: r["robust_accuracy"])
+    params = row["attack_params"]
+    base = _attack_from_row(row)
+    if base is None:
+        return Flag(name, True, f"not applicable: cannot rebuild {row['attack_label']}")
+    changes: dict[str, Any] = {"steps": int(params["steps"]) * factor}
+    if hasattr(base, "restarts"):
+        changes["restarts"] = max(2, int(base.restarts) + 1)
+    strong = base.replace(**{k: v for k, v in changes.items() if hasattr(base, k)})
+    r0 = _attack_robust(model, base, x, y, batch_size, seed)
+    # the stronger attack only needs to run where the row's attack failed: the accuracy under
+    # both is what a stronger evaluation would report
+    r1 = r0.clone()
+    if bool(r0.any()):
+        r1[r0] = _attack_robust(model, strong, x[r0], y[r0], batch_size, seed + 1)
+    acc0, acc1 = float(r0.float().mean()), float(r1.float().mean())
+    drop = acc0 - acc1
+    desc = ", ".join(f"{k}={v}" for k, v in changes.items() if hasattr(base, k))
+    detail = (f"{row['attack_label']} at eps={e_max:g}: {_pct(acc0)} -> {_pct(acc1)} with {desc} "
+              f"on {x.shape[0]} points (drop {100 * drop:.1f} points)")
+    return Flag(name, drop <= _tol(x.shape[0]) + 1e-6, detail)
+
+
+def check_fixed_randomness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
+                           norm: str, num_classes: int, batch_size: int, seed: int) -> Flag:
+    """PGD on the model with its randomness fixed (``model.frozen(seed)``) must break far more
+    points than the random model's reported number: frozen accuracy at most the reported one
+    minus 10 points, or at most chance + 5 points."""
+    name = "breaks-when-randomness-fixed"
+    wb = [r for r in rows if _white_box(r) and str(r["norm"]) == norm] or [r for r in rows if _white_box(r)]
+    if not wb:
+        return Flag(name, True, "not applicable: no white-box attack rows")
+    e_max = max(float(r["eps"]) for r in wb)
+    row = min((r for r in wb if _eps_key(r["eps"]) == _eps_key(e_max)), key=lambda r: r["robust_accuracy"])
+    steps = int((row.get("attack_params") or {}).get("steps", 20) or 20)
+    pgd = attacks.create("pgd", eps=e_max, norm=str(row["norm"]), steps=max(steps, 10))
+    with _frozen(model, seed) as fm:
+        robust = _attack_robust(fm, pgd, x, y, batch_size, seed)
+        # judged on the frozen model itself (its own, deterministic answer)
+        acc = float(robust.float().mean())
+    reported = float(row["robust_accuracy"])
+    chance = 1.0 / max(num_classes, 1)
+    ok = acc <= reported - 0.10 or acc <= chance + 0.05
+    detail = (f"pgd-{max(steps, 10)} with the randomness fixed at eps={e_max:g}: {_pct(acc)} on {x.shape[0]} points vs "
+              f"{_pct(reported)} reported by {row['attack_label']} on the random model")
+    return Flag(name, ok, detail)
+
+
+def run_checks(
+    model: nn.Module,
+    data: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    norm: str = "linf",
+    random: bool = False,
+    device: Any = None,
+    seed: int = 0,
+    n_points: int = 200,
+    batch_size: int = 500,
+) -> list[Flag]:
+    """Run every check that applies to the evaluation ``rows`` of ``model`` under one protocol.
+
+    Args:
+        model: the model the rows' attacks were run against (inputs in its bounds, logits out).
+        data: the evaluation set (an ImageDataset or an ``(x, y)`` pair); its first ``n_points``
+            points are used by the checks that compute (in the same order as the rows' ``robust``
+            masks, when given).
+        rows: evaluation rows of this model under one protocol (see the module docstring).
+        norm: threat model of the large-budget and fixed-randomness checks.
+        random: the model is random (also inferred from ``model.stochastic``); adds the
+            fixed-randomness check.
+        device: where to compute (default: the model's device). seed: RNG seed of the checks.
+        n_points, batch_size: size of the extra computation.
+
+    Returns one :class:`Flag` per applicable check, in :data:`CHECKS` order; checks that do
+    not apply pass with a detail starting "not applicable".
+    """
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"norm={norm!r} must be 'linf' or 'l2'")
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
+        raise ConfigError(f"n_points={n_points!r} must be an integer >= 1")
+    rows = [dict(r) for r in rows if str(r.get("attack", "")) not in _NOT_ATTACKS]
+    dev = _device(model, device)
+    clf = as_classifier(model)
+    was_training = clf.training
+    clf.eval()
+    x, y = _xy(data, n_points, dev)
+    num_classes = int(getattr(model, "num_classes", 0) or 0) or int(y.max()) + 1
+    rand = _is_random(model, random)
+    flags: list[Flag] = []
+    try:
+        flags.append(check_iterative_vs_single(rows))
+        flags.append(check_monotone(rows))
+        flags.append(check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed))
+        flags.append(check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed))
+        flags.append(check_black_box(rows))
+        flags.append(check_gradients(clf, x, y, batch_size=batch_size))
+        flags.append(check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed))
+        if rand:
+            flags.append(check_fixed_randomness(model, x, y, rows, norm=norm, num_classes=num_classes,
+                                                batch_size=batch_size, seed=seed))
+    finally:
+        clf.train(was_training)
+    return flags
+
+
+__all__ = ["CHECKS", "LARGE_EPS_LINF", "SINGLE_STEP", "Flag", "run_checks"]

@@ -1,0 +1,307 @@
+"""The harness's typed TOML schema: what ``bastion run CONFIG`` trains, attacks and reports.
+
+A harness config (see ``bastion/configs/quick.toml`` and ``configs/seeds/*.toml``)::
+
+    name = "quick"
+    out_dir = "runs/quick"          # models/<key>/ (cache), results.sqlite, report/
+    [dataset]   name, train_fraction, subset_seed, eval_split, eval_samples
+    [training]  TrainConfig defaults shared by every model (each model may override fields)
+    [[models]]  id, arch, defense ("none" or a registry name), params, train (overrides),
+                base (id of an already-trained model a wrapper defense builds on), seed, init
+    [[attacks]] name, eps = [...], params = {...}
+    [evaluation] protocols = ["paper", "adaptive"], queries (k), eot_samples, autoattack, ...
+
+Everything is validated when loaded (:func:`load_harness_config`): a bad field fails with a
+:class:`~bastion.errors.ConfigError` naming the field, its value and what is allowed; unknown
+defense, attack, model and dataset names raise the registries' "did you mean" errors.
+
+:func:`config_hash` is the hash stored with every result row: it covers everything that
+determines the numbers (not ``out_dir``, ``db`` or the device), so a restarted run finds its
+finished rows and a changed config gets new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bastion.config import from_dict, load_toml, option, to_dict
+from bastion.errors import ConfigError
+
+PROTOCOLS = ("paper", "adaptive")
+NORMS = ("linf", "l2")
+#: keys of a config file that mark it as a harness config (an old single-experiment config has none)
+HARNESS_KEYS = ("models", "attacks", "dataset", "evaluation", "training")
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    """The data every model trains and is evaluated on."""
+
+    name: str = option("mnist", "dataset registry name (see `bastion list datasets`)")
+    root: str | None = option(None, "data directory (default: $BASTION_DATA or ~/.cache/bastion/data)")
+    train_fraction: float = option(1.0, "fraction of the training split to train on")
+    subset_seed: int = option(0, "seed choosing the training subset")
+    eval_split: str = option("test", "split to evaluate on: test or train")
+    eval_samples: int = option(1000, "evaluate on the first N points of eval_split (0: all)")
+
+    def __post_init__(self) -> None:
+        from bastion import data as data_mod
+
+        data_mod.DATASETS.get(self.name)
+        if self.eval_split not in data_mod.SPLITS:
+            raise ConfigError(f"dataset.eval_split={self.eval_split!r} is not one of 'train', 'test'")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"dataset.train_fraction={self.train_fraction!r} must be in (0, 1]")
+        if self.subset_seed < 0:
+            raise ConfigError(f"dataset.subset_seed={self.subset_seed!r} must be >= 0")
+        if self.eval_samples < 0:
+            raise ConfigError(f"dataset.eval_samples={self.eval_samples!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the comparison: an architecture, a defense and how it is trained."""
+
+    id: str = option("", "unique name of the model in this config (used by `base` and in tables)")
+    arch: str = option("lenet5", "model registry name (see `bastion list models`)")
+    options: dict[str, Any] = option({}, "architecture options, e.g. {extra_skip = 4}")
+    init: str | None = option(None, "weight initialisation (xavier-normal, kaiming-uniform, kaiming-normal, orthogonal)")
+    seed: int = option(0, "seed of the initial weights and of training (overrides training.seed)")
+    defense: str = option("none", "defense registry name (see `bastion list defenses`) or 'none'")
+    params: dict[str, Any] = option({}, "defense hyper-parameters (the seed's defaults otherwise)")
+    train: dict[str, Any] = option({}, "TrainConfig fields overriding [training] for this model")
+    base: str | None = option(None, "id of an already-trained model this wrapper defense builds on (no retraining)")
+    label: str | None = option(None, "display name in tables (default: id)")
+
+    def __post_init__(self) -> None:
+        from bastion import defenses, models
+
+        if not self.id or not isinstance(self.id, str):
+            raise ConfigError(f"id={self.id!r} must be a non-empty string")
+        models.MODELS.get(self.arch)
+        if self.defense != "none":
+            entry = defenses.DEFENSES.get(self.defense)
+            defenses.create(self.defense, **self.params)  # validates the parameters now
+            if self.base is not None and not issubclass(entry.factory, defenses.ModelDefense):
+                raise ConfigError(
+                    f"base={self.base!r} (model {self.id!r}): only model-building defenses (sap, multi-sap, ...) wrap a "
+                    f"trained model; {self.defense!r} is a training objective"
+                )
+        elif self.params:
+            raise ConfigError(f"params={self.params!r} (model {self.id!r}) given but defense='none'")
+        elif self.base is not None:
+            raise ConfigError(f"base={self.base!r} (model {self.id!r}) needs a wrapper defense (sap, multi-sap)")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.id
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """An attack at a list of budgets."""
+
+    name: str = option("pgd", "attack registry name (see `bastion list attacks`)")
+    eps: list[float] = option([0.3], "budgets, in input units ([0, 1] images)")
+    params: dict[str, Any] = option({}, "attack hyper-parameters, e.g. {steps = 40, alpha = 0.01}")
+
+    def __post_init__(self) -> None:
+        from bastion import attacks
+
+        attacks.ATTACKS.get(self.name)
+        if not self.eps:
+            raise ConfigError(f"eps=[] ({self.name}) must list at least one budget")
+        for e in self.eps:
+            if not e >= 0:
+                raise ConfigError(f"eps={e!r} ({self.name}): every eps must be a number >= 0")
+        for k in ("eps", "norm"):
+            if k in self.params:
+                raise ConfigError(f"params.{k} ({self.name}): set it with attacks.eps / evaluation.norm")
+        try:
+            attacks.create(self.name, eps=float(self.eps[0]), **self.params)
+        except ConfigError as e:
+            raise ConfigError(f"params ({self.name}): {e}") from None
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    """How every model is evaluated."""
+
+    protocols: list[str] = option(list(PROTOCOLS), "protocols to run: paper (the seed's threat model) and/or adaptive")
+    norm: str = option("linf", "threat model: linf or l2")
+    batch_size: int = option(500, "points per attack call")
+    seed: int = option(0, "seed of the attacks' and the random defenses' randomness")
+    queries: int = option(5, "k: a random defense's point is robust only if right in a majority of k independent queries")
+    eot_samples: int = option(10, "adaptive: gradient draws per step (EOT) for defenses whose expectation is random")
+    expectation_draws: int = option(10, "adaptive: draws averaged by the expected output of a random (non-population) defense")
+    autoattack: bool = option(True, "adaptive: add AutoAttack (standard; 'rand' for random defenses)")
+    autoattack_params: dict[str, Any] = option({}, "AutoAttack hyper-parameters, e.g. {steps = 20, n_queries = 500}")
+    sanity: bool = option(True, "run the sanity checks after each (model, protocol)")
+    artifacts: bool = option(True, "store a gallery of adversarial examples and a loss landscape per model")
+    gallery_samples: int = option(8, "examples in each model's gallery")
+    report: bool = option(True, "write the Markdown + HTML report at the end")
+
+    def __post_init__(self) -> None:
+        if not self.protocols:
+            raise ConfigError("evaluation.protocols=[] must name at least one of 'paper', 'adaptive'")
+        for p in self.protocols:
+            if p not in PROTOCOLS:
+                raise ConfigError(f"evaluation.protocols: {p!r} is not one of 'paper', 'adaptive'")
+        if self.norm not in NORMS:
+            raise ConfigError(f"evaluation.norm={self.norm!r} is not one of 'linf', 'l2'")
+        for name in ("batch_size", "queries", "eot_samples", "expectation_draws", "gallery_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"evaluation.{name}={v!r} must be an integer >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"evaluation.seed={self.seed!r} must be >= 0")
+        if self.autoattack_params:
+            from bastion import attacks
+
+            bad = {k for k in self.autoattack_params if k in ("eps", "norm", "version")}
+            if bad:
+                raise ConfigError(f"evaluation.autoattack_params: {sorted(bad)} are set by the harness")
+            try:
+                attacks.create("autoattack", eps=0.1, **self.autoattack_params)
+            except ConfigError as e:
+                raise ConfigError(f"evaluation.autoattack_params: {e}") from None
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """A whole comparison: data, models (with defenses), attacks, protocols."""
+
+    name: str = option("experiment", "a name for the results")
+    out_dir: str = option("runs/experiment", "where the model cache, the database and the report go")
+    db: str | None = option(None, "results database (default: <out_dir>/results.sqlite)")
+    device: str = option("auto", "cpu, cuda, cuda:N, mps, or auto")
+    dataset: DatasetSection = option(DatasetSection(), "dataset and evaluation subset")
+    training: dict[str, Any] = option({}, "TrainConfig defaults for every model (see `bastion train --help`)")
+    models: list[ModelEntry] = option([], "the models compared ([[models]] tables)")
+    attacks: list[AttackEntry] = option([], "the attacks ([[attacks]] tables)")
+    evaluation: EvaluationSection = option(EvaluationSection(), "protocols and evaluation settings")
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("models=[] must list at least one [[models]] table")
+        if not self.attacks:
+            raise ConfigError("attacks=[] must list at least one [[attacks]] table")
+        ids = [m.id for m in self.models]
+        for i, m in enumerate(self.models):
+            if m.id in ids[:i]:
+                raise ConfigError(f"models[{i}].id={m.id!r} is used twice; ids must be unique")
+            if m.base is not None:
+                if m.base not in ids[:i]:
+                    known = ", ".join(repr(x) for x in ids[:i]) or "none"
+                    raise ConfigError(f"models[{m.id}].base={m.base!r} must be the id of a model listed before it; known: {known}")
+        for m in self.models:
+            self.train_config(m)  # every model's training config is valid
+
+    # ------------------------------------------------------------------ derived
+    def model(self, model_id: str) -> ModelEntry:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        raise ConfigError(f"no model with id {model_id!r}; ids: {', '.join(m.id for m in self.models)}")
+
+    def train_config(self, m: ModelEntry) -> Any:
+        """The :class:`~bastion.train.TrainConfig` of model ``m``: [training], then its overrides,
+        its seed and the run's device."""
+        from bastion.train.config import TrainConfig
+
+        raw = {**self.training, **m.train, "seed": m.seed, "device": self.device}
+        return from_dict(TrainConfig, raw, where=f"models[{m.id}].train.")
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db) if self.db else Path(self.out_dir) / "results.sqlite"
+
+
+def plain(cfg: HarnessConfig) -> dict[str, Any]:
+    """The config as plain JSON-serialisable data (round-trips through :func:`from_dict`)."""
+    out = to_dict(cfg)
+    return json.loads(json.dumps(out, default=str))
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """Hex SHA-256 prefix of the canonical JSON of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def config_hash(cfg: HarnessConfig) -> str:
+    """Hash of everything in ``cfg`` that determines the results (not out_dir/db/device/name)."""
+    d = plain(cfg)
+    for k in ("out_dir", "db", "device", "name"):
+        d.pop(k, None)
+    d["dataset"].pop("root", None)
+    ev = d["evaluation"]
+    for k in ("sanity", "artifacts", "gallery_samples", "report", "batch_size"):
+        ev.pop(k, None)
+    return stable_hash(d)
+
+
+def default_config_path() -> Path:
+    """The packaged quick config (the README's main job)."""
+    return Path(str(resources.files("bastion") / "configs" / "quick.toml"))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted ``--set`` overrides (``a.b=v``; ``models.ID.field=v`` addresses a model by id)."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node: Any = raw
+        for j, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                match = [t for t in node if isinstance(t, dict) and (t.get("id") == p or t.get("name") == p)]
+                if not match:
+                    raise ConfigError(f"--set {dotted}: no entry with id/name {p!r}")
+                node = match[0]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {parts[j - 1]!r} is not a table")
+            node = node.setdefault(p, {})
+        if isinstance(node, list) or not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: cannot set a field there")
+        node[parts[-1]] = value
+    return raw
+
+
+def is_harness_file(path: str | Path) -> bool:
+    """True when the TOML at ``path`` is a harness config (has ``[[models]]`` etc.)."""
+    raw = load_toml(path)
+    return any(k in raw for k in HARNESS_KEYS)
+
+
+def load_harness_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HarnessConfig:
+    """Load and validate a harness config (default: the packaged quick config)."""
+    raw = load_toml(path or default_config_path())
+    raw = apply_overrides(raw, dict(overrides or {}))
+    return from_dict(HarnessConfig, raw)
+
+
+def replace(cfg: HarnessConfig, **changes: Any) -> HarnessConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = [
+    "PROTOCOLS",
+    "AttackEntry",
+    "DatasetSection",
+    "EvaluationSection",
+    "HarnessConfig",
+    "ModelEntry",
+    "apply_overrides",
+    "config_hash",
+    "default_config_path",
+    "is_harness_file",
+    "load_harness_config",
+    "plain",
+    "stable_hash",
+]

@@ -1,0 +1,275 @@
+"""The results database: every evaluation a row, in embedded SQLite.
+
+One file (default ``runs/results.sqlite``) holds four tables:
+
+``evaluations``
+    one row per (run, model, protocol, attack, eps): clean and robust accuracy, the per-sample
+    outcome (robust bits, packed), the cost, the attack's parameters, library versions and time.
+    Unique on ``(config_hash, model_key, protocol, attack_label, norm, eps)``: writing the same
+    evaluation twice replaces it, so a resumed run never holds a result twice.
+``flags``
+    the sanity checks of one (run, model, protocol): flag name, passed or not, one-line detail.
+``artifacts``
+    data a report needs that is not a number: adversarial examples for the gallery, loss
+    landscapes, diversity matrices, accuracy curves. A JSON document and optional raw tensors
+    (safetensors bytes, never pickle).
+``trainings``
+    one row per trained model: its cache key, defense and parameters, epochs, seconds per
+    epoch, checkpoint path.
+
+Every write is one transaction (SQLite's journal makes it all-or-nothing, so a killed process
+leaves the database as it was before the write or after it). Reports are rebuilt from this file
+alone.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sqlite3
+import time
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from bastion.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY,
+    config_hash TEXT NOT NULL,      -- hash of the experiment config that produced the row
+    experiment TEXT NOT NULL,       -- the config's name
+    dataset TEXT NOT NULL,
+    model_key TEXT NOT NULL,        -- cache key of the trained model (hash of what determines it)
+    defense TEXT NOT NULL,          -- display name of the defended model (e.g. "pgd-at", "none")
+    protocol TEXT NOT NULL,         -- "paper" | "adaptive" | "plain"
+    attack TEXT NOT NULL,           -- registry name ("worst-case" for the per-budget worst case)
+    attack_label TEXT NOT NULL,     -- row label, e.g. "pgd-40", "eot-pgd-40x10"
+    attack_params TEXT NOT NULL,    -- JSON
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    n INTEGER NOT NULL,
+    clean_accuracy REAL NOT NULL,
+    robust_accuracy REAL NOT NULL,
+    per_sample BLOB,                -- robust bits of the n points, packed (numpy packbits order)
+    gradients INTEGER NOT NULL DEFAULT 0,
+    forwards INTEGER NOT NULL DEFAULT 0,
+    seconds REAL NOT NULL DEFAULT 0,
+    extra TEXT NOT NULL DEFAULT '{}', -- JSON: anything else (queries k, eot draws, ...)
+    versions TEXT NOT NULL,         -- JSON: bastion, torch, python
+    created REAL NOT NULL,
+    UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)
+);
+CREATE TABLE IF NOT EXISTS flags (
+    id INTEGER PRIMARY KEY,
+    config_hash TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    defense TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    flag TEXT NOT NULL,             -- check name, e.g. "iterative-beats-single-step"
+    passed INTEGER NOT NULL,        -- 1 passed, 0 raised (a warning sign)
+    detail TEXT NOT NULL,           -- one line for people
+    created REAL NOT NULL,
+    UNIQUE (config_hash, model_key, protocol, flag)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY,
+    config_hash TEXT NOT NULL,
+    model_key TEXT NOT NULL,        -- '' for run-wide artifacts
+    kind TEXT NOT NULL,             -- "gallery" | "landscape" | "eps-curve" | "diversity" | ...
+    name TEXT NOT NULL,
+    doc TEXT NOT NULL,              -- JSON
+    tensors BLOB,                   -- safetensors bytes, or NULL
+    created REAL NOT NULL,
+    UNIQUE (config_hash, model_key, kind, name)
+);
+CREATE TABLE IF NOT EXISTS trainings (
+    id INTEGER PRIMARY KEY,
+    model_key TEXT NOT NULL UNIQUE,
+    defense TEXT NOT NULL,
+    params TEXT NOT NULL,           -- JSON: everything that determined the model
+    epochs INTEGER NOT NULL,
+    epoch_seconds REAL,             -- median seconds per epoch (NULL if not measured)
+    total_seconds REAL,
+    path TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+def versions() -> dict[str, str]:
+    """Library versions stored with every row."""
+    from bastion import __version__
+
+    return {"bastion": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def pack_bits(mask: torch.Tensor) -> bytes:
+    """Per-sample booleans -> packed bytes (8 per byte, most significant bit first)."""
+    import numpy as np
+
+    return np.packbits(mask.detach().cpu().bool().numpy().astype("uint8")).tobytes()
+
+
+def unpack_bits(blob: bytes, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` for ``n`` samples."""
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(blob, dtype="uint8"))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+class ResultsDB:
+    """The results database at ``path`` (created on first use).
+
+    >>> db = ResultsDB("runs/results.sqlite")
+    >>> db.add_evaluation(config_hash=h, experiment="quick", dataset="mnist", model_key=k,
+    ...                   defense="pgd-at", protocol="adaptive", attack="pgd", attack_label="pgd-40",
+    ...                   attack_params={"steps": 40}, norm="linf", eps=0.3, n=1000,
+    ...                   clean_accuracy=0.98, robust_accuracy=0.9, robust=mask)
+    >>> db.evaluations(config_hash=h)      # list of dicts, one per row
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._tx() as con:
+            con.executescript(_SCHEMA)
+            row = con.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise ConfigError(f"results database {str(self.path)!r} has schema {row[0]}, this Bastion writes {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed on success, rolled back on any error."""
+        with closing(sqlite3.connect(self.path, timeout=60)) as con:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            with con:  # commits or rolls back
+                yield con
+
+    # ------------------------------------------------------------------ writes
+    def add_evaluation(
+        self, *, config_hash: str, experiment: str, dataset: str, model_key: str, defense: str, protocol: str,
+        attack: str, attack_label: str, attack_params: dict[str, Any], norm: str, eps: float, n: int,
+        clean_accuracy: float, robust_accuracy: float, robust: torch.Tensor | None = None,
+        gradients: int = 0, forwards: int = 0, seconds: float = 0.0, extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Insert (or replace) one evaluation row. ``robust``: per-sample robust mask ``(n,)``."""
+        if robust is not None and robust.numel() != n:
+            raise ConfigError(f"robust has {robust.numel()} entries but n={n}")
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO evaluations (config_hash, experiment, dataset, model_key, defense, protocol, attack,"
+                " attack_label, attack_params, norm, eps, n, clean_accuracy, robust_accuracy, per_sample, gradients, forwards,"
+                " seconds, extra, versions, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (config_hash, experiment, dataset, model_key, defense, protocol, attack, attack_label,
+                 json.dumps(attack_params, sort_keys=True, default=str), norm, float(eps), int(n), float(clean_accuracy),
+                 float(robust_accuracy), pack_bits(robust) if robust is not None else None, int(gradients), int(forwards),
+                 float(seconds), json.dumps(extra or {}, sort_keys=True, default=str), json.dumps(versions()), time.time()),
+            )
+
+    def add_flag(self, *, config_hash: str, model_key: str, defense: str, protocol: str, flag: str, passed: bool,
+                 detail: str) -> None:
+        """Insert (or replace) one sanity-check outcome."""
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO flags (config_hash, model_key, defense, protocol, flag, passed, detail, created)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (config_hash, model_key, defense, protocol, flag, int(bool(passed)), detail, time.time()),
+            )
+
+    def add_artifact(self, *, config_hash: str, model_key: str, kind: str, name: str, doc: dict[str, Any],
+                     tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Insert (or replace) one artifact: a JSON document and optional tensors."""
+        blob = None
+        if tensors:
+            blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO artifacts (config_hash, model_key, kind, name, doc, tensors, created) VALUES (?,?,?,?,?,?,?)",
+                (config_hash, model_key, kind, name, json.dumps(doc, sort_keys=True, default=str), blob, time.time()),
+            )
+
+    def add_training(self, *, model_key: str, defense: str, params: dict[str, Any], epochs: int,
+                     epoch_seconds: float | None, total_seconds: float | None, path: str) -> None:
+        """Insert (or replace) the record of one trained model."""
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO trainings (model_key, defense, params, epochs, epoch_seconds, total_seconds, path, created)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (model_key, defense, json.dumps(params, sort_keys=True, default=str), int(epochs), epoch_seconds,
+                 total_seconds, path, time.time()),
+            )
+
+    # ------------------------------------------------------------------ reads
+    def _select(self, table: str, where: dict[str, Any], order: str) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        for k, v in where.items():
+            if v is None:
+                continue
+            if isinstance(v, (list, tuple)):
+                clauses.append(f"{k} IN ({','.join('?' * len(v))})")
+                args.extend(v)
+            else:
+                clauses.append(f"{k} = ?")
+                args.append(v)
+        sql = f"SELECT * FROM {table}" + (f" WHERE {' AND '.join(clauses)}" if clauses else "") + f" ORDER BY {order}"
+        with self._tx() as con:
+            return [dict(r) for r in con.execute(sql, args).fetchall()]
+
+    def evaluations(self, *, config_hash: str | None = None, model_key: str | None = None,
+                    defense: str | Sequence[str] | None = None, protocol: str | None = None,
+                    attack: str | None = None, experiment: str | None = None) -> list[dict[str, Any]]:
+        """Evaluation rows (dicts; JSON columns decoded, ``robust`` unpacked to a bool tensor or None)."""
+        rows = self._select("evaluations", {"config_hash": config_hash, "model_key": model_key, "defense": defense,
+                                            "protocol": protocol, "attack": attack, "experiment": experiment}, "id")
+        for r in rows:
+            for k in ("attack_params", "extra", "versions"):
+                r[k] = json.loads(r[k])
+            blob = r.pop("per_sample")
+            r["robust"] = unpack_bits(blob, r["n"]) if blob is not None else None
+        return rows
+
+    def flags(self, *, config_hash: str | None = None, model_key: str | None = None,
+              protocol: str | None = None) -> list[dict[str, Any]]:
+        rows = self._select("flags", {"config_hash": config_hash, "model_key": model_key, "protocol": protocol}, "id")
+        for r in rows:
+            r["passed"] = bool(r["passed"])
+        return rows
+
+    def artifacts(self, *, config_hash: str | None = None, model_key: str | None = None,
+                  kind: str | None = None) -> list[dict[str, Any]]:
+        """Artifact rows with ``doc`` decoded and ``tensors`` as a dict of tensors (or None)."""
+        rows = self._select("artifacts", {"config_hash": config_hash, "model_key": model_key, "kind": kind}, "id")
+        for r in rows:
+            r["doc"] = json.loads(r["doc"])
+            r["tensors"] = st_load(r["tensors"]) if r["tensors"] is not None else None
+        return rows
+
+    def trainings(self, *, model_key: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        rows = self._select("trainings", {"model_key": model_key}, "id")
+        for r in rows:
+            r["params"] = json.loads(r["params"])
+        return rows
+
+    def has_evaluation(self, *, config_hash: str, model_key: str, protocol: str, attack_label: str, norm: str,
+                       eps: float) -> bool:
+        """True when this exact evaluation is already stored (a resumed run skips it)."""
+        with self._tx() as con:
+            return con.execute(
+                "SELECT 1 FROM evaluations WHERE config_hash=? AND model_key=? AND protocol=? AND attack_label=? AND norm=?"
+                " AND eps=?", (config_hash, model_key, protocol, attack_label, norm, float(eps))).fetchone() is not None
+
+
+__all__ = ["ResultsDB", "SCHEMA_VERSION", "pack_bits", "unpack_bits", "versions"]

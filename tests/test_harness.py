@@ -1,0 +1,274 @@
+"""The evaluation harness: config validation, cache keys, an end-to-end tiny run that a second
+run does not redo, a killed run that resumes without redoing rows, the majority-of-k rule, and
+`bastion results`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bastion.errors import ConfigError
+from bastion.harness import config as hc
+from bastion.harness import protocols as P
+from bastion.harness import runner
+from bastion.harness.cache import all_keys, model_key
+from bastion.results.db import ResultsDB
+
+TINY = """
+name = "tiny"
+out_dir = "{out}"
+[dataset]
+name = "mnist"
+train_fraction = 0.0167
+eval_samples = 100
+[training]
+epochs = 1
+batch_size = 64
+optimizer = "adam"
+lr = 0.002
+weight_decay = 0.0
+[[models]]
+id = "standard"
+arch = "lenet5"
+[[models]]
+id = "fgsm-at"
+arch = "lenet5"
+defense = "fgsm-at"
+params = {{eps = 0.1}}
+[[attacks]]
+name = "fgsm"
+eps = [0.1, 0.2]
+[[attacks]]
+name = "pgd"
+eps = [0.1, 0.2]
+params = {{steps = 5, alpha = 0.05}}
+[evaluation]
+protocols = ["paper", "adaptive"]
+autoattack = false
+sanity = false
+artifacts = false
+report = false
+"""
+
+
+def _write(tmp_path: Path, text: str = TINY) -> Path:
+    p = tmp_path / "cfg.toml"
+    p.write_text(text.format(out=tmp_path / "out"))
+    return p
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ({"dataset.train_fraction": 1.5}, ["dataset.train_fraction=1.5", "(0, 1]"]),
+        ({"dataset.name": "mnsit"}, ["unknown dataset 'mnsit'", "did you mean 'mnist'"]),
+        ({"models.fgsm-at.defense": "pgd-att"}, ["unknown defense 'pgd-att'", "did you mean 'pgd-at'"]),
+        ({"models.fgsm-at.params": {"epz": 0.1}}, ["models[1].", "'epz'", "parameters:"]),
+        ({"models.standard.base": "nope"}, ["base='nope'", "wrapper defense"]),
+        ({"models.fgsm-at.train": {"lr": -1}}, ["models[fgsm-at].train.lr=-1"]),
+        ({"evaluation.protocols": ["paper", "whitebox"]}, ["'whitebox'", "'paper', 'adaptive'"]),
+        ({"evaluation.queries": 0}, ["evaluation.queries=0", ">= 1"]),
+        ({"evaluation.norm": "l1"}, ["evaluation.norm='l1'", "'linf', 'l2'"]),
+        ({"attacks.pgd.eps": [-0.1]}, ["attacks[1].", "eps=-0.1"]),
+        ({"attacks.fgsm.name": "fgsn"}, ["unknown attack 'fgsn'", "did you mean 'fgsm'"]),
+        ({"attacks.pgd.params": {"stepz": 3}}, ["attacks[1].", "stepz"]),
+        ({"models.standard.colour": 1}, ["models[0].colour", "known:"]),
+    ],
+)
+def test_config_errors_name_field_value_and_allowed(tmp_path, override, needles):
+    with pytest.raises(ConfigError) as e:
+        hc.load_harness_config(_write(tmp_path), override)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_config_base_must_be_an_earlier_model(tmp_path):
+    text = TINY + '[[models]]\nid = "sap"\ndefense = "multi-sap"\nbase = "pgd"\n'
+    with pytest.raises(ConfigError, match=r"base='pgd' must be the id of a model listed before it; known: 'standard', 'fgsm-at'"):
+        hc.load_harness_config(_write(tmp_path, text))
+
+
+def test_packaged_quick_config_is_valid():
+    cfg = hc.load_harness_config()
+    assert [m.id for m in cfg.models] == ["standard", "pgd-at", "multi-sap"]
+    assert cfg.model("multi-sap").base == "pgd-at" and cfg.evaluation.protocols == ["paper", "adaptive"]
+
+
+def test_cache_keys_change_with_what_determines_a_model_only(tmp_path):
+    p = _write(tmp_path)
+    cfg = hc.load_harness_config(p)
+    keys = all_keys(cfg)
+    same = [
+        {"out_dir": str(tmp_path / "elsewhere")}, {"name": "other"}, {"device": "cpu"},
+        {"dataset.eval_samples": 50}, {"attacks.pgd.eps": [0.3]}, {"evaluation.queries": 9},
+        {"training.eval_batch_size": 7},
+        {"models.fgsm-at.params": {"eps": 0.1, "clean_weight": 0.5}},  # spelling out a default
+    ]
+    for o in same:
+        assert all_keys(hc.load_harness_config(p, o)) == keys, o
+    changed = [
+        ({"dataset.train_fraction": 0.02}, ["standard", "fgsm-at"]),
+        ({"dataset.subset_seed": 1}, ["standard", "fgsm-at"]),
+        ({"training.epochs": 2}, ["standard", "fgsm-at"]),
+        ({"models.standard.seed": 1}, ["standard"]),
+        ({"models.standard.init": "orthogonal"}, ["standard"]),
+        ({"models.standard.arch": "madry-mnist"}, ["standard"]),
+        ({"models.fgsm-at.params": {"eps": 0.2}}, ["fgsm-at"]),
+        ({"models.fgsm-at.train": {"lr": 0.01}}, ["fgsm-at"]),
+    ]
+    for o, which in changed:
+        k2 = all_keys(hc.load_harness_config(p, o))
+        assert {i for i in keys if keys[i] != k2[i]} == set(which), o
+    # a wrapper's key follows its base's key
+    text = TINY + '[[models]]\nid = "msap"\ndefense = "multi-sap"\nbase = "fgsm-at"\n'
+    p2 = _write(tmp_path, text)
+    a = hc.load_harness_config(p2)
+    b = hc.load_harness_config(p2, {"models.fgsm-at.params": {"eps": 0.2}})
+    c = hc.load_harness_config(p2, {"models.standard.seed": 3})
+    assert model_key(a, a.model("msap")) != model_key(b, b.model("msap"))
+    assert model_key(a, a.model("msap")) == model_key(c, c.model("msap"))
+
+
+def _counts(db: ResultsDB) -> dict[tuple, int]:
+    out: dict[tuple, int] = {}
+    for r in db.evaluations():
+        k = (r["config_hash"], r["model_key"], r["protocol"], r["attack_label"], r["eps"])
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    cfg = hc.load_harness_config(_write(tmp_path))
+    # -- a run killed after 5 evaluations (the 6th raises, as a SIGKILL would stop it)
+    real = P.run_planned
+    calls: list[str] = []
+
+    def dying(p, *a, **kw):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        calls.append(p.label)
+        return real(p, *a, **kw)
+
+    monkeypatch.setattr(P, "run_planned", dying)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, progress=False)
+    db = ResultsDB(cfg.db_path)
+    assert len(db.evaluations()) >= 5 and len(db.trainings()) == 2
+    done_before = {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()}
+    # -- restarted: finishes, redoing no finished row and no training
+    calls.clear()
+    monkeypatch.setattr(P, "run_planned", lambda p, *a, **kw: (calls.append(p.label), real(p, *a, **kw))[1])
+    s = runner.run(cfg, progress=False)
+    assert s.trained == 0
+    # 2 models x 2 protocols x 2 attacks x 2 eps = 16 rows; 5 were done before the kill
+    assert len(calls) == 16 - 5 == s.evaluated
+    after = {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()}
+    for k, t in done_before.items():
+        assert after[k] == t  # untouched
+    assert len(after) == 16 + 2 * 2 * 2  # + worst case per (model, protocol, eps)
+    assert set(_counts(db).values()) == {1}
+    # training recorded once per model, with its cost
+    tr = db.trainings()
+    assert len(tr) == 2 and all(t["epochs"] == 1 and t["epoch_seconds"] > 0 for t in tr)
+    # -- a third run trains and evaluates nothing; rows unchanged
+    calls.clear()
+    s3 = runner.run(cfg, progress=False)
+    assert s3.trained == 0 and s3.evaluated == 0 and calls == []
+    assert {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()} == after
+    # numbers make sense: undefended clean accuracy, pgd no weaker than fgsm per point
+    rows = db.evaluations(protocol="adaptive")
+    std = [r for r in rows if r["defense"] == "standard"]
+    assert std[0]["clean_accuracy"] > 0.5
+    for e in (0.1, 0.2):
+        f = next(r for r in std if r["attack_label"] == "fgsm" and r["eps"] == e)
+        w = next(r for r in std if r["attack_label"] == "worst case" and r["eps"] == e)
+        assert w["robust_accuracy"] <= f["robust_accuracy"]
+        assert bool((w["robust"] <= f["robust"]).all())
+    assert "worst case" in s3.table and "fgsm-at" in s3.table
+    # -- `bastion results` prints the rows
+    from bastion.cli import main
+
+    assert main(["results", "--db", str(cfg.db_path), "--protocol", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "pgd-5" in out and "worst case" in out and "adaptive" not in out
+    assert main(["results", "--db", str(cfg.db_path), "--format", "json", "--defense", "standard"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert len(js) == 2 * (4 + 2) and {r["defense"] for r in js} == {"standard"}
+    assert main(["results", "--db", str(tmp_path / "none.sqlite")]) == 2
+
+
+class _Coin(nn.Module):
+    """A toy random model: right with probability ``p[i]`` for point ``i`` (inputs are indices)."""
+
+    stochastic = True
+
+    def __init__(self, p: torch.Tensor) -> None:
+        super().__init__()
+        self.p = p
+
+    def decide(self, x: torch.Tensor) -> torch.Tensor:
+        i = x.view(-1).long()
+        right = torch.rand(len(i)) < self.p[i]
+        return torch.where(right, torch.zeros_like(i), torch.ones_like(i))
+
+
+def test_majority_of_k_rule_on_a_toy_random_model():
+    torch.manual_seed(0)
+    n = 4000
+    p = torch.tensor([1.0, 0.0, 0.9, 0.2]).repeat_interleave(n // 4)
+    model = _Coin(p)
+    x, y = torch.arange(n).float().view(-1, 1), torch.zeros(n, dtype=torch.long)
+    assert P.is_random(model)
+    k = 5
+    robust = P.majority_correct(model.decide, x, y, k)
+    q = n // 4
+    assert bool(robust[:q].all()) and not bool(robust[q : 2 * q].any())
+    # P(>= 3 of 5 right) = 0.99144 at p = 0.9, 0.05792 at p = 0.2
+    assert abs(float(robust[2 * q : 3 * q].float().mean()) - 0.99144) < 0.01
+    assert abs(float(robust[3 * q :].float().mean()) - 0.05792) < 0.015
+    # one query: robust with probability p; even k: ties count as not robust (strict majority)
+    one = P.majority_correct(model.decide, x, y, 1)
+    assert abs(float(one[3 * q :].float().mean()) - 0.2) < 0.03
+    calls = iter(range(2))
+    tie = P.majority_correct(lambda z: torch.full((len(z),), next(calls)), x, torch.zeros(n, dtype=torch.long), 2)
+    assert not bool(tie.any())  # right exactly once in 2 queries is not a majority
+
+
+def test_jobs_are_plain_data(tmp_path):
+    from bastion.harness.executor import from_plain, to_plain
+
+    cfg = hc.load_harness_config(_write(tmp_path))
+    jobs = runner.plan_jobs(cfg)
+    assert [type(j).__name__ for j in jobs] == ["TrainJob"] * 2 + ["EvalJob"] * 4
+    for j in jobs:
+        d = json.loads(json.dumps(to_plain(j)))
+        assert from_plain(d) == j
+    assert dataclasses.is_dataclass(jobs[0])
+
+
+def test_flags_artifacts_and_report_from_the_database(tmp_path, capsys):
+    """With sanity checks, artifacts and the report on: flags and figures land in the database,
+    the report is written, and `bastion report` rebuilds it from the database alone."""
+    torch.set_num_threads(1)
+    text = TINY.replace("sanity = false", "sanity = true").replace("artifacts = false", "artifacts = true")
+    text = text.replace("report = false", "report = true\ngallery_samples = 4")
+    cfg = hc.load_harness_config(_write(tmp_path, text), {"attacks.fgsm.eps": [0.2], "attacks.pgd.eps": [0.2],
+                                                         "evaluation.protocols": ["adaptive"]})
+    cfg = dataclasses.replace(cfg, models=cfg.models[:1])
+    s = runner.run(cfg, progress=False)
+    db = ResultsDB(cfg.db_path)
+    flags = db.flags(config_hash=s.config_hash)
+    assert flags and all(f["protocol"] == "adaptive" and f["detail"] for f in flags)
+    assert {a["kind"] for a in db.artifacts(config_hash=s.config_hash)} == {"gallery", "landscape"}
+    assert s.report is not None and s.report[1].is_file() and s.report[0].is_file()
+    from bastion.cli import main
+
+    out = tmp_path / "rebuilt"
+    assert main(["report", "--db", str(cfg.db_path), "--out", str(out)]) == 0
+    assert (out / s.report[1].name).is_file() and str(out) in capsys.readouterr().out

@@ -1,0 +1,219 @@
+"""Sanity checks flag masked gradients (a bit-depth front end, saturated softmax) and flag nothing
+on a PGD-trained model; BPDA turns the quantiser's zero gradients into useful ones."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from bastion import attacks, defenses, models
+from bastion.defenses.squeeze import BitDepthSqueeze
+from bastion.eval.bpda import BPDA, bpda_view
+from bastion.eval.sanity import CHECKS, Flag, run_checks
+from bastion.train.config import TrainConfig
+from bastion.train.trainer import train
+
+N = 200  # points of the PGD-trained model's checks (the converged check's tolerance is one point)
+N_MASKED = 100  # points of the masked models' checks (no early stopping there: every step runs)
+EPS = (0.05, 0.1)  # the PGD-trained model is trained at 0.1 (see test_flags_nothing_on_pgd_trained_model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """One intra-op thread: much faster than two on a shared 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def rows_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: tuple[float, ...] = EPS,
+             steps: int = 20) -> list[dict[str, Any]]:
+    """Evaluation rows (FGSM and PGD per eps) as the runner stores them."""
+    with torch.no_grad():
+        clean = float((model(x).argmax(-1) == y).float().mean())
+    rows = []
+    for eps in eps_list:
+        for label, name, params in (("fgsm", "fgsm", {}), (f"pgd-{steps}", "pgd", {"steps": steps})):
+            a = attacks.create(name, eps=eps, **params)
+            res = a(model, x, y, generator=torch.Generator().manual_seed(0))
+            robust = ~res.success
+            rows.append({"attack": name, "attack_label": label, "eps": eps, "norm": "linf", "n": len(y),
+                         "robust_accuracy": float(robust.float().mean()), "clean_accuracy": clean,
+                         "attack_params": a.params, "extra": {}, "robust": robust})
+    return rows
+
+
+def by_name(flags: list[Flag]) -> dict[str, Flag]:
+    assert all(f.name in CHECKS for f in flags)
+    assert len({f.name for f in flags}) == len(flags)
+    return {f.name: f for f in flags}
+
+
+class Saturated(nn.Module):
+    """Logits scaled by 1e4: the softmax saturates, cross-entropy gradients underflow to zero."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * 1e4
+
+
+@pytest.fixture(scope="module")
+def points(mnist_small: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    _, te = mnist_small
+    return te.x[:N].clone(), te.y[:N].clone()
+
+
+@pytest.fixture(scope="module")
+def lenet(mnist_small: tuple) -> models.Classifier:
+    """A plain LeNet-5, one epoch on 3,000 MNIST points (~93% test accuracy; a few seconds).
+    Shadows the session fixture so that this file runs alone in well under a minute."""
+    tr, _ = mnist_small
+    m = models.create("lenet5", seed=0)
+    train(m, tr.take(3000), TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0,
+                                        device="cpu"), progress=False)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def squeezed(lenet: models.Classifier) -> models.Classifier:
+    """The trained test LeNet with a 1-bit input quantiser put in front (Xu et al. 2018 squeeze
+    the inputs of an already trained model)."""
+    m = copy.deepcopy(lenet)
+    m.front_end = BitDepthSqueeze(1)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def pgd_trained(mnist_small: tuple) -> models.Classifier:
+    """A LeNet adversarially trained with 5-step PGD at eps 0.1 on 5,000 MNIST points, 2 epochs."""
+    tr, _ = mnist_small
+    m = models.create("lenet5", seed=0)
+    objective = defenses.create("pgd-at", eps=0.1, attack_params={"steps": 5, "alpha": 0.04})
+    cfg = TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, device="cpu")
+    train(m, tr.take(5000), cfg, objective=objective, progress=False)
+    return m.eval()
+
+
+def test_bit_depth_defense_registered_and_rebuilt(lenet: models.Classifier, mnist_small: tuple) -> None:
+    assert "bit-depth" in defenses.list()
+    d = defenses.create("bit-depth")
+    assert d.describe()["bits"] == 1
+    m = d.prepare(models.create("lenet5", seed=1), mnist_small[0].take(10))
+    assert m.spec["front_end"] == {"name": "bit-depth", "bits": 1}
+    rebuilt = models.from_spec(m.spec)
+    assert isinstance(rebuilt.front_end, BitDepthSqueeze) and rebuilt.front_end.bits == 1
+    x = torch.tensor([[[[0.0, 0.49, 0.51, 1.0]]]])
+    assert BitDepthSqueeze(1)(x).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert torch.allclose(BitDepthSqueeze(2)(x), torch.round(x * 3) / 3)
+    with pytest.raises(Exception, match="bits"):
+        defenses.create("bit-depth", bits=0)
+
+
+def test_flags_masked_gradients_of_bit_depth(squeezed: models.Classifier, points: tuple) -> None:
+    x, y = points[0][:N_MASKED], points[1][:N_MASKED]
+    flags = by_name(run_checks(squeezed, (x, y), rows_for(squeezed, x, y, (0.1, 0.2), steps=10), n_points=N_MASKED))
+    assert not flags["gradients-not-vanishing"].passed
+    assert "unsaturated" in flags["gradients-not-vanishing"].detail
+    assert not flags["near-chance-at-large-eps"].passed
+    assert "breaks-when-randomness-fixed" not in flags  # a deterministic model
+
+
+def test_flags_saturated_softmax(lenet: models.Classifier, points: tuple) -> None:
+    x, y = points[0][:N_MASKED], points[1][:N_MASKED]
+    sat = Saturated(lenet).eval()
+    flags = by_name(run_checks(sat, (x, y), rows_for(sat, x, y, (0.1, 0.2), steps=10), n_points=N_MASKED))
+    assert not flags["gradients-not-vanishing"].passed
+    assert not flags["near-chance-at-large-eps"].passed
+
+
+def test_flags_nothing_on_pgd_trained_model(pgd_trained: models.Classifier, points: tuple) -> None:
+    x, y = points
+    rows = rows_for(pgd_trained, x, y)
+    by = {(r["attack_label"], r["eps"]): r["robust_accuracy"] for r in rows}
+    assert by[("pgd-20", 0.1)] > 0.5  # the model is robust at its training budget: a real test of the checks
+    flags = run_checks(pgd_trained, (x, y), rows, n_points=N)
+    raised = [f for f in flags if not f.passed]
+    assert raised == [], raised
+    assert {f.name for f in flags} == set(CHECKS) - {"breaks-when-randomness-fixed"}
+
+
+def test_row_checks_flag_inconsistent_rows() -> None:
+    """The checks that read only the rows raise on rows that contradict them."""
+    from bastion.eval.sanity import (
+        check_black_box,
+        check_iterative_vs_single,
+        check_monotone,
+    )
+
+    def row(attack: str, eps: float, acc: float, **extra: Any) -> dict[str, Any]:
+        return {"attack": attack, "attack_label": attack, "eps": eps, "norm": "linf", "robust_accuracy": acc,
+                "clean_accuracy": 0.99, "n": 1000, "attack_params": {"steps": 40} if attack == "pgd" else {},
+                "extra": extra}
+
+    assert not check_iterative_vs_single([row("fgsm", 0.1, 0.3), row("pgd", 0.1, 0.6)]).passed
+    assert check_iterative_vs_single([row("fgsm", 0.1, 0.6), row("pgd", 0.1, 0.3)]).passed
+    assert not check_monotone([row("pgd", 0.1, 0.3), row("pgd", 0.2, 0.5)]).passed
+    assert not check_black_box([row("pgd", 0.1, 0.6), row("square", 0.1, 0.2)]).passed
+    assert not check_black_box([row("pgd", 0.1, 0.6), row("transfer-pgd", 0.1, 0.2, kind="transfer")]).passed
+    assert check_black_box([row("pgd", 0.1, 0.2), row("square", 0.1, 0.6)]).passed
+    assert check_iterative_vs_single([row("pgd", 0.1, 0.2)]).detail.startswith("not applicable")
+
+
+def test_bpda_view_turns_zero_gradients_into_useful_ones(lenet: models.Classifier, points: tuple) -> None:
+    """With 2 bits (thresholds 1/6 apart) every pixel can move a level at eps 0.3; with 1 bit a
+    pixel at 0 or 1 needs eps > 0.5, so 1-bit squeezing is partly a real defense on MNIST."""
+    x, y = points[0][:N_MASKED], points[1][:N_MASKED]
+    squeezed = copy.deepcopy(lenet)
+    squeezed.front_end = BitDepthSqueeze(2)
+    view = bpda_view(squeezed)
+    assert isinstance(view.front_end, BPDA) and isinstance(squeezed.front_end, BitDepthSqueeze)  # a copy
+    with torch.no_grad():
+        assert torch.equal(view(x), squeezed(x))  # the forward pass is the deployed model's
+    xr = x[:8].clone().requires_grad_(True)
+    nn.functional.cross_entropy(squeezed(xr), y[:8]).backward()
+    assert xr.grad is not None and float(xr.grad.abs().max()) == 0.0
+    xr.grad = None
+    nn.functional.cross_entropy(view(xr), y[:8]).backward()
+    assert float(xr.grad.abs().max()) > 0
+    # PGD through BPDA breaks far more points (success judged on the squeezed model itself)
+    pgd = attacks.create("pgd", eps=0.3, steps=20)
+    plain = pgd(squeezed, x, y, generator=torch.Generator().manual_seed(0))
+    adaptive = pgd(view, x, y, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        still_right = (squeezed(adaptive.x_adv).argmax(-1) == y).float().mean()
+    acc_plain = float((~plain.success).float().mean())
+    acc_bpda = float((~adaptive.success).float().mean())
+    assert abs(float(still_right) - acc_bpda) < 1e-6
+    assert acc_plain > 0.5 and acc_bpda < acc_plain - 0.4, (acc_plain, acc_bpda)
+    assert bpda_view(nn.Sequential(nn.Flatten(), nn.Linear(784, 10))) is not None  # nothing to replace: unchanged
+
+
+class Noisy(nn.Module):
+    """Gaussian input noise (a random front end)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+
+
+def test_fixed_randomness_check(lenet: models.Classifier, squeezed: models.Classifier, points: tuple) -> None:
+    from bastion.eval.sanity import check_fixed_randomness
+
+    x, y = points[0][:100], points[1][:100]
+    row = {"attack": "pgd", "attack_label": "pgd-40", "eps": 0.2, "norm": "linf", "robust_accuracy": 0.9,
+           "clean_accuracy": 0.97, "n": 100, "attack_params": {"steps": 20}, "extra": {}}
+    noisy = copy.deepcopy(lenet)
+    noisy.front_end, noisy.stochastic = Noisy(), True
+    ok = check_fixed_randomness(noisy, x, y, [row], norm="linf", num_classes=10, batch_size=500, seed=0)
+    assert ok.passed, ok  # fixed noise: PGD breaks the plain LeNet, far below the reported 90%
+    masked = copy.deepcopy(squeezed)
+    masked.front_end, masked.stochastic = nn.Sequential(Noisy(), BitDepthSqueeze(1)), True
+    bad = check_fixed_randomness(masked, x, y, [row], norm="linf", num_classes=10, batch_size=500, seed=0)
+    assert not bad.passed, bad  # fixing the noise does not help the attack: its gradients are masked
