@@ -1,6 +1,6 @@
 # Bastion: two entry points, both self-contained on a fresh machine with no cache and no internet
 # beyond the package registries.
-#   make demo   -> set up, then train LeNet-5 on MNIST and print clean / FGSM / PGD-40 accuracy
+#   make demo   -> set up, then the main job: `bastion run` on the quick config (report in runs/quick/report/)
 #   make test   -> set up, then run the test suite
 # TORCH_SPEC picks the torch build: the default resolves to the local CPU wheel on our machines
 # and to the CUDA build pip chooses on a GPU machine.
@@ -14,7 +14,7 @@ DATASTAMP  := $(VENV)/.bastion-data
 .PHONY: demo test test-slow bench setup data clean
 
 demo: data
-	$(BIN)/bastion demo
+	$(BIN)/bastion run
 
 test: data
 	$(BIN)/python -m pytest -q

@@ -229,6 +229,10 @@ class EvalJob:
             log.warning("bastion.eval.sanity is not available; no sanity checks")
             return 0
         rows = [r for r in db.evaluations(config_hash=self.config_hash, model_key=self.key, protocol=self.protocol)]
+        if self.protocol == "adaptive" and not P.is_random(model):
+            from bastion.eval.bpda import bpda_view
+
+            model = bpda_view(model)  # check the model the adaptive attacks actually went through
         flags = run_checks(model, data, rows, norm=cfg.evaluation.norm, random=P.is_random(model), device=dev,
                            seed=cfg.evaluation.seed)
         for f in flags:
