@@ -46,9 +46,14 @@ def main() -> None:
     args = ap.parse_args()
     dev = resolve_device(args.device)
     out = Path(args.out)
-    names = defenses.list() if args.defenses == "all" else [n.strip() for n in args.defenses.split(",")]
+    # the training-time defenses (objectives and front ends); population and randomised defenses
+    # (ulm, clm, sap, multi-sap, bagging-noise) have their own benches (clm_table, multisap_table)
+    training_time = [n for n in defenses.list() if issubclass(defenses.DEFENSES.get(n).factory, defenses.Defense)]
+    names = training_time if args.defenses == "all" else [n.strip() for n in args.defenses.split(",")]
     for n in names:
-        defenses.DEFENSES.get(n)
+        if n not in training_time:
+            defenses.DEFENSES.get(n)  # unknown names: the registry's did-you-mean error
+            raise SystemExit(f"defenses_table: {n!r} is not a training-time defense (see bench/clm_table.py, bench/multisap_table.py)")
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in _parse_assignments(args.defense_param, "--defense-param").items():
         d, _, field = key.partition(".")
