@@ -26,7 +26,7 @@ from torch import nn
 
 from bastion.defenses import register
 from bastion.defenses.base import ModelDefense
-from bastion.defenses.randomized import RANDOMIZED, Randomized, build_members
+from bastion.defenses.randomized import RANDOMIZED, Randomized, build_members, route
 from bastion.defenses.sap import (
     check_base,
     check_fraction,
@@ -101,19 +101,13 @@ class MultiSAP(Randomized):
         v = torch.randint(self.num_voters, (x.shape[0],), device=x.device)
         plain = v >= k * self.draws_per_net
         net = torch.where(plain, v - k * self.draws_per_net, v // self.draws_per_net)
-        out: torch.Tensor | None = None
-        for i, m in enumerate(self.members):
-            for is_plain in (False, True):
-                idx = ((net == i) & (plain == is_plain)).nonzero(as_tuple=True)[0]
-                if idx.numel() == 0:
-                    continue
-                with sap_active(m, not is_plain):
-                    li = m(x.index_select(0, idx))
-                if out is None:
-                    out = li.new_zeros((x.shape[0], li.shape[1]))
-                out = out.index_copy(0, idx, li)
-        assert out is not None
-        return out
+
+        def run(g: int, xg: torch.Tensor) -> torch.Tensor:  # group g = (net g // 2, plain if g odd)
+            m = self.members[g // 2]
+            with sap_active(m, g % 2 == 0):
+                return m(xg)
+
+        return route(x, net * 2 + plain.long(), 2 * k, run)
 
     def sample_logits(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """With ``n`` omitted (or equal to the voter count): every voter, ``(V, N, C)``; else

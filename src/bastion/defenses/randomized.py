@@ -201,17 +201,7 @@ class Population(Randomized):
         # each sample is one query, answered by its own randomly chosen member; every member
         # runs only on the samples assigned to it, so a draw costs one forward pass in all
         pick = torch.randint(len(self.members), (x.shape[0],), device=x.device)
-        out: torch.Tensor | None = None
-        for i, m in enumerate(self.members):
-            idx = (pick == i).nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            li = m(x.index_select(0, idx))
-            if out is None:
-                out = li.new_zeros((x.shape[0], li.shape[1]))
-            out = out.index_copy(0, idx, li)
-        assert out is not None
-        return out
+        return route(x, pick, len(self.members), lambda i, xi: self.members[i](xi))
 
     def sample_logits(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """With ``n`` omitted: every member once (exact); else ``n`` random draws."""
@@ -243,6 +233,24 @@ def _population_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     return {"decision": decision, "params": params}
 
 
+def route(x: torch.Tensor, group: torch.Tensor, groups: int,
+          run: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Logits ``(N, K)`` where sample ``j`` is answered by ``run(group[j], ...)``: each group
+    runs once, on the samples assigned to it, so the whole batch costs one forward pass."""
+    out: torch.Tensor | None = None
+    for g in range(groups):
+        idx = (group == g).nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            continue
+        li = run(g, x.index_select(0, idx))
+        if out is None:
+            out = li.new_zeros((x.shape[0], li.shape[1]))
+        out = out.index_copy(0, idx, li)
+    if out is None:
+        raise ValueError("route() needs a non-empty batch")
+    return out
+
+
 def build_members(spec: dict[str, Any]) -> list[Classifier]:
     """Rebuild (untrained) member classifiers from a randomized spec's ``members``."""
     from bastion import models
@@ -253,37 +261,38 @@ def build_members(spec: dict[str, Any]) -> list[Classifier]:
     return [models.from_spec(dict(m)) for m in members]
 
 
-class ExpectedOutput(Classifier):
-    """Classifier view of ``log expected_probs(x, n)`` of a :class:`Randomized` model."""
+class _View(Classifier):
+    """A classifier view of a :class:`Randomized` model (inputs in its bounds, no
+    normalisation of its own); ``n`` is the number of draws the view averages."""
 
-    def __init__(self, model: Randomized, n: int | None) -> None:
+    def __init__(self, model: Randomized, n: int | None, what: str) -> None:
         c = model.in_channels
         super().__init__(
             nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=model.num_classes,
             input_shape=model.input_shape, bounds=model.bounds, stochastic=model.random_expectation,
-            arch=f"{model.kind}:expected",
+            arch=f"{model.kind}:{what}",
         )
         self.model = model
         self.n = n
+
+
+class ExpectedOutput(_View):
+    """Classifier view of ``log expected_probs(x, n)`` of a :class:`Randomized` model."""
+
+    def __init__(self, model: Randomized, n: int | None) -> None:
+        super().__init__(model, n, "expected")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.expected_probs(x, self.n).clamp_min(1e-12).log()
 
 
-class VotedOutput(Classifier):
+class VotedOutput(_View):
     """Classifier view of a :class:`Randomized` model's vote: log of vote shares (smoothed by
     a small multiple of the mean probabilities, which breaks ties as :meth:`Randomized.vote`
     does). Carries no gradient."""
 
     def __init__(self, model: Randomized, n: int | None) -> None:
-        c = model.in_channels
-        super().__init__(
-            nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=model.num_classes,
-            input_shape=model.input_shape, bounds=model.bounds, stochastic=model.random_expectation,
-            arch=f"{model.kind}:vote",
-        )
-        self.model = model
-        self.n = n
+        super().__init__(model, n, "vote")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -311,6 +320,6 @@ def is_randomized(model: nn.Module) -> bool:
 
 
 __all__ = [
-    "DECISIONS", "ExpectedOutput", "Population", "RANDOMIZED", "Randomized", "VotedOutput", "build_members",
+    "DECISIONS", "ExpectedOutput", "Population", "RANDOMIZED", "Randomized", "VotedOutput", "build_members", "route",
     "is_randomized",
 ]

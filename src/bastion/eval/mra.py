@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from bastion import attacks as attacks_mod
-from bastion.attacks.base import Attack
+from bastion.attacks.base import Attack, Cost
 from bastion.data.base import ImageDataset
 from bastion.defenses.randomized import Population
 from bastion.errors import ConfigError
@@ -98,6 +98,34 @@ def _attack_info(attack: Attack) -> dict[str, Any]:
             "params": {k: v for k, v in attack.params.items() if isinstance(v, (int, float, str, bool, type(None)))}}
 
 
+def craft_on_assigned(
+    members: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    craft: torch.Tensor,
+    attack: Attack,
+    *,
+    generator: torch.Generator,
+    batch_size: int,
+    device: torch.device,
+    on_member: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, Cost]:
+    """Seed 001's crafting step: point ``j`` is attacked on submodel ``craft[j]`` alone.
+    Returns the adversarial points (on ``x``'s device) and the summed cost."""
+    x_adv = x.clone()
+    cost = Cost()
+    for k, m in enumerate(members):
+        idx = (craft == k).nonzero(as_tuple=True)[0].to(x.device)
+        for s in range(0, len(idx), batch_size):
+            bi = idx[s:s + batch_size]
+            res = attack(m, x[bi].to(device), y[bi].to(device), generator=generator)
+            x_adv[bi] = res.x_adv.detach().to(x.device)
+            cost = cost + res.cost
+        if on_member is not None:
+            on_member()
+    return x_adv, cost
+
+
 def seed001_protocol(
     population: Population,
     data: ImageDataset,
@@ -147,16 +175,10 @@ def seed001_protocol(
         g = torch.Generator().manual_seed(int(seed) + r)
         craft = torch.randint(M, (N,), generator=g)
         classify = torch.randint(M, (N,), generator=g)
-        x_adv = data.x.clone()
         atk_gen = torch.Generator(device=dev).manual_seed(int(seed) * 7919 + r)
-        for k, m in enumerate(members):
-            idx = (craft == k).nonzero(as_tuple=True)[0]
-            for s in range(0, len(idx), batch_size):
-                bi = idx[s:s + batch_size]
-                res = attack(m, data.x[bi].to(dev), y[bi].to(dev), generator=atk_gen)
-                x_adv[bi] = res.x_adv.detach().cpu()
-                grads += res.cost.gradients
-            bar.update(1)
+        x_adv, cost = craft_on_assigned(members, data.x, y, craft, attack, generator=atk_gen, batch_size=batch_size,
+                                        device=dev, on_member=lambda: bar.update(1))
+        grads += cost.gradients
         correct = member_correct(members, x_adv, y, batch_size=batch_size, device=dev)  # (M, N)
         per_repeat.append(mra_from_correct(correct))
         per_member += correct.float().mean(1)

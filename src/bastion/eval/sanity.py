@@ -210,6 +210,16 @@ def _frozen(model: nn.Module, seed: int) -> Iterator[nn.Module]:
 
 
 # ---------------------------------------------------------------------------- the checks
+def _verdict(name: str, seen: list[str], bad: list[str], *, not_applicable: str, failure: str) -> Flag:
+    """The flag of a row-comparison check: not applicable when nothing was compared, raised
+    with the failing comparisons, else passed with every comparison made."""
+    if not seen:
+        return Flag(name, True, "not applicable: " + not_applicable)
+    if bad:
+        return Flag(name, False, failure + "; ".join(bad))
+    return Flag(name, True, "; ".join(seen))
+
+
 def check_iterative_vs_single(rows: Sequence[dict[str, Any]]) -> Flag:
     name = "iterative-beats-single-step"
     bad, seen = [], []
@@ -224,11 +234,8 @@ def check_iterative_vs_single(rows: Sequence[dict[str, Any]]) -> Flag:
         seen.append(f"eps={e:g}: {i['attack_label']} {_pct(i['robust_accuracy'])} vs {s['attack_label']} {_pct(s['robust_accuracy'])}")
         if i["robust_accuracy"] > s["robust_accuracy"] + _tol(i["n"], s["n"]) + 1e-6:
             bad.append(seen[-1])
-    if not seen:
-        return Flag(name, True, "not applicable: no budget with both a single-step and an iterative attack")
-    if bad:
-        return Flag(name, False, "iterative weaker than single-step at " + "; ".join(bad))
-    return Flag(name, True, "; ".join(seen))
+    return _verdict(name, seen, bad, not_applicable="no budget with both a single-step and an iterative attack",
+                    failure="iterative weaker than single-step at ")
 
 
 def check_monotone(rows: Sequence[dict[str, Any]]) -> Flag:
@@ -269,11 +276,8 @@ def check_black_box(rows: Sequence[dict[str, Any]]) -> Flag:
                     f"{b['attack_label']} {_pct(b['robust_accuracy'])}")
         if b["robust_accuracy"] < w["robust_accuracy"] - _tol(w["n"], b["n"]) - 1e-6:
             bad.append(seen[-1])
-    if not seen:
-        return Flag(name, True, "not applicable: no transfer or score-based attack next to a white-box one")
-    if bad:
-        return Flag(name, False, "black-box stronger than white-box at " + "; ".join(bad))
-    return Flag(name, True, "; ".join(seen))
+    return _verdict(name, seen, bad, not_applicable="no transfer or score-based attack next to a white-box one",
+                    failure="black-box stronger than white-box at ")
 
 
 def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
@@ -325,11 +329,8 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequen
             seen.append(f"{norm} eps={e:g}: noise {_pct(acc)} vs {best['attack_label']} {_pct(best['robust_accuracy'])}")
             if acc < best["robust_accuracy"] - _tol(x.shape[0], best["n"]) - 1e-6:
                 bad.append(seen[-1])
-    if not seen:
-        return Flag(name, True, "not applicable: no white-box attack rows")
-    if bad:
-        return Flag(name, False, "random noise stronger than the attack: " + "; ".join(bad))
-    return Flag(name, True, "; ".join(seen))
+    return _verdict(name, seen, bad, not_applicable="no white-box attack rows",
+                    failure="random noise stronger than the attack: ")
 
 
 def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, num_classes: int,

@@ -215,22 +215,14 @@ def _seed001(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
     query); the point is robust when that classification is right. The batch's MRA (eq. 6:
     mean over submodels of their accuracy on the crafted points,
     :func:`bastion.eval.mra.mra_from_correct`) goes in the row's ``extra``."""
-    from bastion.attacks.base import Cost
-    from bastion.eval.mra import member_correct, mra_from_correct
+    from bastion.eval.mra import craft_on_assigned, member_correct, mra_from_correct
 
     members = list(model.members)  # type: ignore[arg-type]
     M, N = len(members), len(x)
     cpu = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=g, device=g.device)))
     craft = torch.randint(M, (N,), generator=cpu)
     classify = torch.randint(M, (N,), generator=cpu)
-    x_adv = x.clone()
-    cost = Cost()
-    for k, m in enumerate(members):
-        idx = (craft == k).nonzero(as_tuple=True)[0].to(x.device)
-        if len(idx):
-            res = attack(m, x[idx], y[idx], generator=g)
-            x_adv[idx] = res.x_adv.detach()
-            cost = cost + res.cost
+    x_adv, cost = craft_on_assigned(members, x, y, craft, attack, generator=g, batch_size=max(N, 1), device=x.device)
     correct = member_correct(members, x_adv, y, batch_size=max(N, 1), device=x.device)  # (M, N)
     robust = correct[classify, torch.arange(N)]
     return robust.to(y.device), cost, {"mra_sum": mra_from_correct(correct) * N, "members": M}
