@@ -38,6 +38,7 @@ table cell (``cells/*.json``, keyed by the settings), so a rerun resumes. Result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import time
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 
 from bastion import attacks, data, defenses, models
+from bastion.eval.accuracy import accuracy, check_trained
 from bastion.eval.mra import expected_output_attack, mra, seed001_protocol
 from bastion.train import TrainConfig
 from bastion.utils.device import resolve_device
@@ -106,6 +108,11 @@ def main() -> None:
     ap.add_argument("--retrain-epochs", type=int, default=2, help="CLM retraining epochs (seed: 5)")
     ap.add_argument("--train-fraction", type=float, default=0.1)
     ap.add_argument("--adv-steps", type=int, default=5, help="PGD steps of adversarial training (seed: 100)")
+    ap.add_argument("--adv-epochs", type=int, default=None, help="ULM-Adv training epochs (default: --epochs)")
+    ap.add_argument("--adv-eps-ramp", type=int, default=2,
+                    help="epochs over which the adversarial-training eps ramps up to --eps (0: none, the seed's)")
+    ap.add_argument("--min-clean", type=float, default=0.5,
+                    help="refuse to tabulate a population with a member below this clean accuracy (0: no check)")
     ap.add_argument("--n-eval", type=int, default=1000, help="first N test images")
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--attack-steps", type=int, default=20, help="PGD / PGD-EOT iterations")
@@ -135,28 +142,42 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0,
                       seed=args.seed, device=str(dev))
     adv_alpha = 0.01 if args.adv_steps >= 100 else 2.5 * args.eps / args.adv_steps
-    adv = {"adv_eps": args.eps, "adv_steps": args.adv_steps, "adv_alpha": adv_alpha}
+    adv = {"adv_eps": args.eps, "adv_steps": args.adv_steps, "adv_alpha": adv_alpha,
+           "adv_eps_ramp_epochs": args.adv_eps_ramp}
+    adv_epochs = args.epochs if args.adv_epochs is None else args.adv_epochs
+    adv_cfg = dataclasses.replace(cfg, epochs=adv_epochs)
+    adv_tag = f"ulm-adv-e{adv_epochs}-s{args.adv_steps}-r{args.adv_eps_ramp}"
 
     def make(seed: int) -> models.Classifier:
         return models.create("lenet5", seed=seed)
 
+    # checkpoint folders of the -Adv populations are named by their training settings, so a
+    # rerun with other settings never resumes from (or reports) a population trained otherwise
     specs = {
-        "ULM": ("ulm", {"members": args.members}, "ulm"),
-        "CLM": ("clm", {"members": args.members, "retrain_epochs": args.retrain_epochs, "ulm_dir": str(out / "ulm")}, "clm"),
-        "ULM-Adv": ("ulm", {"members": args.members, "adversarial": True, **adv}, "ulm-adv"),
+        "ULM": ("ulm", {"members": args.members}, "ulm", cfg),
+        "CLM": ("clm", {"members": args.members, "retrain_epochs": args.retrain_epochs, "ulm_dir": str(out / "ulm")},
+                "clm", cfg),
+        "ULM-Adv": ("ulm", {"members": args.members, "adversarial": True, **adv}, adv_tag, adv_cfg),
         "CLM-Adv": ("clm", {"members": args.members, "adversarial": True, "retrain_epochs": args.retrain_epochs,
-                            "ulm_dir": str(out / "ulm-adv"), **adv}, "clm-adv"),
+                            "ulm_dir": str(out / adv_tag), **adv}, "clm" + adv_tag[3:], adv_cfg),
     }
     pops: dict[str, Any] = {}
     train_seconds: dict[str, float] = {}
+    member_clean: dict[str, list[float]] = {}
     for n in names:
-        d, params, sub = specs[n]
+        d, params, sub, train_cfg = specs[n]
         t0 = time.perf_counter()
-        print(f"[train] {n}: {d} {params}", flush=True)
+        print(f"[train] {n}: {d} {params} epochs={train_cfg.epochs}", flush=True)
         defense = defenses.create(d, **params)
         assert isinstance(defense, defenses.ModelDefense)
-        pops[n] = defense.fit(make, tr, cfg, out_dir=out / sub, progress=True).to(dev).eval()
+        pops[n] = defense.fit(make, tr, train_cfg, out_dir=out / sub, progress=True).to(dev).eval()
         train_seconds[n] = time.perf_counter() - t0
+        # refuse a population whose independent training collapsed (CLM's counter-linking may
+        # legitimately cost accuracy: its members' clean accuracies are reported, not refused)
+        for i, member in enumerate(pops[n].members if args.min_clean > 0 and d == "ulm" else []):
+            check_trained(member, te, name=f"{n} member {i}", min_accuracy=args.min_clean, device=dev)
+        member_clean[n] = [accuracy(m, te, device=dev) for m in pops[n].members]
+        print(f"[train] {n}: member clean accuracies {[round(a, 3) for a in member_clean[n]]}", flush=True)
 
     atks = build_attacks(args)
     base_key = {"n_eval": args.n_eval, "eps": args.eps, "members": args.members, "epochs": args.epochs,
@@ -165,7 +186,11 @@ def main() -> None:
     cells: dict[str, dict[str, Any]] = {n: {} for n in names}
     for n in names:
         pop = pops[n]
-        cells[n]["clean"] = {"mra": mra(pop, te.x, te.y, device=dev)}
+        if n.endswith("-Adv"):
+            base_key["adv_training"] = adv_tag
+        else:
+            base_key.pop("adv_training", None)
+        cells[n]["clean"] = {"mra": mra(pop, te.x, te.y, device=dev), "members": member_clean[n]}
         for label, atk in atks.items():
             key = {**base_key, "model": n, "attack": label, "params": atk.params, "repeats": args.repeats}
             print(f"[attack] {n} / {label} (seed 001 protocol)", flush=True)
@@ -191,6 +216,13 @@ def main() -> None:
     print(md)
 
 
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    v = sorted(values)
+    return f"{pct(v[0])} / {pct(v[len(v) // 2])} / {pct(v[-1])}"
+
+
 def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -202,7 +234,8 @@ def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Na
         f"# Seed 001 MNIST table: MRA (%) at eps {args.eps}, {args.members} LeNet-5 submodels",
         "",
         (f"Budget: {meta['train_size']} training images, {args.epochs} epochs (CLM retrain {args.retrain_epochs}), "
-         f"adversarial PGD {args.adv_steps} steps, {args.n_eval} test images, {args.repeats} crafting repeat(s); "
+         f"adversarial PGD {args.adv_steps} steps for {args.adv_epochs or args.epochs} epochs with the eps ramped over "
+         f"{args.adv_eps_ramp} epoch(s), {args.n_eval} test images, {args.repeats} crafting repeat(s); "
          f"total {meta['seconds'] / 60:.1f} min on {meta['device']} ({meta['threads']} threads). "
          "Seed values: Jasser & Garibay, Table 1 (clean) and Table 2."),
         "",
@@ -221,6 +254,11 @@ def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Na
         "",
         "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
         "| same submodel | " + " | ".join(pct(cells[n]["PGD"]["same_member_accuracy"]) for n in names) + " |",
+        "",
+        "Clean accuracy of the submodels (min / median / max):",
+        "",
+        "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+        "| submodels | " + " | ".join(_spread(cells[n]["clean"].get("members", [])) for n in names) + " |",
         "| other submodel | " + " | ".join(pct(cells[n]["PGD"]["cross_member_accuracy"]) for n in names) + " |",
         "",
         f"## Attacking the population itself (robust = deployed answer right in a majority of {args.k} queries)",

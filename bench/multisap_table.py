@@ -34,6 +34,7 @@ from bastion import attacks, data
 from bastion.defenses.multisap import MultiSAPDefense
 from bastion.defenses.pool import default_pool, train_pool
 from bastion.defenses.sap import SAPClassifier
+from bastion.eval.accuracy import check_trained
 from bastion.eval.diversity import disagreements, gradient_cosine, saliency_similarity
 from bastion.train.config import TrainConfig
 from bastion.utils.io import atomic_write_json, atomic_write_text
@@ -68,6 +69,11 @@ def main() -> None:
     ap.add_argument("--train-fraction", type=float, default=1.0)
     ap.add_argument("--pgd-steps", type=int, default=10, help="PGD steps of adversarial training")
     ap.add_argument("--pgd-alpha", type=float, default=None)
+    ap.add_argument("--pgd-eps-ramp", type=int, default=2,
+                    help="epochs over which the training eps ramps up to --eps (0: none; without it "
+                         "PGD-AT at eps 0.3 collapses to one class on MNIST)")
+    ap.add_argument("--min-clean", type=float, default=0.5,
+                    help="refuse to tabulate nets below this clean accuracy (collapsed training; 0: no check)")
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--attack-steps", type=int, default=10)
     ap.add_argument("--n-eval", type=int, default=1000, help="first N test images (seed: 1000)")
@@ -77,6 +83,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=1.0)
     ap.add_argument("--out", default="runs/multisap_table")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--record", action="store_true",
+                    help="also copy the table to bench/results/ (dated); without it only --out gets it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -89,10 +97,16 @@ def main() -> None:
     x, y = test.x, test.y
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0)
     alpha = args.pgd_alpha or max(args.eps / args.pgd_steps * 2.5, 0.01)
-    base_params = {"eps": args.eps, "attack_params": {"steps": args.pgd_steps, "alpha": alpha}}
+    base_params = {"eps": args.eps, "eps_ramp_epochs": args.pgd_eps_ramp,
+                   "attack_params": {"steps": args.pgd_steps, "alpha": alpha}}
     plain = train_pool(default_pool(1), args.arch, train, cfg, out / "undefended", progress=False)[0]
-    pool = train_pool(default_pool(args.nets, arch=args.arch), args.arch, train, cfg, out / "pool-pgd",
+    # the pool's folder is named by its training settings: a rerun never reuses other nets
+    tag = f"pool-pgd-e{args.epochs}-f{args.train_fraction:g}-s{args.pgd_steps}-r{args.pgd_eps_ramp}"
+    pool = train_pool(default_pool(args.nets, arch=args.arch), args.arch, train, cfg, out / tag,
                       defense="pgd-at", defense_params=base_params, progress=False)
+    for i, net in enumerate([plain, *pool] if args.min_clean > 0 else []):
+        results_name = "undefended" if i == 0 else f"pool member {i - 1}"
+        check_trained(net, test, name=results_name, min_accuracy=args.min_clean)
     base = pool[0]
     m2 = max(1, args.draws // args.nets)
     systems = {
@@ -170,11 +184,16 @@ def main() -> None:
     md.append(f"\nwall time {time.time() - t0:.0f}s")
     text = "\n".join(md)
     print(text)
-    stem = Path("bench/results") / f"multisap_table_{datetime.date.today().isoformat()}_cpu{args.threads}"
-    if args.n_eval < 1000 or args.epochs < 5:
-        stem = stem.with_name(stem.name.replace("multisap_table", "multisap_table_reduced"))
-    atomic_write_text(stem.with_suffix(".md"), text + "\n")
-    atomic_write_json(stem.with_suffix(".json"), results)
+    results["seconds"] = time.time() - t0
+    stems = [out / "multisap_table"]
+    if args.record:
+        stem = Path("bench/results") / f"multisap_table_{datetime.date.today().isoformat()}_cpu{args.threads}"
+        if args.n_eval < 1000 or args.epochs < 5:
+            stem = stem.with_name(stem.name.replace("multisap_table", "multisap_table_reduced"))
+        stems.append(stem)
+    for stem in stems:
+        atomic_write_text(stem.with_suffix(".md"), text + "\n")
+        atomic_write_json(stem.with_suffix(".json"), results)
 
 
 if __name__ == "__main__":

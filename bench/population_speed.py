@@ -1,7 +1,8 @@
 """Speed of random / population defenses: batched vs sequential.
 
 (a) a 50-draw Multi-SAP vote on one query: one batched forward vs 50 sequential forwards;
-(b) forward of LeNet-5 and mnist-cnn at batch 256 with SAP after every ReLU vs without;
+(b) forward of LeNet-5 and mnist-cnn at batch 256 with SAP after every ReLU vs without, for
+    both samplers (``exact``: Dhillon et al.'s multinomial; ``poisson``: independent keeps);
 (c) the expected output of a 10-member LeNet-5 population (Population.member_logits) vs 10
     separate forwards.
 
@@ -67,9 +68,10 @@ def main() -> None:
         x = torch.rand(256, 1, 28, 28)
         for arch in ("lenet5", "mnist-cnn"):
             m = models.create(arch, seed=0).eval()
-            s = insert_sap(m, 1.0).eval()
-            ta, tb = side_by_side(functools.partial(m, x), functools.partial(s, x), args.repeats)
-            report(f"(b) {arch} forward, batch 256", ta, tb, "plain", "SAP")
+            for sampler in ("exact", "poisson"):
+                s = insert_sap(m, 1.0, sampler).eval()
+                ta, tb = side_by_side(functools.partial(m, x), functools.partial(s, x), args.repeats)
+                report(f"(b) {arch} forward, batch 256, sampler={sampler}", ta, tb, "plain", "SAP")
         # (c) 10-member population expected output
         members = [models.create("lenet5", seed=i).eval() for i in range(10)]
         pop = Population(members).eval()

@@ -219,6 +219,8 @@ def test_clm_resumes_after_a_kill_with_the_same_weights(mnist_small, tmp_path: P
 @pytest.mark.parametrize("name,params,field", [
     ("ulm", {"members": 0}, "members"),
     ("ulm", {"adv_steps": 0}, "adv_steps"),
+    ("ulm", {"adv_eps_ramp_epochs": -1}, "adv_eps_ramp_epochs"),
+    ("clm", {"adv_eps_ramp_epochs": 1.5}, "adv_eps_ramp_epochs"),
     ("clm", {"members": 0}, "members"),
     ("clm", {"alpha": -0.1}, "alpha"),
     ("clm", {"delta": -1e-3}, "delta"),
@@ -231,3 +233,21 @@ def test_clm_resumes_after_a_kill_with_the_same_weights(mnist_small, tmp_path: P
 def test_bad_configuration_names_the_field(name, params, field):
     with pytest.raises(ConfigError, match=rf"\b{field}="):
         defenses.create(name, **params)
+
+
+def test_adversarial_eps_ramp_reaches_the_pgd_objective():
+    """ULM-Adv ramps its PGD budget; CLM-Adv ramps only when trained from scratch (retraining a
+    robust ULM-Adv starts at the full budget)."""
+    ulm = defenses.create("ulm", adversarial=True, adv_eps=0.3, adv_eps_ramp_epochs=3)
+    obj = ulm.objective()
+    budgets = []
+    for epoch in range(4):
+        obj.context["epoch"] = epoch
+        budgets.append(obj.current_eps)
+    assert budgets == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert defenses.create("ulm").objective() is None
+    for init, first in (("ulm", 0.3), ("scratch", 0.1)):
+        base = defenses.create("clm", adversarial=True, adv_eps=0.3, adv_eps_ramp_epochs=3, init=init).base_objective()
+        base.context["epoch"] = 0
+        assert base.current_eps == pytest.approx(first), init
+    assert defenses.create("clm", adversarial=True, adv_eps_ramp_epochs=3).ulm().adv_eps_ramp_epochs == 3

@@ -217,3 +217,40 @@ def test_fixed_randomness_check(lenet: models.Classifier, squeezed: models.Class
     masked.front_end, masked.stochastic = nn.Sequential(Noisy(), BitDepthSqueeze(1)), True
     bad = check_fixed_randomness(masked, x, y, [row], norm="linf", num_classes=10, batch_size=500, seed=0)
     assert not bad.passed, bad  # fixing the noise does not help the attack: its gradients are masked
+
+
+def rolled(model: models.Classifier) -> models.Classifier:
+    """A copy whose last layer answers the next class: wrong wherever ``model`` is right."""
+    out = copy.deepcopy(model)
+    last = [m for m in out.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.copy_(last.weight.roll(1, dims=0))
+        last.bias.copy_(last.bias.roll(1, dims=0))
+    return out
+
+
+def test_random_models_are_judged_by_their_deployed_decision(lenet: models.Classifier, points: tuple) -> None:
+    """A vote of 3 right members and 2 wrong ones is always right, though one random member
+    (the one-draw forward) is wrong 40% of the time: the checks must judge the deployed vote,
+    in a majority of k queries, as the harness judges its rows (not single draws)."""
+    from bastion.defenses.randomized import Population
+    from bastion.eval.sanity import _attack_robust, _correct, check_large_eps
+
+    x, _ = points
+    with torch.no_grad():
+        y = lenet(x).argmax(-1)
+    wrong = rolled(lenet)
+    pop = Population([lenet, lenet, lenet, wrong, wrong], decision="vote").eval()
+    torch.manual_seed(0)
+    one_draw = float(_correct(pop, x, y, 500).float().mean())
+    assert 0.45 < one_draw < 0.75, one_draw
+    for k in (1, 5):
+        assert bool(_correct(pop, x, y, 500, queries=k).all())
+    # an attack that does nothing leaves the vote right: robust everywhere when judged by the vote
+    noop = attacks.create("pgd", eps=0.0, steps=1)
+    assert bool(_attack_robust(pop, noop, x, y, 500, seed=0, queries=3).all())
+    assert not bool(_attack_robust(pop, noop, x, y, 500, seed=0).all()), "single draws: some points look broken"
+    flag = check_large_eps(pop, x, y, norm="linf", num_classes=10, batch_size=500, seed=0, steps=5, queries=3)
+    assert flag.passed, flag.detail  # a large budget breaks the vote too (an untrained net)
+    with pytest.raises(Exception, match="queries"):
+        run_checks(pop, (x, y), [], queries=0)

@@ -39,6 +39,37 @@ def test_sap_is_unbiased():
     assert bool((out == 0).sum() > (h == 0).sum() * n)
 
 
+def test_poisson_sampler_is_unbiased_with_independent_keeps():
+    # sampler="poisson": unit j kept independently w.p. q_j = 1 - exp(-r p_j), scaled by 1/q_j
+    torch.manual_seed(4)
+    h = torch.relu(torch.randn(1, 3, 4, 4))
+    n = 20000
+    out = sap(h.expand(n, 3, 4, 4).contiguous(), 1.0, sampler="poisson").reshape(n, -1)
+    flat = h.flatten()
+    q = -torch.expm1(-48 * flat / flat.sum())
+    keep = (out != 0).float()
+    sd_keep = (q * (1 - q) / n).sqrt()
+    assert bool(((keep.mean(0) - q).abs() <= 5 * sd_keep + 1e-4).all()), "keep probabilities follow 1 - exp(-r p)"
+    survivors = out != 0
+    assert torch.allclose(out[survivors], (flat / q).expand(n, -1)[survivors], rtol=1e-4)
+    sd = torch.where(q > 0, flat * ((1 - q) / q.clamp_min(1e-12) / n).sqrt(), torch.zeros_like(q))
+    assert bool(((out.mean(0) - flat).abs() <= 5 * sd + 1e-5).all()), "E[SAP(h)] = h"
+    # independence: the number of survivors per row has the variance of a sum of independent Bernoullis
+    active = q > 0
+    count_var = float(keep[:, active].sum(1).var())
+    assert abs(count_var - float((q * (1 - q)).sum())) < 0.1 * float((q * (1 - q)).sum())
+    # the autograd path draws the same, and gradients flow to the activations
+    torch.manual_seed(5)
+    a = sap(h, 1.0, sampler="poisson")
+    torch.manual_seed(5)
+    hg = h.clone().requires_grad_(True)
+    b = sap(hg, 1.0, sampler="poisson")
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    b.sum().backward()
+    assert hg.grad is not None and bool(torch.isfinite(hg.grad).all())
+    assert torch.allclose(sap(h, 1e7, sampler="poisson"), h, atol=1e-5), "infinite draws prune nothing"
+
+
 def test_keep_probability_matches_formula():
     torch.manual_seed(1)
     a = torch.rand(1, 12) ** 3
@@ -93,7 +124,10 @@ def test_sap_classifier_batched_draws_and_roundtrip(tmp_path, batch):
         assert torch.equal(f1, f2)
     save_checkpoint(tmp_path / "c", clf, {"model": clf.spec})
     back, _ = load_model(tmp_path / "c")
-    assert isinstance(back, SAPClassifier) and back.fraction == 1.0 and back.draws == 7
+    assert isinstance(back, SAPClassifier) and back.fraction == 1.0 and back.draws == 7 and back.sampler == "exact"
+    fast = SAPClassifier(models.create("lenet5", seed=0), draws=3, sampler="poisson")
+    save_checkpoint(tmp_path / "p", fast, {"model": fast.spec})
+    assert load_model(tmp_path / "p")[0].sampler == "poisson"
     with torch.no_grad(), clf.frozen(1), back.frozen(1):
         assert torch.allclose(clf(x), back(x), atol=1e-6)
 
@@ -169,6 +203,10 @@ def test_bad_config_names_field():
         defenses.create("multi-sap", draws_per_net=0)
     with pytest.raises(ConfigError, match="fraction"):
         PoolMember(fraction=1.5)
+    for make in (lambda: defenses.create("sap", sampler="bernoulli"), lambda: defenses.create("multi-sap", sampler=1),
+                 lambda: insert_sap(models.create("lenet5"), 1.0, sampler="fast")):
+        with pytest.raises(ConfigError, match="sampler"):
+            make()
 
 
 def test_default_pool_varies_members():

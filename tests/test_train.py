@@ -203,3 +203,30 @@ def test_bad_train_config_names_the_field(raw, field):
     with pytest.raises(ConfigError) as e:
         from_dict(TrainConfig, raw)
     assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_trained_refuses_a_collapsed_model():
+    """A model that answers one class (collapsed adversarial training) is refused with the
+    numbers; a model that answers right is accepted and its accuracy returned."""
+    from types import SimpleNamespace
+
+    from bastion.errors import TrainingCollapsedError
+    from bastion.eval.accuracy import check_trained
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, answer):
+            super().__init__()
+            self.answer = answer
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(self.answer(x), 10).float() + 0 * self.w
+
+    g = torch.Generator().manual_seed(0)
+    data = SimpleNamespace(x=torch.rand(200, 1, 4, 4, generator=g), y=torch.randint(0, 10, (200,), generator=g))
+    oracle = Fixed(lambda z: data.y[: len(z)])  # one batch of 1000 holds all 200 points
+    assert check_trained(oracle, data) == pytest.approx(1.0)
+    with pytest.raises(TrainingCollapsedError, match=r"collapsed .*class 3 predicted for 100%"):
+        check_trained(Fixed(lambda z: torch.full((len(z),), 3)), data, name="toy net")
+    with pytest.raises(TrainingCollapsedError, match="toy net"):
+        check_trained(oracle, data, name="toy net", min_accuracy=1.01)

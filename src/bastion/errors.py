@@ -36,6 +36,11 @@ class CheckpointError(BastionError, ValueError):
     """A checkpoint is missing, corrupted, tampered with, or does not fit the model."""
 
 
+class TrainingCollapsedError(BastionError, RuntimeError):
+    """A trained model is no better than a constant answer (e.g. adversarial training that
+    collapsed to one class); numbers measured on it would not describe the defense."""
+
+
 def check_choice(field: str, value: object, choices: "tuple[object, ...] | list[object]") -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -245,6 +245,9 @@ class CLM(ModelDefense):
             1e-4, 5 epochs); ignored with ``"scratch"`` (the config's lr and epochs are used).
         ulm_dir: where the ULM to retrain is trained or found (default ``out_dir/ulm``).
         adversarial, adv_eps, adv_steps, adv_alpha: CLM-Adv's PGD, as in ULM-Adv.
+        adv_eps_ramp_epochs: the budget ramp of the ULM-Adv it starts from (``init="ulm"``) or
+            of its own training (``"scratch"``); retraining an already robust ULM-Adv uses the
+            full budget from its first step.
         decision: what the deployed population answers with (seed 001: ``"draw"``).
     """
 
@@ -264,11 +267,13 @@ class CLM(ModelDefense):
     adv_eps: float = SEED001_ADV_EPS
     adv_steps: int = SEED001_ADV_STEPS
     adv_alpha: float = SEED001_ADV_ALPHA
+    adv_eps_ramp_epochs: int = 0
     decision: str = "draw"
 
     def __post_init__(self) -> None:
         check_int("members", self.members, 2)
-        check_adversarial_fields(self.adversarial, self.adv_eps, self.adv_steps, self.adv_alpha)
+        check_adversarial_fields(self.adversarial, self.adv_eps, self.adv_steps, self.adv_alpha,
+                                 self.adv_eps_ramp_epochs)
         if self.alpha is not None:
             check_positive("alpha", self.alpha, allow_zero=True)
         if self.delta is not None:
@@ -296,10 +301,15 @@ class CLM(ModelDefense):
     def ulm(self) -> ULM:
         """The ULM (or ULM-Adv) this CLM is retrained from (``init="ulm"``)."""
         return ULM(members=self.members, adversarial=self.adversarial, adv_eps=self.adv_eps,
-                   adv_steps=self.adv_steps, adv_alpha=self.adv_alpha, decision=self.decision)
+                   adv_steps=self.adv_steps, adv_alpha=self.adv_alpha,
+                   adv_eps_ramp_epochs=self.adv_eps_ramp_epochs, decision=self.decision)
 
     def base_objective(self) -> Objective:
-        return pgd_objective(self.adv_eps, self.adv_steps, self.adv_alpha) if self.adversarial else CrossEntropy()
+        """Cross-entropy, or CLM-Adv's PGD; the ramp applies only when training from scratch."""
+        if not self.adversarial:
+            return CrossEntropy()
+        ramp = self.adv_eps_ramp_epochs if self.init == "scratch" else 0
+        return pgd_objective(self.adv_eps, self.adv_steps, self.adv_alpha, ramp)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "resolved_alpha": self.resolved_alpha, "resolved_delta": self.resolved_delta}

@@ -30,6 +30,7 @@ from bastion.defenses.randomized import RANDOMIZED, Randomized, build_members, r
 from bastion.defenses.sap import (
     check_base,
     check_fraction,
+    check_sampler,
     insert_sap,
     repeated_logits,
     sap_active,
@@ -56,27 +57,31 @@ class MultiSAP(Randomized):
         include_plain: add the nets without SAP as voters (strategy 2).
         fraction: SAP draws per layer as a fraction of its units (seed 000: 1.0).
         decision: the deployed answer (seed 000: ``"vote"``).
+        sampler: SAP's sampler, ``"exact"`` or ``"poisson"`` (see :mod:`bastion.defenses.sap`).
     """
 
     def __init__(self, members: Sequence[Classifier], *, draws_per_net: int = 50, include_plain: bool = False,
-                 fraction: float = 1.0, decision: str = "vote", strategy: int | None = None) -> None:
+                 fraction: float = 1.0, decision: str = "vote", strategy: int | None = None,
+                 sampler: str = "exact") -> None:
         members = list(members)
         if not members:
             raise ConfigError("members is empty; Multi-SAP needs at least one net")
         _check_int("draws_per_net", draws_per_net)
         fraction = check_fraction(fraction)
+        sampler = check_sampler(sampler)
         voters = len(members) * draws_per_net + (len(members) if include_plain else 0)
         super().__init__(members[0], decision=decision, draws=voters, kind="multi-sap")
         for i, m in enumerate(members[1:], 1):
             if m.num_classes != members[0].num_classes:
                 raise ConfigError(f"members[{i}] has {m.num_classes} classes but members[0] has {members[0].num_classes}")
-        self.members = nn.ModuleList([insert_sap(m, fraction) for m in members])
+        self.members = nn.ModuleList([insert_sap(m, fraction, sampler) for m in members])
         self.draws_per_net = draws_per_net
         self.include_plain = bool(include_plain)
         self.fraction = fraction
+        self.sampler = sampler
         self.strategy = strategy
         params = {"draws_per_net": draws_per_net, "include_plain": self.include_plain, "fraction": fraction,
-                  "decision": decision, "strategy": strategy}
+                  "decision": decision, "strategy": strategy, "sampler": sampler}
         self.spec = {"randomized": "multi-sap", "params": params, "members": [dict(m.spec) for m in members]}
 
     @property
@@ -130,7 +135,8 @@ class MultiSAP(Randomized):
 
     def randomness(self) -> dict[str, Any]:
         return {**super().randomness(), "nets": len(self.members), "draws_per_net": self.draws_per_net,
-                "include_plain": self.include_plain, "fraction": self.fraction, "strategy": self.strategy}
+                "include_plain": self.include_plain, "fraction": self.fraction, "sampler": self.sampler,
+                "strategy": self.strategy}
 
 
 @RANDOMIZED.register("multi-sap", summary="majority vote over SAP draws of one or several nets (seed 000)")
@@ -150,6 +156,7 @@ class MultiSAPDefense(ModelDefense):
         nets: strategy 2's pool size ``K`` (seed: 5).
         draws_per_net: strategy 2's SAP draws per net ``M`` (seed: 10).
         fraction: SAP draws per layer as a fraction of its units (seed: 1.0).
+        sampler: SAP's sampler (``"exact"``, the seed's; ``"poisson"``: faster).
         base_defense: training defense of the base nets (seed: PGD adversarial training).
         base_params: its parameters.
         pool: strategy 2's members as :class:`~bastion.defenses.pool.PoolMember` fields (list
@@ -162,6 +169,7 @@ class MultiSAPDefense(ModelDefense):
     nets: int = 5
     draws_per_net: int = 10
     fraction: float = 1.0
+    sampler: str = "exact"
     base_defense: str | None = "pgd-at"
     base_params: dict[str, Any] = field(default_factory=dict)
     pool: list[dict[str, Any]] | None = None
@@ -173,6 +181,7 @@ class MultiSAPDefense(ModelDefense):
         _check_int("nets", self.nets)
         _check_int("draws_per_net", self.draws_per_net)
         check_fraction(self.fraction)
+        check_sampler(self.sampler)
         check_base(self.base_defense, self.base_params)
         if self.pool is not None:
             from bastion.defenses.pool import PoolMember
@@ -203,10 +212,12 @@ class MultiSAPDefense(ModelDefense):
         if self.strategy == 1:
             if len(members) != 1:
                 raise ConfigError(f"members has {len(members)} nets; strategy 1 wraps exactly one")
-            return MultiSAP(members, draws_per_net=self.draws, include_plain=False, fraction=self.fraction, strategy=1)
+            return MultiSAP(members, draws_per_net=self.draws, include_plain=False, fraction=self.fraction, strategy=1,
+                            sampler=self.sampler)
         if not members:
             raise ConfigError("members is empty; strategy 2 needs at least one net")
-        return MultiSAP(members, draws_per_net=self.draws_per_net, include_plain=True, fraction=self.fraction, strategy=2)
+        return MultiSAP(members, draws_per_net=self.draws_per_net, include_plain=True, fraction=self.fraction, strategy=2,
+                        sampler=self.sampler)
 
 
 __all__ = ["STRATEGIES", "MultiSAP", "MultiSAPDefense"]

@@ -22,6 +22,16 @@ Random numbers come from torch's global generator, so :meth:`Randomized.frozen` 
 
 Gradients flow through the surviving activations and through the rescaling factor (which
 depends on ``h``); the mask itself is piecewise constant.
+
+Samplers. ``sampler="exact"`` (the default) is Dhillon et al.'s multinomial, as above.
+``sampler="poisson"`` is SAP with a Poisson number of draws of mean ``r``: the draw counts of
+the units are then independent Poisson variables, so each unit survives independently with
+probability ``q_j = 1 - exp(-r p_j)`` and is scaled by ``1 / q_j``. It is still unbiased
+(``E = h``), its keep probabilities differ from the exact ones by ``O(r p_j^2)``, and it needs
+one uniform per unit and a few elementwise passes instead of a sort-free but ``O(d log d)``
+search per row. The survivors of one row are independent instead of slightly negatively
+correlated. It is a documented deviation from the seed, offered for speed (see
+``bench/population_speed.py``); an evaluation should say which sampler it used.
 """
 
 from __future__ import annotations
@@ -45,6 +55,17 @@ from bastion.models.base import Classifier
 
 #: at most this many rows (draws x samples) go through one forward in :meth:`SAPClassifier.sample_logits`
 MAX_ROWS = 8192
+
+#: ``"exact"``: Dhillon et al.'s multinomial with replacement; ``"poisson"``: a Poisson number of
+#: draws, i.e. independent keeps (see the module docstring)
+SAMPLERS = ("exact", "poisson")
+
+
+def check_sampler(value: Any, name: str = "sampler") -> str:
+    """``value`` must be one of :data:`SAMPLERS`."""
+    if value not in SAMPLERS:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(SAMPLERS)}")
+    return str(value)
 
 
 def check_fraction(value: Any, name: str = "fraction") -> float:
@@ -103,13 +124,14 @@ def _keep_mask_binomial(a: torch.Tensor, r: int) -> torch.Tensor:
 LARGE_R_FACTOR = 8
 
 
-def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False) -> torch.Tensor:
+def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False, sampler: str = "exact") -> torch.Tensor:
     """One SAP draw on a batch of activations ``h`` of shape ``(N, ...)`` (each sample's whole
     activation map is one distribution); returns a tensor of the same shape. ``nonneg=True``
     promises ``h >= 0`` (a ReLU's output), which saves taking ``|h|``.
 
     ``E[sap(h)] = h`` (Dhillon et al. 2018, Sec. 3): unit ``j`` survives with probability
-    ``q_j = 1 - (1 - p_j)^r`` and is then scaled by ``1 / q_j``.
+    ``q_j = 1 - (1 - p_j)^r`` and is then scaled by ``1 / q_j``. With ``sampler="poisson"``
+    units survive independently with ``q_j = 1 - exp(-r p_j)`` (module docstring).
     """
     if h.shape[0] == 0 or h[0].numel() == 0:
         return h
@@ -118,6 +140,8 @@ def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False) -> torc
     d = flat.shape[1]
     r = max(1, math.ceil(fraction * d))
     tiny = torch.finfo(flat.dtype).tiny
+    if sampler == "poisson":
+        return _sap_poisson(flat, r, nonneg).view_as(h)
     if not (torch.is_grad_enabled() and flat.requires_grad):
         # fast path (no autograd): in-place, few passes over the activations. Sums of
         # non-negative floats are >= each term, so p <= 1 and (1 - p) needs no clamp.
@@ -137,32 +161,48 @@ def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False) -> torc
     return (flat * scale).view_as(h)
 
 
+def _sap_poisson(flat: torch.Tensor, r: int, nonneg: bool) -> torch.Tensor:
+    """``sampler="poisson"`` on ``(N, d)`` rows: keep unit ``j`` independently with probability
+    ``q_j = 1 - exp(-r p_j)`` and scale it by ``1 / q_j``."""
+    tiny = torch.finfo(flat.dtype).tiny
+    a = flat if nonneg else flat.abs()
+    neg_rate = a.sum(1, keepdim=True).clamp_min(tiny).reciprocal().mul(-float(r))  # -r / sum|h|
+    u = torch.rand_like(flat)
+    if not (torch.is_grad_enabled() and flat.requires_grad):
+        q = a.mul(neg_rate).expm1_().neg_()  # 1 - exp(-r p)
+        return flat.div(q.clamp_min(tiny)).masked_fill_(u >= q, 0.0)
+    q = -torch.expm1(a * neg_rate)
+    keep = (u < q).detach()
+    return torch.where(keep, flat / torch.where(keep, q, torch.ones_like(q)), torch.zeros_like(flat))
+
+
 class SAP(nn.Module):
     """Stochastic Activation Pruning as a layer (see :func:`sap`). ``active=False`` makes it
     the identity (used by Multi-SAP strategy 2's plain voters)."""
 
-    def __init__(self, fraction: float = 1.0, *, nonneg: bool = False) -> None:
+    def __init__(self, fraction: float = 1.0, *, nonneg: bool = False, sampler: str = "exact") -> None:
         super().__init__()
         self.fraction = check_fraction(fraction)
+        self.sampler = check_sampler(sampler)
         self.nonneg = bool(nonneg)
         self.active = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sap(x, self.fraction, nonneg=self.nonneg) if self.active else x
+        return sap(x, self.fraction, nonneg=self.nonneg, sampler=self.sampler) if self.active else x
 
     def extra_repr(self) -> str:
-        return f"fraction={self.fraction}, active={self.active}"
+        return f"fraction={self.fraction}, sampler={self.sampler}, active={self.active}"
 
 
 class ReLUSAP(nn.Sequential):
     """``nn.ReLU`` followed by :class:`SAP` (what :func:`insert_sap` puts in place of a ReLU).
     It has no parameters, so a model's state-dict keys are unchanged by the insertion."""
 
-    def __init__(self, relu: nn.Module, fraction: float) -> None:
-        super().__init__(relu, SAP(fraction, nonneg=True))
+    def __init__(self, relu: nn.Module, fraction: float, sampler: str = "exact") -> None:
+        super().__init__(relu, SAP(fraction, nonneg=True, sampler=sampler))
 
 
-def insert_sap(model: Classifier, fraction: float = 1.0) -> Classifier:
+def insert_sap(model: Classifier, fraction: float = 1.0, sampler: str = "exact") -> Classifier:
     """A deep copy of ``model`` with :class:`SAP` after every ``nn.ReLU`` module.
 
     Works on any registered model without editing its class: Bastion's bare networks use one
@@ -170,20 +210,21 @@ def insert_sap(model: Classifier, fraction: float = 1.0) -> Classifier:
     ``spec`` is the base model's (the weights are the same), its ``stochastic`` flag is set.
     """
     fraction = check_fraction(fraction)
+    sampler = check_sampler(sampler)
     if any(isinstance(m, SAP) for m in model.modules()):
         raise ConfigError("model already contains SAP layers")
     out = copy.deepcopy(model)
-    _replace_relus(out, fraction)
+    _replace_relus(out, fraction, sampler)
     out.stochastic = True
     return out
 
 
-def _replace_relus(module: nn.Module, fraction: float) -> None:
+def _replace_relus(module: nn.Module, fraction: float, sampler: str) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.ReLU):
-            setattr(module, name, ReLUSAP(child, fraction))
+            setattr(module, name, ReLUSAP(child, fraction, sampler))
         else:
-            _replace_relus(child, fraction)
+            _replace_relus(child, fraction, sampler)
 
 
 def sap_layers(model: nn.Module) -> list[SAP]:
@@ -231,14 +272,19 @@ class SAPClassifier(Randomized):
         member: the trained base classifier (copied; SAP is inserted in the copy).
         fraction: draws per layer as a fraction of the layer's units (seed 000: 1.0).
         draws: default number of draws of :meth:`expected_probs` / :meth:`vote`.
+        sampler: ``"exact"`` (Dhillon et al.) or ``"poisson"`` (faster; module docstring).
     """
 
-    def __init__(self, member: Classifier, *, fraction: float = 1.0, draws: int = 50, decision: str = "draw") -> None:
+    def __init__(self, member: Classifier, *, fraction: float = 1.0, draws: int = 50, decision: str = "draw",
+                 sampler: str = "exact") -> None:
         fraction = check_fraction(fraction)
+        sampler = check_sampler(sampler)
         super().__init__(member, decision=decision, draws=draws, kind="sap")
         self.fraction = fraction
-        self.members = nn.ModuleList([insert_sap(member, fraction)])
-        self.spec = {"randomized": "sap", "params": {"fraction": fraction, "draws": draws, "decision": decision},
+        self.sampler = sampler
+        self.members = nn.ModuleList([insert_sap(member, fraction, sampler)])
+        self.spec = {"randomized": "sap",
+                     "params": {"fraction": fraction, "draws": draws, "decision": decision, "sampler": sampler},
                      "members": [dict(member.spec)]}
 
     @property
@@ -254,7 +300,8 @@ class SAPClassifier(Randomized):
         return repeated_logits(self.net_sap, x, self._n(n))
 
     def randomness(self) -> dict[str, Any]:
-        return {**super().randomness(), "fraction": self.fraction, "sap_layers": len(sap_layers(self.net_sap))}
+        return {**super().randomness(), "fraction": self.fraction, "sampler": self.sampler,
+                "sap_layers": len(sap_layers(self.net_sap))}
 
 
 @RANDOMIZED.register("sap", summary="Stochastic Activation Pruning after every ReLU (Dhillon et al. 2018)")
@@ -311,6 +358,7 @@ class SAPDefense(ModelDefense):
 
     Args:
         fraction: SAP draws per layer as a fraction of its units (seed 000: 1.0 = 100 %).
+        sampler: ``"exact"`` (Dhillon et al., the seed's) or ``"poisson"`` (faster, independent keeps).
         draws: default draws of the expected output / vote.
         base_defense: training defense of the base net (e.g. ``"pgd-at"``), or None.
         base_params: its parameters.
@@ -319,11 +367,13 @@ class SAPDefense(ModelDefense):
     name: str = "sap"
     fraction: float = 1.0
     draws: int = 50
+    sampler: str = "exact"
     base_defense: str | None = None
     base_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fraction(self.fraction)
+        check_sampler(self.sampler)
         if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 1:
             raise ConfigError(f"draws={self.draws!r} must be an integer >= 1")
         check_base(self.base_defense, self.base_params)
@@ -338,15 +388,17 @@ class SAPDefense(ModelDefense):
         members = list(members)
         if len(members) != 1:
             raise ConfigError(f"members has {len(members)} models; SAP wraps exactly one")
-        return SAPClassifier(members[0], fraction=self.fraction, draws=self.draws)
+        return SAPClassifier(members[0], fraction=self.fraction, draws=self.draws, sampler=self.sampler)
 
 
 __all__ = [
+    "SAMPLERS",
     "SAP",
     "ReLUSAP",
     "SAPClassifier",
     "SAPDefense",
     "check_fraction",
+    "check_sampler",
     "count_relus",
     "insert_sap",
     "repeated_logits",

@@ -47,20 +47,25 @@ def check_int(field: str, value: Any, low: int, high: int | None = None) -> None
         raise ConfigError(f"{field}={value!r} must be an integer {rng}")
 
 
-def check_adversarial_fields(adversarial: Any, adv_eps: Any, adv_steps: Any, adv_alpha: Any) -> None:
+def check_adversarial_fields(adversarial: Any, adv_eps: Any, adv_steps: Any, adv_alpha: Any,
+                             adv_eps_ramp_epochs: Any = 0) -> None:
     """Validation shared by ULM-Adv and CLM-Adv (fields named as in both defenses)."""
     if not isinstance(adversarial, bool):
         raise ConfigError(f"adversarial={adversarial!r} must be true or false")
     check_positive("adv_eps", adv_eps)
     check_int("adv_steps", adv_steps, 1)
     check_positive("adv_alpha", adv_alpha)
+    check_int("adv_eps_ramp_epochs", adv_eps_ramp_epochs, 0)
 
 
-def pgd_objective(adv_eps: float, adv_steps: int, adv_alpha: float) -> Objective:
-    """The ``pgd-at`` defense (Madry et al. 2018) with seed 001's PGD settings."""
+def pgd_objective(adv_eps: float, adv_steps: int, adv_alpha: float, eps_ramp_epochs: int = 0) -> Objective:
+    """The ``pgd-at`` defense (Madry et al. 2018) with seed 001's PGD settings; with
+    ``eps_ramp_epochs`` the budget grows linearly to ``adv_eps`` over the first epochs (without
+    it, 5-step PGD at eps 0.3 from a random LeNet-5 collapses to one class on MNIST)."""
     from bastion import defenses
 
-    return defenses.create("pgd-at", eps=float(adv_eps), attack_params={"steps": int(adv_steps), "alpha": float(adv_alpha)})
+    return defenses.create("pgd-at", eps=float(adv_eps), eps_ramp_epochs=int(eps_ramp_epochs),
+                           attack_params={"steps": int(adv_steps), "alpha": float(adv_alpha)})
 
 
 def member_dir(out_dir: Path | None, index: int) -> Path | None:
@@ -118,6 +123,8 @@ class ULM(ModelDefense):
         adversarial: train every submodel with PGD adversarial training (ULM-Adv).
         adv_eps, adv_steps, adv_alpha: the PGD of adversarial training (seed 001, Sec. 4.1,
             MNIST: 0.3, 100 steps of 0.01).
+        adv_eps_ramp_epochs: ramp the PGD budget linearly over the first epochs (0: none, the
+            seed's setting; see ``pgd-at``'s ``eps_ramp_epochs``).
         decision: what the deployed population answers with (seed 001: ``"draw"``).
     """
 
@@ -127,16 +134,20 @@ class ULM(ModelDefense):
     adv_eps: float = SEED001_ADV_EPS
     adv_steps: int = SEED001_ADV_STEPS
     adv_alpha: float = SEED001_ADV_ALPHA
+    adv_eps_ramp_epochs: int = 0
     decision: str = "draw"
 
     def __post_init__(self) -> None:
         check_int("members", self.members, 1)
-        check_adversarial_fields(self.adversarial, self.adv_eps, self.adv_steps, self.adv_alpha)
+        check_adversarial_fields(self.adversarial, self.adv_eps, self.adv_steps, self.adv_alpha,
+                                 self.adv_eps_ramp_epochs)
         check_choice("decision", self.decision, DECISIONS)
 
     def objective(self) -> Objective | None:
         """The members' training objective: ``pgd-at`` for ULM-Adv, else cross-entropy."""
-        return pgd_objective(self.adv_eps, self.adv_steps, self.adv_alpha) if self.adversarial else None
+        if not self.adversarial:
+            return None
+        return pgd_objective(self.adv_eps, self.adv_steps, self.adv_alpha, self.adv_eps_ramp_epochs)
 
     def _fit(self, make_model: Callable[[int], Classifier], train_set: ImageDataset, config: Any, *,
              out_dir: Path | None, resume: bool, progress: bool) -> Classifier:

@@ -31,6 +31,7 @@ from torch import nn
 from bastion import attacks
 from bastion.attacks.base import Attack
 from bastion.errors import ConfigError
+from bastion.eval.accuracy import majority_correct
 from bastion.models.base import as_classifier
 
 #: check name -> one-line explanation (shown next to the flag in reports)
@@ -138,21 +139,35 @@ def _is_random(model: nn.Module, random: bool) -> bool:
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             queries: int | None = None) -> torch.Tensor:
+    """Per-sample correctness. ``queries=None``: a deterministic model's argmax. Else (a random
+    model) the deployed decision (``model.decide`` if it has one) must be right in a majority of
+    ``queries`` queries, the rule the evaluation rows were judged by."""
+    decide = getattr(model, "decide", None)
     out = []
     for i in range(0, x.shape[0], batch_size):
-        out.append(model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size])
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        if queries is not None:
+            out.append(majority_correct(decide if callable(decide) else (lambda z: model(z).argmax(-1)), xb, yb, queries))
+        else:
+            out.append(model(xb).argmax(-1) == yb)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
 def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                   seed: int) -> torch.Tensor:
-    """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches."""
+                   seed: int, queries: int | None = None) -> torch.Tensor:
+    """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches. With ``queries``
+    (a random model) the attack runs to its final iterate (a lucky draw must not stop it) and a
+    point is robust if the deployed decision is right in a majority of the queries."""
+    if queries is not None and hasattr(attack, "early_stop"):
+        attack = attack.replace(early_stop=False)
     gen = torch.Generator(device=x.device).manual_seed(seed) if x.device.type != "mps" else None
     out = []
     for i in range(0, x.shape[0], batch_size):
-        res = attack(model, x[i : i + batch_size], y[i : i + batch_size], generator=gen)
-        out.append(~res.success)
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        res = attack(model, xb, yb, generator=gen)
+        out.append(~res.success if queries is None else _correct(model, res.x_adv, yb, batch_size, queries))
     return torch.cat(out)
 
 
@@ -315,7 +330,7 @@ def _noise(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator | None, 
 
 
 def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
-                batch_size: int, seed: int) -> Flag:
+                batch_size: int, seed: int, queries: int | None = None) -> Flag:
     name = "noise-weaker-than-attack"
     gen = torch.Generator(device=x.device).manual_seed(seed)
     bounds = getattr(model, "bounds", (0.0, 1.0))
@@ -325,7 +340,7 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequen
             wb = [r for r in rows if _white_box(r) and str(r["norm"]) == norm and _eps_key(r["eps"]) == e]
             best = min(wb, key=lambda r: r["robust_accuracy"])
             xn = _noise(x, e, norm, gen, bounds)
-            acc = float(_correct(model, xn, y, batch_size).float().mean())
+            acc = float(_correct(model, xn, y, batch_size, queries).float().mean())
             seen.append(f"{norm} eps={e:g}: noise {_pct(acc)} vs {best['attack_label']} {_pct(best['robust_accuracy'])}")
             if acc < best["robust_accuracy"] - _tol(x.shape[0], best["n"]) - 1e-6:
                 bad.append(seen[-1])
@@ -334,11 +349,11 @@ def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequen
 
 
 def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, num_classes: int,
-                    batch_size: int, seed: int, steps: int = 20) -> Flag:
+                    batch_size: int, seed: int, steps: int = 20, queries: int | None = None) -> Flag:
     name = "near-chance-at-large-eps"
     eps = _large_eps(norm, x)
     pgd = attacks.create("pgd", eps=eps, norm=norm, steps=steps)
-    acc = float(_attack_robust(model, pgd, x, y, batch_size, seed).float().mean())
+    acc = float(_attack_robust(model, pgd, x, y, batch_size, seed, queries).float().mean())
     chance = 1.0 / max(num_classes, 1)
     limit = chance + 0.1
     detail = f"pgd-{steps} at {norm} eps={eps:.3g}: {_pct(acc)} on {x.shape[0]} points (chance {_pct(chance)}, limit {_pct(limit)})"
@@ -346,7 +361,7 @@ def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm:
 
 
 def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
-                    batch_size: int, seed: int, factor: int = 5) -> Flag:
+                    batch_size: int, seed: int, factor: int = 5, queries: int | None = None) -> Flag:
     """Re-run the strongest step-based white-box attack at the largest budget on ``x`` with its
     own parameters, then ``factor`` times the steps and one more restart (at least two) on the
     points it left robust; raise when the stronger attack breaks more than a point more (or two
@@ -365,12 +380,12 @@ def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Se
     if hasattr(base, "restarts"):
         changes["restarts"] = max(2, int(base.restarts) + 1)
     strong = base.replace(**{k: v for k, v in changes.items() if hasattr(base, k)})
-    r0 = _attack_robust(model, base, x, y, batch_size, seed)
+    r0 = _attack_robust(model, base, x, y, batch_size, seed, queries)
     # the stronger attack only needs to run where the row's attack failed: the accuracy under
     # both is what a stronger evaluation would report
     r1 = r0.clone()
     if bool(r0.any()):
-        r1[r0] = _attack_robust(model, strong, x[r0], y[r0], batch_size, seed + 1)
+        r1[r0] = _attack_robust(model, strong, x[r0], y[r0], batch_size, seed + 1, queries)
     acc0, acc1 = float(r0.float().mean()), float(r1.float().mean())
     drop = acc0 - acc1
     desc = ", ".join(f"{k}={v}" for k, v in changes.items() if hasattr(base, k))
@@ -415,6 +430,7 @@ def run_checks(
     seed: int = 0,
     n_points: int = 200,
     batch_size: int = 500,
+    queries: int = 5,
 ) -> list[Flag]:
     """Run every check that applies to the evaluation ``rows`` of ``model`` under one protocol.
 
@@ -429,6 +445,10 @@ def run_checks(
             fixed-randomness check.
         device: where to compute (default: the model's device). seed: RNG seed of the checks.
         n_points, batch_size: size of the extra computation.
+        queries: for a random model, the checks that attack or classify judge a point by its
+            deployed decision (``model.decide``), robust only if right in a majority of
+            ``queries`` independent queries (as the harness judges its rows; the paper protocol
+            uses 1); ignored for deterministic models.
 
     Returns one :class:`Flag` per applicable check, in :data:`CHECKS` order; checks that do
     not apply pass with a detail starting "not applicable".
@@ -445,15 +465,19 @@ def run_checks(
     x, y = _xy(data, n_points, dev)
     num_classes = int(getattr(model, "num_classes", 0) or 0) or int(y.max()) + 1
     rand = _is_random(model, random)
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise ConfigError(f"queries={queries!r} must be an integer >= 1")
+    k = queries if rand else None
     flags: list[Flag] = []
     try:
         flags.append(check_iterative_vs_single(rows))
         flags.append(check_monotone(rows))
-        flags.append(check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed))
-        flags.append(check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed))
+        flags.append(check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
+                                     queries=k))
+        flags.append(check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=k))
         flags.append(check_black_box(rows))
         flags.append(check_gradients(clf, x, y, batch_size=batch_size))
-        flags.append(check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed))
+        flags.append(check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=k))
         if rand:
             flags.append(check_fixed_randomness(model, x, y, rows, norm=norm, num_classes=num_classes,
                                                 batch_size=batch_size, seed=seed))

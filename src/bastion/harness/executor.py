@@ -233,8 +233,9 @@ class EvalJob:
             from bastion.eval.bpda import bpda_view
 
             model = bpda_view(model)  # check the model the adaptive attacks actually went through
+        queries = cfg.evaluation.queries if self.protocol == "adaptive" else 1
         flags = run_checks(model, data, rows, norm=cfg.evaluation.norm, random=P.is_random(model), device=dev,
-                           seed=cfg.evaluation.seed)
+                           seed=cfg.evaluation.seed, queries=queries)
         for f in flags:
             db.add_flag(config_hash=self.config_hash, model_key=self.key, defense=m.name, protocol=self.protocol,
                         flag=f.name, passed=bool(f.passed), detail=str(f.detail))

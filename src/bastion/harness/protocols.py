@@ -41,6 +41,7 @@ from torch import nn
 
 from bastion import attacks as attacks_mod
 from bastion.attacks.base import Attack
+from bastion.eval.accuracy import majority_correct
 from bastion.eval.robust import attack_label
 
 #: defenses whose paper protocol is seed 001's (random crafting submodel, random classifying submodel)
@@ -96,16 +97,6 @@ def decisions(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> to
         xb = x[i : i + batch_size]
         out.append(model.decide(xb) if is_random(model) else model(xb).argmax(-1))  # type: ignore[operator]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-@torch.no_grad()
-def majority_correct(decide: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """``(N,)`` bool: the decision is right in a strict majority (> k/2) of ``k`` independent
-    queries. With ``k = 1`` this is "right in one query"."""
-    right = torch.zeros(len(x), dtype=torch.long, device=y.device)
-    for _ in range(k):
-        right += (decide(x) == y).long()
-    return right * 2 > k
 
 
 def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, queries: int, batch_size: int) -> torch.Tensor:
