@@ -93,6 +93,39 @@ def test_config_base_must_be_an_earlier_model(tmp_path):
         hc.load_harness_config(_write(tmp_path, text))
 
 
+def test_config_surrogate_must_be_an_earlier_model_and_not_a_base(tmp_path):
+    with pytest.raises(ConfigError, match=r"surrogate='later' must be the id of a model listed before it"):
+        hc.load_harness_config(_write(tmp_path), {"models.standard.surrogate": "later"})
+    text = TINY + '[[models]]\nid = "sap"\ndefense = "sap"\nbase = "standard"\nsurrogate = "standard"\n'
+    with pytest.raises(ConfigError, match="give one of the two"):
+        hc.load_harness_config(_write(tmp_path, text))
+    cfg = hc.load_harness_config(_write(tmp_path), {"models.fgsm-at.surrogate": "standard"})
+    jobs = [j for j in runner.plan_jobs(cfg) if j.kind == "eval" and j.model_id == "fgsm-at"]
+    keys = all_keys(cfg)
+    assert {j.base_key for j in jobs} == {keys["standard"]}, "the eval jobs load the surrogate"
+
+
+def test_paper_protocol_transfers_from_the_surrogate_and_adaptive_adds_those_rows():
+    """Seed 003's protocol: crafted on the original model, given to the defense."""
+    from bastion import attacks, models
+
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    surrogate, model = models.create("lenet5", seed=1).eval(), models.create("lenet5", seed=2).eval()
+    fgsm = attacks.create("fgsm", eps=0.2)
+    st = P.Settings(autoattack=False)
+    (paper,) = P.plan("paper", model, defense="fgsm-at", base=surrogate, attack_list=[fgsm], settings=st)
+    assert paper.kind == "transfer" and "surrogate" in paper.how
+    robust, _ = paper.run(x, y, torch.Generator().manual_seed(0))
+    x_adv = fgsm(surrogate, x, y).x_adv
+    with torch.no_grad():
+        assert torch.equal(robust, model(x_adv).argmax(-1) == y)
+    white = P.plan("paper", model, defense="fgsm-at", base=None, attack_list=[fgsm], settings=st)[0]
+    assert white.kind == "" and not torch.equal(white.run(x, y, torch.Generator())[0], robust)
+    labels = [p.label for p in P.plan("adaptive", model, defense="fgsm-at", base=surrogate, attack_list=[fgsm], settings=st)]
+    assert labels == ["fgsm", "transfer-fgsm"]
+
+
 def test_packaged_quick_config_is_valid():
     cfg = hc.load_harness_config()
     assert [m.id for m in cfg.models] == ["standard", "pgd-at", "multi-sap"]

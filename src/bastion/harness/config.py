@@ -77,6 +77,9 @@ class ModelEntry:
     params: dict[str, Any] = option({}, "defense hyper-parameters (the seed's defaults otherwise)")
     train: dict[str, Any] = option({}, "TrainConfig fields overriding [training] for this model")
     base: str | None = option(None, "id of an already-trained model this wrapper defense builds on (no retraining)")
+    surrogate: str | None = option(None, "id of a model on which the paper protocol crafts the attacks, then "
+                                         "transferred to this one (seed 003: the original model); the adaptive "
+                                         "protocol adds these transfer rows to its own")
     label: str | None = option(None, "display name in tables (default: id)")
 
     def __post_init__(self) -> None:
@@ -97,6 +100,9 @@ class ModelEntry:
             raise ConfigError(f"params={self.params!r} (model {self.id!r}) given but defense='none'")
         elif self.base is not None:
             raise ConfigError(f"base={self.base!r} (model {self.id!r}) needs a wrapper defense (sap, multi-sap)")
+        if self.surrogate is not None and self.base is not None:
+            raise ConfigError(f"surrogate={self.surrogate!r} (model {self.id!r}): a wrapper's attacks are already "
+                              f"transferred from its base {self.base!r}; give one of the two")
 
     @property
     def name(self) -> str:
@@ -200,6 +206,10 @@ class HarnessConfig:
                 if m.base not in ids[:i]:
                     known = ", ".join(repr(x) for x in ids[:i]) or "none"
                     raise ConfigError(f"models[{m.id}].base={m.base!r} must be the id of a model listed before it; known: {known}")
+            if m.surrogate is not None and m.surrogate not in ids[:i]:
+                known = ", ".join(repr(x) for x in ids[:i]) or "none"
+                raise ConfigError(f"models[{m.id}].surrogate={m.surrogate!r} must be the id of a model listed before it; "
+                                  f"known: {known}")
         for m in self.models:
             self.train_config(m)  # every model's training config is valid
 

@@ -12,6 +12,9 @@
   (:func:`bastion.eval.mra.seed001_protocol`);
 * a bagging ensemble (``bagging-noise``; seed 003): the attack on the averaged ensemble, the
   deployed decision (average or vote) queried once;
+* any model with a ``surrogate`` in the config (seed 003: the original model): the attack is
+  crafted on the surrogate and given to the model (a transfer row), and the adaptive protocol
+  adds the same transfer rows to its own;
 * any other random model: the attack on one draw, the deployed decision queried once.
 
 ``adaptive`` -- white-box on the deployed defense (Athalye et al. 2018; Tramer et al. 2020):
@@ -162,9 +165,10 @@ def plan(
         random = is_random(model)
         extra = autoattacks(sorted({float(a.eps) for a in attack_list}), settings, random) if settings.autoattack else []
         rows = [_adaptive(model, a, settings=settings) for a in [*attack_list, *extra]]
-        if random and base is not None:
-            # an adaptive attacker knows the base network too: the paper's transfer attack,
-            # judged by the majority-of-k rule, is part of the adaptive worst case
+        if base is not None:
+            # an adaptive attacker knows the base network (or the paper's surrogate) too: the
+            # paper's transfer attack, judged by the majority-of-k rule, is part of the adaptive
+            # worst case
             rows += [_transfer_adaptive(model, base, a, settings=settings) for a in attack_list]
         return rows
     raise ValueError(f"protocol={protocol!r} is not one of 'paper', 'adaptive'")
@@ -172,6 +176,8 @@ def plan(
 
 def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | None, settings: Settings) -> Planned:
     k = settings.batch_size
+    if base is not None and not (defense in SEED001 and hasattr(model, "members")):
+        return _transfer_paper(model, base, attack, batch_size=k)
     if not is_random(model):
         def run(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
             res = attack(model, x, y, generator=g)
@@ -183,10 +189,7 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
             return _seed001(model, x, y, attack, g)
 
         return Planned(row_label(attack), attack, run001, "seed 001: crafted on a random submodel, classified by a random submodel")
-    if base is not None:
-        surrogate = base
-        how = "transfer from the base network, deployed decision queried once"
-    elif defense in ENSEMBLE and hasattr(model, "expected"):
+    if defense in ENSEMBLE and hasattr(model, "expected"):
         surrogate = model.expected()  # type: ignore[operator]
         how = "white-box on the averaged ensemble, deployed decision queried once"
     else:
@@ -198,6 +201,18 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
         return decisions(model, res.x_adv, batch_size=k) == y, res.cost
 
     return Planned(row_label(attack), attack, run_t, how)
+
+
+def _transfer_paper(model: nn.Module, base: nn.Module, attack: Attack, *, batch_size: int) -> Planned:
+    """Crafted white-box on ``base`` (a wrapper's base network, or the config's surrogate) and
+    given to ``model``; its deployed decision is queried once."""
+
+    def run(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
+        res = attack(base, x, y, generator=g)
+        return decisions(model, res.x_adv, batch_size=batch_size) == y, res.cost
+
+    return Planned(row_label(attack), attack, run, "transfer from the base network (surrogate), deployed decision "
+                   "queried once", kind="transfer")
 
 
 def _seed001(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, g: torch.Generator) -> tuple[torch.Tensor, Any, dict[str, Any]]:

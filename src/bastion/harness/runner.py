@@ -61,7 +61,8 @@ def plan_jobs(cfg: HarnessConfig, *, progress: bool = False) -> list[Job]:
         jobs.append(TrainJob(conf, m.id, keys[m.id], keys.get(m.base) if m.base else None, out, db, progress))
     for m in cfg.models:
         for proto in cfg.evaluation.protocols:
-            jobs.append(EvalJob(conf, h, m.id, keys[m.id], keys.get(m.base) if m.base else None, proto, out, db, progress))
+            source = m.base or m.surrogate  # the model the paper protocol transfers from
+            jobs.append(EvalJob(conf, h, m.id, keys[m.id], keys.get(source) if source else None, proto, out, db, progress))
     if cfg.evaluation.artifacts:
         for m in cfg.models:
             jobs.append(ArtifactJob(conf, h, m.id, keys[m.id], out, db))
