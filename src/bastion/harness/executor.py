@@ -315,14 +315,18 @@ class Executor(Protocol):
 
 @dataclass
 class InProcessExecutor:
-    """Runs every job here, one after the other. ``on_done(job, stats)`` is called after each."""
+    """Runs every job here, one after the other. ``on_start(i, n, job)`` is called before each
+    and ``on_done(job, stats)`` after each."""
 
     on_done: Callable[[Job, dict[str, Any]], None] | None = None
+    on_start: Callable[[int, int, Job], None] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         out = []
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            if self.on_start is not None:
+                self.on_start(i, len(jobs), job)
             stats = job.run()
             self.log.append(stats)
             out.append(stats)

@@ -12,6 +12,7 @@ and a killed run, started again, picks up where it stopped.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ def run(cfg: HarnessConfig, *, executor: Executor | None = None, progress: bool 
         report_dir: str | Path | None = None) -> RunSummary:
     """Run ``cfg`` end to end; returns the summary (the table is built from the database)."""
     t0 = time.perf_counter()
-    executor = executor or InProcessExecutor()
+    if executor is None:
+        executor = InProcessExecutor(on_start=_announce, on_done=_report_done) if progress else InProcessExecutor()
     jobs = plan_jobs(cfg, progress=progress)
     summary = RunSummary(config_hash=config_hash(cfg), db_path=cfg.db_path)
     summary.stats = executor.run(jobs)
@@ -83,6 +85,19 @@ def run(cfg: HarnessConfig, *, executor: Executor | None = None, progress: bool 
                                       title=cfg.name)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _announce(i: int, n: int, job: Job) -> None:
+    """One line per job on stderr, so that a long run shows where it is (also in a log file)."""
+    what = {"train": "train", "eval": "evaluate", "artifacts": "artifacts"}.get(job.kind, job.kind)
+    proto = f" ({job.protocol})" if hasattr(job, "protocol") else ""
+    print(f"[{i + 1}/{n}] {what} {job.model_id}{proto} ...", file=sys.stderr, flush=True)
+
+
+def _report_done(job: Job, stats: dict[str, Any]) -> None:
+    parts = [f"{k}={v:.0f}s" if k == "seconds" else f"{k}={v}" for k, v in stats.items()
+             if k not in ("job", "model", "protocol") and isinstance(v, (int, float))]
+    print(f"      done: {', '.join(parts) or 'nothing to do'}", file=sys.stderr, flush=True)
 
 
 def write_report(db_path: str | Path, h: str, out_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
