@@ -120,6 +120,15 @@ def test_paper_protocol_transfers_from_the_surrogate_and_adaptive_adds_those_row
     x_adv = fgsm(surrogate, x, y).x_adv
     with torch.no_grad():
         assert torch.equal(robust, model(x_adv).argmax(-1) == y)
+    # transferred examples are the final iterate (as the seeds' libraries return them), not the
+    # first one that fooled the surrogate (a near-minimal perturbation that transfers worse)
+    bim = attacks.create("bim", eps=0.2, steps=10)
+    (paper_bim,) = P.plan("paper", model, defense="fgsm-at", base=surrogate, attack_list=[bim], settings=st)
+    assert paper_bim.attack.early_stop is False and bim.early_stop is True
+    robust_bim, _ = paper_bim.run(x, y, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final = bim.replace(early_stop=False)(surrogate, x, y).x_adv
+        assert torch.equal(robust_bim, model(final).argmax(-1) == y)
     white = P.plan("paper", model, defense="fgsm-at", base=None, attack_list=[fgsm], settings=st)[0]
     assert white.kind == "" and not torch.equal(white.run(x, y, torch.Generator())[0], robust)
     labels = [p.label for p in P.plan("adaptive", model, defense="fgsm-at", base=surrogate, attack_list=[fgsm], settings=st)]

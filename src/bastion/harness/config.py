@@ -233,6 +233,12 @@ class HarnessConfig:
         return Path(self.db) if self.db else Path(self.out_dir) / "results.sqlite"
 
 
+#: bumped whenever the protocols change what a stored row means; part of :func:`config_hash`.
+#: 2: transfer rows (surrogate / base network) and seed 001's crafting use the attack's final
+#: iterate, as the seeds' libraries return it, instead of stopping at the first success.
+PROTOCOL_VERSION = 2
+
+
 def plain(cfg: HarnessConfig) -> dict[str, Any]:
     """The config as plain JSON-serialisable data (round-trips through :func:`from_dict`)."""
     out = to_dict(cfg)
@@ -254,6 +260,8 @@ def config_hash(cfg: HarnessConfig) -> str:
     ev = d["evaluation"]
     for k in ("sanity", "artifacts", "gallery_samples", "report", "batch_size"):
         ev.pop(k, None)
+    # rows computed by an earlier version of the protocols are not reused by a later one
+    d["protocol_version"] = PROTOCOL_VERSION
     return stable_hash(d)
 
 

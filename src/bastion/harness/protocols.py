@@ -185,10 +185,13 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
 
         return Planned(row_label(attack), attack, run)
     if defense in SEED001 and hasattr(model, "members"):
-        def run001(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any, dict[str, Any]]:
-            return _seed001(model, x, y, attack, g)
+        a001 = final_iterate(attack)  # each example is handed to another random submodel
 
-        return Planned(row_label(attack), attack, run001, "seed 001: crafted on a random submodel, classified by a random submodel")
+        def run001(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+            return _seed001(model, x, y, a001, g)
+
+        return Planned(row_label(attack), a001, run001,
+                       "seed 001: crafted on a random submodel (final iterate), classified by a random submodel")
     if defense in ENSEMBLE and hasattr(model, "expected"):
         surrogate = model.expected()  # type: ignore[operator]
         how = "white-box on the averaged ensemble, deployed decision queried once"
@@ -203,16 +206,25 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
     return Planned(row_label(attack), attack, run_t, how)
 
 
+def final_iterate(attack: Attack) -> Attack:
+    """``attack`` without early stopping (AutoAttack keeps its own per-point stopping). Examples
+    that are handed to another model must be the attack's final iterate, as the seeds' libraries
+    (torchattacks, cleverhans) return them: the first iterate that fools the crafting model is a
+    near-minimal perturbation that transfers much worse, which would flatter the defense."""
+    return dataclasses.replace(attack, early_stop=False) if attack.name != "autoattack" else attack
+
+
 def _transfer_paper(model: nn.Module, base: nn.Module, attack: Attack, *, batch_size: int) -> Planned:
-    """Crafted white-box on ``base`` (a wrapper's base network, or the config's surrogate) and
-    given to ``model``; its deployed decision is queried once."""
+    """Crafted white-box on ``base`` (a wrapper's base network, or the config's surrogate), final
+    iterate, and given to ``model``; its deployed decision is queried once."""
+    a = final_iterate(attack)
 
     def run(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
-        res = attack(base, x, y, generator=g)
+        res = a(base, x, y, generator=g)
         return decisions(model, res.x_adv, batch_size=batch_size) == y, res.cost
 
-    return Planned(row_label(attack), attack, run, "transfer from the base network (surrogate), deployed decision "
-                   "queried once", kind="transfer")
+    return Planned(row_label(attack), a, run, "transfer from the base network (surrogate), final iterate, deployed "
+                   "decision queried once", kind="transfer")
 
 
 def _seed001(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, g: torch.Generator) -> tuple[torch.Tensor, Any, dict[str, Any]]:
@@ -272,7 +284,7 @@ def _adaptive(model: nn.Module, attack: Attack, *, settings: Settings) -> Planne
 def _transfer_adaptive(model: nn.Module, base: nn.Module, attack: Attack, *, settings: Settings) -> Planned:
     """The attack crafted on the base network (final iterate), judged by the majority-of-k rule."""
     k = settings.batch_size
-    a = dataclasses.replace(attack, early_stop=False) if attack.name != "autoattack" else attack
+    a = final_iterate(attack)
 
     def run(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
         res = a(base, x, y, generator=g)
