@@ -174,9 +174,11 @@ def main() -> None:
         train_seconds[n] = time.perf_counter() - t0
         # refuse a population whose independent training collapsed (CLM's counter-linking may
         # legitimately cost accuracy: its members' clean accuracies are reported, not refused)
-        for i, member in enumerate(pops[n].members if args.min_clean > 0 and d == "ulm" else []):
-            check_trained(member, te, name=f"{n} member {i}", min_accuracy=args.min_clean, device=dev)
-        member_clean[n] = [accuracy(m, te, device=dev) for m in pops[n].members]
+        refuse = args.min_clean > 0 and d == "ulm"
+        member_clean[n] = [
+            check_trained(m, te, name=f"{n} member {i}", min_accuracy=args.min_clean, device=dev) if refuse
+            else accuracy(m, te, device=dev)
+            for i, m in enumerate(pops[n].members)]
         print(f"[train] {n}: member clean accuracies {[round(a, 3) for a in member_clean[n]]}", flush=True)
 
     atks = build_attacks(args)

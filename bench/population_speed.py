@@ -36,8 +36,10 @@ def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int)
     a(), b()
     ta, tb = [], []
     for _ in range(repeats):
-        t = time.perf_counter(); a(); ta.append(time.perf_counter() - t)
-        t = time.perf_counter(); b(); tb.append(time.perf_counter() - t)
+        for fn, times in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return statistics.median(ta), statistics.median(tb)
 
 

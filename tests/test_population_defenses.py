@@ -159,7 +159,9 @@ def test_ulm_and_clm_fit_save_and_reload(mnist_small, tmp_path: Path):
     torch.set_num_threads(1)
     tr, te = mnist_small
     small, x = tr.take(300), te.x[:32]
-    make = lambda s: models.create("lenet5", seed=s)
+    def make(s):
+        return models.create("lenet5", seed=s)
+
     ulm = defenses.create("ulm", members=2).fit(make, small, CFG, out_dir=tmp_path / "ulm", progress=False)
     assert isinstance(ulm, Population) and ulm.kind == "ulm" and ulm.decision == "draw" and len(ulm) == 2
     assert not torch.equal(ulm.members[0].first_layer.weight, ulm.members[1].first_layer.weight)
@@ -189,7 +191,9 @@ def test_clm_resumes_after_a_kill_with_the_same_weights(mnist_small, tmp_path: P
     torch.set_num_threads(1)
     tr, _ = mnist_small
     small = tr.take(200)
-    make = lambda s: models.create("lenet5", seed=s)
+    def make(s):
+        return models.create("lenet5", seed=s)
+
     cfg = TrainConfig(epochs=2, batch_size=20, optimizer="adam", lr=1e-3, weight_decay=0.0)
     clm = defenses.create("clm", members=2, init="scratch", alpha=0.02, delta=0.05)
     ref = clm.fit(make, small, cfg, out_dir=tmp_path / "a", progress=False)

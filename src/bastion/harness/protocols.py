@@ -266,11 +266,9 @@ def _adaptive(model: nn.Module, attack: Attack, *, settings: Settings) -> Planne
         return Planned(row_label(attack), attack, run)
     random_exp = bool(getattr(model, "random_expectation", True))
     view = _bpda(model.expected(settings.expectation_draws if random_exp else None))  # type: ignore[operator]
-    a = attack
-    if attack.name != "autoattack" and random_exp:
-        # the engine's early stop judges success on one random draw of the expectation, which
-        # says little about the deployed decision: keep iterating to the final point instead
-        a = dataclasses.replace(a, early_stop=False)
+    # the engine's early stop judges success on one random draw of the expectation, which says
+    # little about the deployed decision: keep iterating to the final point instead
+    a = final_iterate(attack) if random_exp else attack
     if random_exp and attack.name != "autoattack" and not getattr(attack, "gradient_free", False) and attack.eot_samples == 1:
         a = attacks_mod.eot(attack, settings.eot_samples)
 
