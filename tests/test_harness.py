@@ -225,7 +225,7 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
     assert s3.trained == 0 and s3.evaluated == 0 and calls == []
     log = capsys.readouterr().err  # one line per job, so that a run in a log file shows where it is
     assert "[1/" in log and "train standard ..." in log and "evaluate fgsm-at (adaptive) ..." in log
-    assert "skipped=4" in log
+    assert "skipped=4" in log and "raised=" in log  # sanity checks report how many flags were raised
     assert {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()} == after
     # numbers make sense: undefended clean accuracy, pgd no weaker than fgsm per point
     rows = db.evaluations(protocol="adaptive")

@@ -46,7 +46,8 @@ def test_poisson_sampler_is_unbiased_with_independent_keeps():
     n = 20000
     out = sap(h.expand(n, 3, 4, 4).contiguous(), 1.0, sampler="poisson").reshape(n, -1)
     flat = h.flatten()
-    q = -torch.expm1(-48 * flat / flat.sum())
+    # q = 1 - exp(-r p) rounded up to a multiple of 2**-15 (the sampler's resolution)
+    q = torch.ceil(-torch.expm1(-48 * flat / flat.sum()) * 2**15) / 2**15
     keep = (out != 0).float()
     sd_keep = (q * (1 - q) / n).sqrt()
     assert bool(((keep.mean(0) - q).abs() <= 5 * sd_keep + 1e-4).all()), "keep probabilities follow 1 - exp(-r p)"
@@ -68,6 +69,10 @@ def test_poisson_sampler_is_unbiased_with_independent_keeps():
     b.sum().backward()
     assert hg.grad is not None and bool(torch.isfinite(hg.grad).all())
     assert torch.allclose(sap(h, 1e7, sampler="poisson"), h, atol=1e-5), "infinite draws prune nothing"
+    # an all-zero activation map (a dead layer) stays zero, with or without autograd
+    zero = torch.zeros(2, 5)
+    assert torch.equal(sap(zero, 1.0, sampler="poisson", nonneg=True), zero)
+    assert torch.equal(sap(zero.clone().requires_grad_(True), 1.0, sampler="poisson").detach(), zero)
 
 
 def test_keep_probability_matches_formula():

@@ -184,7 +184,7 @@ class EvalJob:
         todo = [p for p in planned if not db.has_evaluation(**ident, attack_label=p.label, eps=float(p.attack.eps))]
         random = P.is_random(model)
         stats: dict[str, Any] = {"job": "eval", "model": m.id, "protocol": self.protocol, "evaluated": 0,
-                 "skipped": len(planned) - len(todo), "flags": 0}
+                 "skipped": len(planned) - len(todo), "checks": 0, "raised": 0}
         data = None
         common = dict(experiment=cfg.name, dataset=cfg.dataset.name, defense=m.name, protocol=self.protocol,
                       config_hash=self.config_hash, model_key=self.key, norm=st.norm)
@@ -219,15 +219,15 @@ class EvalJob:
                                   extra={"defense": m.defense, "of": sorted({r["attack_label"] for r in rows
                                                                               if r["attack"] != "worst-case" and r["eps"] == eps})})
         if cfg.evaluation.sanity and not db.flags(config_hash=self.config_hash, model_key=self.key, protocol=self.protocol):
-            stats["flags"] = self._sanity(db, model, data if data is not None else eval_data(cfg), cfg, dev, m)
+            stats["checks"], stats["raised"] = self._sanity(
+                db, model, data if data is not None else eval_data(cfg), cfg, dev, m)
         return stats
 
-    def _sanity(self, db: Any, model: Any, data: Any, cfg: HarnessConfig, dev: torch.device, m: Any) -> int:
-        try:
-            from bastion.eval.sanity import run_checks
-        except ImportError:
-            log.warning("bastion.eval.sanity is not available; no sanity checks")
-            return 0
+    def _sanity(self, db: Any, model: Any, data: Any, cfg: HarnessConfig, dev: torch.device, m: Any) -> tuple[int, int]:
+        """Run the sanity checks on this (model, protocol)'s rows and store them; returns
+        (checks run, flags raised)."""
+        from bastion.eval.sanity import run_checks
+
         rows = [r for r in db.evaluations(config_hash=self.config_hash, model_key=self.key, protocol=self.protocol)]
         if self.protocol == "adaptive" and not P.is_random(model):
             from bastion.eval.bpda import bpda_view
@@ -239,7 +239,7 @@ class EvalJob:
         for f in flags:
             db.add_flag(config_hash=self.config_hash, model_key=self.key, defense=m.name, protocol=self.protocol,
                         flag=f.name, passed=bool(f.passed), detail=str(f.detail))
-        return len(flags)
+        return len(flags), sum(not f.passed for f in flags)
 
 
 @dataclass
@@ -262,11 +262,8 @@ class ArtifactJob:
         todo = [k for k in ("gallery", "landscape") if k not in have]
         if not todo:
             return {"job": "artifacts", "model": m.id, "written": 0}
-        try:
-            from bastion.results import artifacts as art
-        except ImportError:
-            log.warning("bastion.results.artifacts is not available; no gallery or landscape")
-            return {"job": "artifacts", "model": m.id, "written": 0}
+        from bastion.results import artifacts as art
+
         dev = _device(cfg)
         st = settings(cfg)
         model: Any = load_cached(self.out_dir, self.key, dev)

@@ -247,10 +247,8 @@ def _seed001(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
 
 
 def _bpda(model: nn.Module) -> nn.Module:
-    try:
-        from bastion.eval.bpda import bpda_view
-    except ImportError:  # pragma: no cover - module written in parallel
-        return model
+    from bastion.eval.bpda import bpda_view
+
     return bpda_view(model)
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.errors import ConfigError
 from bastion.harness.cache import all_keys
 from bastion.harness.config import HarnessConfig, config_hash, plain
 from bastion.harness.executor import (
@@ -102,11 +101,8 @@ def _report_done(job: Job, stats: dict[str, Any]) -> None:
 
 def write_report(db_path: str | Path, h: str, out_dir: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
     """Markdown + HTML report of run ``h`` from the database alone."""
-    try:
-        from bastion.results.report import write_report as _write
-    except ImportError as e:
-        raise ConfigError(f"cannot write the report: bastion.results.report is not available ({e})") from None
     from bastion.results.db import ResultsDB
+    from bastion.results.report import write_report as _write
 
     md, html = _write(ResultsDB(db_path), h, Path(out_dir), title=title)
     return Path(md), Path(html)
