@@ -66,3 +66,20 @@ def test_autoattack_errors(lenet, batch):
         attacks.create("autoattack", steps=0)
     with pytest.raises(ConfigError, match="untargeted"):
         attacks.create("autoattack", eps=0.1)(lenet, *batch, targets=(batch[1] + 1) % 10)
+
+
+def test_final_iterate_reaches_every_component_and_runs_every_step(lenet, batch):
+    """``final_iterate`` turns early stopping off, for AutoAttack in each of its components (the
+    harness uses it for transferred examples and for random models). Without early stopping
+    a broken point keeps being attacked, so every point costs the full step budget."""
+    aa = attacks.create("autoattack", eps=0.3, version="rand", steps=5)
+    assert all(c.early_stop for c in aa.components())
+    fin = aa.final_iterate()
+    assert not fin.early_stop and all(not c.early_stop for c in fin.components())
+    assert fin.final_iterate() is fin
+    x, y = batch
+    pgd = attacks.create("pgd", eps=0.3, steps=10, alpha=0.05)
+    early = pgd(lenet, x, y, generator=torch.Generator().manual_seed(0))
+    full = pgd.final_iterate()(lenet, x, y, generator=torch.Generator().manual_seed(0))
+    assert early.cost.gradients < full.cost.gradients == 10 * len(x)
+    assert bool((full.x_adv - x).abs().amax() <= 0.3 + 1e-6)

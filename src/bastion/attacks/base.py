@@ -376,6 +376,16 @@ class Attack(ABC):
         _check_fields(type(self), changes)
         return dataclasses.replace(self, **changes)
 
+    def final_iterate(self) -> "Attack":
+        """This attack without early stopping: every point is attacked to the last iterate
+        (AutoAttack passes this on to its components). Use it when the examples are judged by
+        something other than the model the attack saw. Transferred examples must be final
+        iterates, as the seeds' libraries return them: the first iterate that fools the crafting
+        model is a near-minimal perturbation that transfers worse and flatters the target. On a
+        random model, the early stop judges success on one draw, so a lucky draw would end the
+        attack on a point that the deployed decision still gets right."""
+        return self.replace(early_stop=False) if self.early_stop else self
+
     def _refuse_unsupported_targets(self, targets: torch.Tensor | None) -> None:
         if targets is not None and not self.supports_targets:
             raise ConfigError(f"targets: {self.name} is an untargeted attack; call it without targets")

@@ -160,8 +160,8 @@ def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.T
     """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches. With ``queries``
     (a random model) the attack runs to its final iterate (a lucky draw must not stop it) and a
     point is robust if the deployed decision is right in a majority of the queries."""
-    if queries is not None and hasattr(attack, "early_stop"):
-        attack = attack.replace(early_stop=False)
+    if queries is not None:
+        attack = attack.final_iterate()
     gen = torch.Generator(device=x.device).manual_seed(seed) if x.device.type != "mps" else None
     out = []
     for i in range(0, x.shape[0], batch_size):

@@ -236,7 +236,9 @@ class HarnessConfig:
 #: bumped whenever the protocols change what a stored row means; part of :func:`config_hash`.
 #: 2: transfer rows (surrogate / base network) and seed 001's crafting use the attack's final
 #: iterate, as the seeds' libraries return it, instead of stopping at the first success.
-PROTOCOL_VERSION = 2
+#: 3: AutoAttack on random models (adaptive) and in transfer rows runs without early stopping
+#: too (its components used to stop a point at its first success on one random draw).
+PROTOCOL_VERSION = 3
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:

@@ -33,7 +33,6 @@ runner stores them, and the per-budget worst case is computed from the stored ro
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -207,11 +206,8 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
 
 
 def final_iterate(attack: Attack) -> Attack:
-    """``attack`` without early stopping (AutoAttack keeps its own per-point stopping). Examples
-    that are handed to another model must be the attack's final iterate, as the seeds' libraries
-    (torchattacks, cleverhans) return them: the first iterate that fools the crafting model is a
-    near-minimal perturbation that transfers much worse, which would flatter the defense."""
-    return dataclasses.replace(attack, early_stop=False) if attack.name != "autoattack" else attack
+    """``attack`` run to its final iterate (:meth:`bastion.attacks.Attack.final_iterate`)."""
+    return attack.final_iterate()
 
 
 def _transfer_paper(model: nn.Module, base: nn.Module, attack: Attack, *, batch_size: int) -> Planned:
