@@ -188,7 +188,7 @@ def _attack_from_row(row: dict[str, Any], **changes: Any) -> Attack | None:
     params.update({k: v for k, v in changes.items() if k in known})
     try:
         return attacks.create(name, **params)
-    except Exception:  # noqa: BLE001 - a composed attack that create() cannot rebuild: not applicable
+    except ConfigError:  # a composed attack whose stored params create() cannot rebuild: not applicable
         return None
 
 

@@ -23,6 +23,7 @@ import base64
 import html
 import io
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,18 +462,20 @@ def write_report(db: ResultsDB, config_hash: str, out_dir: str | Path, *, title:
                 continue
             es = t["epoch_seconds"]
             ratio = f"{es / base_s:.2f}x" if es and base_s else "–"
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(t["created"])))
             body.append([display[k], t["defense"], str(t["epochs"]), f"{es:.2f}" if es else "–",
-                         f"{t['total_seconds']:.1f}" if t["total_seconds"] else "–", ratio])
+                         f"{t['total_seconds']:.1f}" if t["total_seconds"] else "–", ratio, when])
         sec.text("Seconds per training epoch (median), and as a ratio to the undefended model's"
-                 + ("." if base_s else " (no undefended model in this run)."))
-        sec.table(["model", "defense", "epochs", "s / epoch", "total s", "vs undefended"], body)
+                 + ("." if base_s else " (no undefended model in this run).")
+                 + " Each model was timed when it was trained, possibly in another run and under other load"
+                 " (see the last column); for a controlled comparison, bench/defense_step_cost.py times the"
+                 " defenses' training steps interleaved in one run.")
+        sec.table(["model", "defense", "epochs", "s / epoch", "total s", "vs undefended", "trained (UTC)"], body)
         sections.append(sec)
 
     # ---- assemble
     created = max(float(r["created"]) for r in evals)
-    import time as _time
-
-    when = _time.strftime("%Y-%m-%d %H:%M UTC", _time.gmtime(created))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(created))
     v = evals[0].get("versions") or {}
     meta = (f"experiment {experiment}, dataset {dataset}, config hash {config_hash}, last result {when}; "
             f"bastion {v.get('bastion', '?')}, torch {v.get('torch', '?')}, python {v.get('python', '?')}. "
