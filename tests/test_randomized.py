@@ -96,3 +96,42 @@ def test_bad_arguments_name_the_field():
         Population([])
     with pytest.raises(ConfigError, match="n=0"):
         Population(_members(2)).expected_probs(torch.zeros(1, 1, 28, 28), 0)
+
+
+def test_a_noisy_front_end_is_evaluated_as_a_random_defense(lenet, batch, tmp_path):
+    """A classifier whose forward is random (seed 004's denoiser adds Gaussian noise at test
+    time) is handed to the protocols as a Randomized model: one draw per forward, an expected
+    output that averages draws, frozen randomness that makes it deterministic, and a cached
+    model that the harness loads back in that form."""
+    from bastion import defenses
+    from bastion.defenses.randomized import StochasticClassifier, as_randomized
+    from bastion.harness import protocols
+    from bastion.harness.cache import model_dir
+    from bastion.harness.executor import load_cached
+
+    x, _ = batch
+    plain = copy.deepcopy(lenet)
+    assert as_randomized(plain) is plain  # deterministic models are left alone
+    noisy = defenses.attach_front_end(copy.deepcopy(lenet), {"name": "denoiser", "noise_std": 0.3}).eval()
+    assert noisy.stochastic and not protocols.is_random(noisy)  # what the harness used to see
+    rnd = as_randomized(noisy, draws=4)
+    assert isinstance(rnd, StochasticClassifier) and protocols.is_random(rnd) and rnd.random_expectation
+    assert as_randomized(rnd) is rnd
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a, b = rnd(x), rnd(x)
+        assert not torch.equal(a, b), "each forward is a fresh draw"
+        with rnd.frozen(1):
+            assert torch.equal(rnd(x), rnd(x))
+        torch.manual_seed(2)
+        mean = rnd.expected_probs(x)
+        torch.manual_seed(2)
+        ref = torch.stack([torch.softmax(noisy(x), -1) for _ in range(4)]).mean(0)
+        assert torch.allclose(mean, ref, atol=1e-6)
+        assert rnd.decide(x).shape == (len(x),)
+    with pytest.raises(ConfigError, match="not stochastic"):
+        StochasticClassifier(plain)
+    # the harness's evaluation loader returns the wrapped form; training code gets the raw model
+    save_checkpoint(model_dir(str(tmp_path), "k") / "final", noisy, {"model": dict(noisy.spec), "final": True})
+    assert isinstance(load_cached(str(tmp_path), "k", evaluate=True), StochasticClassifier)
+    assert not isinstance(load_cached(str(tmp_path), "k"), StochasticClassifier)

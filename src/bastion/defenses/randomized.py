@@ -314,12 +314,48 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+class StochasticClassifier(Randomized):
+    """A plain classifier whose own forward pass is random at evaluation time (``stochastic``,
+    e.g. seed 004's denoiser, which adds Gaussian noise before its autoencoder), given the
+    :class:`Randomized` interface: a draw is one forward, the deployed decision is one draw, and
+    :meth:`expected` averages ``draws`` forwards. The harness evaluates such a model as it does
+    SAP: EOT through the expected output, AutoAttack ``rand``, majority-of-k queries, and the
+    check that the attack succeeds once the randomness is frozen.
+
+    Args:
+        model: the stochastic classifier (its noise must come from torch's global generator,
+            so that :meth:`Randomized.frozen` fixes it).
+        draws: default number of forwards that :meth:`expected_probs` averages.
+    """
+
+    def __init__(self, model: Classifier, *, draws: int = 10) -> None:
+        if not getattr(model, "stochastic", False):
+            raise ConfigError(f"model {getattr(model, 'arch', type(model).__name__)!r} is not stochastic; "
+                              "wrap only a classifier whose forward pass is random")
+        super().__init__(model, decision="draw", draws=draws, kind="stochastic")
+        self.model = model
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def randomness(self) -> dict[str, Any]:
+        return {**super().randomness(), "model": getattr(self.model, "arch", type(self.model).__name__)}
+
+
+def as_randomized(model: nn.Module, *, draws: int = 10) -> nn.Module:
+    """``model`` itself if it is deterministic or already :class:`Randomized`; a
+    :class:`StochasticClassifier` around it if it is a classifier with a random forward pass."""
+    if isinstance(model, Randomized) or not getattr(model, "stochastic", False):
+        return model
+    return StochasticClassifier(model, draws=draws)  # type: ignore[arg-type]
+
+
 def is_randomized(model: nn.Module) -> bool:
     """True for any model whose output is random at evaluation time."""
     return bool(getattr(model, "stochastic", False))
 
 
 __all__ = [
-    "DECISIONS", "ExpectedOutput", "Population", "RANDOMIZED", "Randomized", "VotedOutput", "build_members", "route",
-    "is_randomized",
+    "DECISIONS", "ExpectedOutput", "Population", "RANDOMIZED", "Randomized", "StochasticClassifier", "VotedOutput",
+    "as_randomized", "build_members", "is_randomized", "route",
 ]

@@ -238,7 +238,9 @@ class HarnessConfig:
 #: iterate, as the seeds' libraries return it, instead of stopping at the first success.
 #: 3: AutoAttack on random models (adaptive) and in transfer rows runs without early stopping
 #: too (its components used to stop a point at its first success on one random draw).
-PROTOCOL_VERSION = 3
+#: 4: a classifier with a random forward pass (a noisy front end such as seed 004's denoiser)
+#: is evaluated as a random defense (EOT, AutoAttack rand, majority of k), not as a deterministic one.
+PROTOCOL_VERSION = 4
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:

@@ -54,12 +54,16 @@ def _device(cfg: HarnessConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def load_cached(out_dir: str, key: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The cached model ``key`` (eval mode)."""
+def load_cached(out_dir: str, key: str, device: torch.device | str = "cpu", *, evaluate: bool = False) -> torch.nn.Module:
+    """The cached model ``key`` (eval mode). With ``evaluate``, a classifier whose forward pass
+    is random (e.g. a noisy front end) comes back as a
+    :class:`~bastion.defenses.randomized.StochasticClassifier`, so that the protocols treat it as
+    the random defense it is."""
+    from bastion.defenses.randomized import as_randomized
     from bastion.train.checkpoint import load_model
 
     model, _ = load_model(model_dir(out_dir, key) / "final", device=device)
-    return model.eval()
+    return as_randomized(model.eval()) if evaluate else model.eval()
 
 
 def eval_data(cfg: HarnessConfig) -> Any:
@@ -176,7 +180,7 @@ class EvalJob:
         db = _db(self.db_path)
         dev = _device(cfg)
         st = settings(cfg)
-        model = load_cached(self.out_dir, self.key, dev)
+        model = load_cached(self.out_dir, self.key, dev, evaluate=True)
         base = load_cached(self.out_dir, self.base_key, dev) if self.base_key else None
         attack_list = P.build_attacks(cfg.attacks, st)
         planned = P.plan(self.protocol, model, defense=m.defense, base=base, attack_list=attack_list, settings=st)
@@ -266,7 +270,7 @@ class ArtifactJob:
 
         dev = _device(cfg)
         st = settings(cfg)
-        model: Any = load_cached(self.out_dir, self.key, dev)
+        model: Any = load_cached(self.out_dir, self.key, dev, evaluate=True)
         data = eval_data(cfg)
         n = min(cfg.evaluation.gallery_samples, len(data))
         x, y = data.x[:n].to(dev), data.y[:n].to(dev)
