@@ -30,8 +30,8 @@ probability ``q_j = 1 - exp(-r p_j)`` and is scaled by ``1 / q_j``. It is still 
 (``E = h``), its keep probabilities differ from the exact ones by ``O(r p_j^2)``, and it needs
 15 random bits per unit and a few elementwise passes instead of a sort-free but ``O(d log d)``
 search per row. The keep probability is rounded up to a multiple of ``2**-15`` and the survivor
-is scaled by the inverse of the rounded value, which keeps ``E = h`` exact. The survivors of one row are independent instead of slightly negatively
-correlated. It is a documented deviation from the seed, offered for speed (see
+is scaled by the inverse of the rounded value, which keeps ``E = h`` exact. The survivors of one
+row are independent instead of slightly negatively correlated. It is a documented deviation from the seed, offered for speed (see
 ``bench/population_speed.py``); an evaluation should say which sampler it used.
 """
 

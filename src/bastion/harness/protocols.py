@@ -184,7 +184,7 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
 
         return Planned(row_label(attack), attack, run)
     if defense in SEED001 and hasattr(model, "members"):
-        a001 = final_iterate(attack)  # each example is handed to another random submodel
+        a001 = attack.final_iterate()  # each example is handed to another random submodel
 
         def run001(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any, dict[str, Any]]:
             return _seed001(model, x, y, a001, g)
@@ -205,15 +205,10 @@ def _paper(model: nn.Module, attack: Attack, *, defense: str, base: nn.Module | 
     return Planned(row_label(attack), attack, run_t, how)
 
 
-def final_iterate(attack: Attack) -> Attack:
-    """``attack`` run to its final iterate (:meth:`bastion.attacks.Attack.final_iterate`)."""
-    return attack.final_iterate()
-
-
 def _transfer_paper(model: nn.Module, base: nn.Module, attack: Attack, *, batch_size: int) -> Planned:
     """Crafted white-box on ``base`` (a wrapper's base network, or the config's surrogate), final
     iterate, and given to ``model``; its deployed decision is queried once."""
-    a = final_iterate(attack)
+    a = attack.final_iterate()
 
     def run(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
         res = a(base, x, y, generator=g)
@@ -262,7 +257,7 @@ def _adaptive(model: nn.Module, attack: Attack, *, settings: Settings) -> Planne
     view = _bpda(model.expected(settings.expectation_draws if random_exp else None))  # type: ignore[operator]
     # the engine's early stop judges success on one random draw of the expectation, which says
     # little about the deployed decision: keep iterating to the final point instead
-    a = final_iterate(attack) if random_exp else attack
+    a = attack.final_iterate() if random_exp else attack
     if random_exp and attack.name != "autoattack" and not getattr(attack, "gradient_free", False) and attack.eot_samples == 1:
         a = attacks_mod.eot(attack, settings.eot_samples)
 
@@ -276,7 +271,7 @@ def _adaptive(model: nn.Module, attack: Attack, *, settings: Settings) -> Planne
 def _transfer_adaptive(model: nn.Module, base: nn.Module, attack: Attack, *, settings: Settings) -> Planned:
     """The attack crafted on the base network (final iterate), judged by the majority-of-k rule."""
     k = settings.batch_size
-    a = final_iterate(attack)
+    a = attack.final_iterate()
 
     def run(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
         res = a(base, x, y, generator=g)
