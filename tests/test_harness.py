@@ -135,6 +135,23 @@ def test_paper_protocol_transfers_from_the_surrogate_and_adaptive_adds_those_row
     assert labels == ["fgsm", "transfer-fgsm"]
 
 
+def test_adaptive_attacks_on_a_random_expectation_use_eot_and_run_to_the_final_iterate():
+    """On SAP-like models (whose expected output is itself random) every adaptive attack is EOT
+    over ``eot_samples`` draws and has no early stop, which would judge success on one draw."""
+    from bastion import attacks, models
+    from bastion.defenses.randomized import StochasticClassifier
+
+    noisy = models.create("lenet5", seed=0).eval()
+    noisy.stochastic = True
+    model = StochasticClassifier(noisy, draws=2)
+    st = P.Settings(autoattack=True, eot_samples=3, autoattack_params={"steps": 2})
+    pgd = attacks.create("pgd", eps=0.1, steps=2)
+    rows = P.plan("adaptive", model, defense="none", base=None, attack_list=[pgd], settings=st)
+    assert [r.label for r in rows] == ["eot-pgd-2x3", "autoattack-rand"]
+    assert all(r.attack.early_stop is False for r in rows)
+    assert rows[0].attack.eot_samples == 3 and pgd.early_stop is True
+
+
 def test_packaged_quick_config_is_valid():
     cfg = hc.load_harness_config()
     assert [m.id for m in cfg.models] == ["standard", "pgd-at", "multi-sap"]

@@ -240,7 +240,9 @@ class HarnessConfig:
 #: too (its components used to stop a point at its first success on one random draw).
 #: 4: a classifier with a random forward pass (a noisy front end such as seed 004's denoiser)
 #: is evaluated as a random defense (EOT, AutoAttack rand, majority of k), not as a deterministic one.
-PROTOCOL_VERSION = 4
+#: 5: the EOT attacks on random models keep the final iterate too (the EOT wrapper had been
+#: built from the original attack, so they still stopped at a success on one random draw).
+PROTOCOL_VERSION = 5
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:

@@ -259,7 +259,7 @@ def _adaptive(model: nn.Module, attack: Attack, *, settings: Settings) -> Planne
     # little about the deployed decision: keep iterating to the final point instead
     a = attack.final_iterate() if random_exp else attack
     if random_exp and attack.name != "autoattack" and not getattr(attack, "gradient_free", False) and attack.eot_samples == 1:
-        a = attacks_mod.eot(attack, settings.eot_samples)
+        a = attacks_mod.eot(a, settings.eot_samples)
 
     def run_r(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Any]:
         res = a(view, x, y, generator=g)
