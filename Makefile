@@ -1,7 +1,7 @@
 # Bastion: two entry points, both self-contained on a fresh machine with no cache and no internet
 # beyond the package registries.
 #   make demo   -> set up, then the main job: `bastion run` on the quick config (report in runs/quick/report/)
-#   make test   -> set up, then run the test suite
+#   make test   -> set up, then the gates (ruff, mypy, the import layers) and the test suite
 # TORCH_SPEC picks the torch build: the default resolves to the local CPU wheel on our machines
 # and to the CUDA build pip chooses on a GPU machine.
 PYTHON     ?= python3
@@ -11,13 +11,20 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.bastion-installed
 DATASTAMP  := $(VENV)/.bastion-data
 
-.PHONY: demo test test-slow bench setup data clean
+.PHONY: demo test lint test-slow bench setup data clean
 
 demo: data
 	$(BIN)/bastion run
 
-test: data
+test: lint data
 	$(BIN)/python -m pytest -q
+
+# the gates: style and likely bugs, types, and the import layers (pyproject.toml configures all three;
+# scripts/check_structure.py runs inside the test suite, as tests/test_structure.py)
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/mypy src/bastion
+	$(BIN)/lint-imports
 
 test-slow: data
 	$(BIN)/python -m pytest -q -m slow

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,12 @@ def main() -> None:
     tr = data.load("mnist", "train").subset(1 / 6, seed=0)
     te = data.load("mnist", "test").take(args.n)
     model = models.create("lenet5", seed=0)
-    train(model, tr, TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, device=str(dev)), progress=False)
+    train(
+        model,
+        tr,
+        TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, device=str(dev)),
+        progress=False,
+    )
     model.to(dev).eval()
     x, y = te.x.to(dev), te.y.to(dev)
     alpha = 0.01
@@ -72,9 +77,15 @@ def main() -> None:
 
     contenders: dict[str, Callable[[], object]] = {
         "raw gradients (40 fwd+bwd)": lambda: raw_gradients(model, x, y, args.steps),
-        "bastion pgd (early stop, default)": lambda: attacks.create("pgd", eps=args.eps, steps=args.steps, alpha=alpha)(model, x, y),
-        "bastion pgd (early stop off)": lambda: attacks.create("pgd", eps=args.eps, steps=args.steps, alpha=alpha, early_stop=False)(model, x, y),
-        "torchattacks PGD": lambda: torchattacks.PGD(model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=True)(x, y),
+        "bastion pgd (early stop, default)": lambda: attacks.create("pgd", eps=args.eps, steps=args.steps, alpha=alpha)(
+            model, x, y
+        ),
+        "bastion pgd (early stop off)": lambda: attacks.create(
+            "pgd", eps=args.eps, steps=args.steps, alpha=alpha, early_stop=False
+        )(model, x, y),
+        "torchattacks PGD": lambda: torchattacks.PGD(
+            model, eps=args.eps, alpha=alpha, steps=args.steps, random_start=True
+        )(x, y),
     }
     for fn in contenders.values():  # warm-up
         fn()
@@ -86,14 +97,20 @@ def main() -> None:
     base = med["raw gradients (40 fwd+bwd)"]
     res = attacks.create("pgd", eps=args.eps, steps=args.steps, alpha=alpha)(model, x, y)
 
-    print(f"PGD-{args.steps}, L-inf eps={args.eps}, alpha={alpha}, LeNet-5 on {args.n} MNIST test points, device {dev}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}")
+    print(
+        f"PGD-{args.steps}, L-inf eps={args.eps}, alpha={alpha}, LeNet-5 on {args.n} MNIST test points, device {dev}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}"
+    )
     print(f"robust accuracy after Bastion's PGD: {100 * res.robust_accuracy:.2f}%; gradient evaluations used: "
           f"{res.cost.gradients} of {args.steps * args.n} ({100 * res.cost.gradients / (args.steps * args.n):.1f}%)")
     print(f"{'contender':<36}{'seconds':>10}{'/ raw gradients':>18}")
     for k, v in med.items():
         print(f"{k:<36}{v:>10.3f}{v / base:>18.3f}")
-    b, b_off, ta = med["bastion pgd (early stop, default)"], med["bastion pgd (early stop off)"], med["torchattacks PGD"]
+    b, b_off, ta = (
+        med["bastion pgd (early stop, default)"],
+        med["bastion pgd (early stop off)"],
+        med["torchattacks PGD"],
+    )
     print(f"bastion / torchattacks: {b / ta:.3f} (early stop), {b_off / ta:.3f} (early stop off)")
 
 

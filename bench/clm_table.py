@@ -197,15 +197,23 @@ def main() -> None:
             key = {**base_key, "model": n, "attack": label, "params": atk.params, "repeats": args.repeats}
             print(f"[attack] {n} / {label} (seed 001 protocol)", flush=True)
             cells[n][label] = cached(
-                out / "cells" / f"{n}__{label}__{_digest(key)}.json", key,
-                lambda pop=pop, atk=atk: seed001_protocol(pop, te, atk, repeats=args.repeats, seed=args.seed, device=dev))
+                out / "cells" / f"{n}__{label}__{_digest(key)}.json",
+                key,
+                lambda pop=pop, atk=atk: seed001_protocol(
+                    pop, te, atk, repeats=args.repeats, seed=args.seed, device=dev
+                ),
+            )
         for label, eot in (("PGD (expected)", None), ("EOT-PGD (draws)", args.eot_samples)):
             pgd = atks["PGD"]
             key = {**base_key, "model": n, "attack": label, "params": pgd.params, "eot": eot, "k": args.k}
             print(f"[attack] {n} / {label}", flush=True)
             cells[n][label] = cached(
-                out / "cells" / f"{n}__{label.split()[0]}__{_digest(key)}.json", key,
-                lambda pop=pop, pgd=pgd, eot=eot: expected_output_attack(pop, te, pgd, eot=eot, k=args.k, seed=args.seed, device=dev))
+                out / "cells" / f"{n}__{label.split()[0]}__{_digest(key)}.json",
+                key,
+                lambda pop=pop, pgd=pgd, eot=eot: expected_output_attack(
+                    pop, te, pgd, eot=eot, k=args.k, seed=args.seed, device=dev
+                ),
+            )
         atomic_write_json(out / "clm_table.partial.json", {"cells": cells})
 
     meta = {"args": vars(args), "device": str(dev), "threads": torch.get_num_threads(), "adv_alpha": adv_alpha,

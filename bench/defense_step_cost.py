@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bastion import data, defenses, models
-from bastion.cli import _parse_assignments
+from bastion.cli._args import parse_assignments
 from bastion.train.objectives import CrossEntropy
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     if names[0] != "none":
         names.insert(0, "none")
     overrides: dict[str, dict[str, Any]] = {}
-    for key, value in _parse_assignments(args.defense_param, "--defense-param").items():
+    for key, value in parse_assignments(args.defense_param, "--defense-param").items():
         d, _, field = key.partition(".")
         overrides.setdefault(d, {})[field] = value
 
@@ -64,7 +64,7 @@ def main() -> None:
             opt.step()
         return time.perf_counter() - t
 
-    for name, model, obj, opt in contenders:  # warm-up
+    for _name, model, obj, opt in contenders:  # warm-up
         run(model, obj, opt)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     base_ms: list[float] = []
@@ -73,8 +73,11 @@ def main() -> None:
         base_ms.append(1000 * times["none"] / args.steps)
         for n in names:
             ratios[n].append(times[n] / times["none"])
-    print(f"{args.model}, batch {args.batch}, {args.steps} steps x {args.rounds} interleaved rounds, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; standard step {statistics.median(base_ms):.1f} ms")
+    print(
+        f"{args.model}, batch {args.batch}, {args.steps} steps x {args.rounds} interleaved rounds, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"standard step {statistics.median(base_ms):.1f} ms"
+    )
     for n in names:
         r = ratios[n]
         print(f"{n:<18} x{statistics.median(r):6.2f}   (rounds: {', '.join(f'{v:.2f}' for v in r)})")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bastion import attacks, data, defenses, models
-from bastion.cli import _parse_assignments
+from bastion.cli._args import parse_assignments
 from bastion.eval.robust import evaluate
 from bastion.train import TrainConfig, train
 from bastion.utils.device import resolve_device
@@ -53,9 +53,12 @@ def main() -> None:
     for n in names:
         if n not in training_time:
             defenses.DEFENSES.get(n)  # unknown names: the registry's did-you-mean error
-            raise SystemExit(f"defenses_table: {n!r} is not a training-time defense (see bench/clm_table.py, bench/multisap_table.py)")
+            raise SystemExit(
+                f"defenses_table: {n!r} is not a training-time defense "
+                "(see bench/clm_table.py, bench/multisap_table.py)"
+            )
     overrides: dict[str, dict[str, Any]] = {}
-    for key, value in _parse_assignments(args.defense_param, "--defense-param").items():
+    for key, value in parse_assignments(args.defense_param, "--defense-param").items():
         d, _, field = key.partition(".")
         overrides.setdefault(d, {})[field] = value
 
@@ -100,16 +103,25 @@ def main() -> None:
         }
         rows.append(row)
         atomic_write_json(out / "table.partial.json", {"rows": rows})  # a killed run keeps finished rows
-        print(f"{name:<18} clean {100 * row['clean']:6.2f}%  FGSM {100 * row['fgsm']:6.2f}%  PGD-40 {100 * row['pgd40']:6.2f}%  "
-              f"AA-{aa.version} {100 * row['autoattack']:6.2f}%  epoch {epoch_s:7.1f}s  x{row['epoch_ratio']:.2f}", flush=True)
+        print(
+            f"{name:<18} clean {100 * row['clean']:6.2f}%  FGSM {100 * row['fgsm']:6.2f}%  "
+            f"PGD-40 {100 * row['pgd40']:6.2f}%  "
+            f"AA-{aa.version} {100 * row['autoattack']:6.2f}%  epoch {epoch_s:7.1f}s  x{row['epoch_ratio']:.2f}",
+            flush=True,
+        )
 
     meta = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs, "eps": args.eps,
             "train_fraction": args.train_fraction, "n_eval": args.n_eval, "n_aa": args.n_aa, "device": str(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     atomic_write_json(out / "table.json", {"meta": meta, "rows": rows})
-    lines = [f"{args.model} on {args.dataset}, eps {args.eps} (L-inf), {args.epochs} epochs on {100 * args.train_fraction:g}% "
-             f"of the training set; FGSM/PGD-40 on {args.n_eval} test points, AutoAttack on {args.n_aa}; {dev}", "",
-             "| defense | clean | FGSM | PGD-40 | AutoAttack | epoch time / standard |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"{args.model} on {args.dataset}, eps {args.eps} (L-inf), {args.epochs} epochs "
+        f"on {100 * args.train_fraction:g}% "
+        f"of the training set; FGSM/PGD-40 on {args.n_eval} test points, AutoAttack on {args.n_aa}; {dev}",
+        "",
+        "| defense | clean | FGSM | PGD-40 | AutoAttack | epoch time / standard |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         aa_cell = f"{100 * r['autoattack']:.2f}%" + (" (rand)" if r["autoattack_version"] == "rand" else "")
         lines.append(f"| {r['defense']} | {100 * r['clean']:.2f}% | {100 * r['fgsm']:.2f}% | {100 * r['pgd40']:.2f}% | "

@@ -17,7 +17,8 @@ Protocols:
   (the vote; SAP: one draw) is right at the returned point. Deterministic rows: white-box.
 
 Checkpoints are cached under ``--out`` (reruns resume). Smoke test:
-``.venv/bin/python bench/multisap_table.py --epochs 1 --train-fraction 0.02 --pgd-steps 3 --n-eval 32 --attack-steps 3 --draws 6``
+``.venv/bin/python bench/multisap_table.py --epochs 1 --train-fraction 0.02 --pgd-steps 3 --n-eval 32
+--attack-steps 3 --draws 6``
 """
 
 from __future__ import annotations
@@ -113,9 +114,12 @@ def main() -> None:
         "undefended": plain,
         "pgd-trained base": base,
         "SAP (one draw)": SAPClassifier(base, fraction=args.fraction, draws=args.draws),
-        f"Multi-SAP s1 (1x{args.draws})": MultiSAPDefense(strategy=1, draws=args.draws, fraction=args.fraction).wrap([base]),
+        f"Multi-SAP s1 (1x{args.draws})": MultiSAPDefense(strategy=1, draws=args.draws, fraction=args.fraction).wrap(
+            [base]
+        ),
         f"Multi-SAP s2 ({args.nets}x{m2}+{args.nets})": MultiSAPDefense(
-            strategy=2, nets=args.nets, draws_per_net=m2, fraction=args.fraction).wrap(pool),
+            strategy=2, nets=args.nets, draws_per_net=m2, fraction=args.fraction
+        ).wrap(pool),
     }
     for s in systems.values():
         s.eval()
@@ -164,7 +168,11 @@ def main() -> None:
     def table(key: str) -> list[str]:
         rows = [f"| system | clean | {' | '.join(ATTACKS)} |", "|" + "---|" * (len(ATTACKS) + 2)]
         for name in systems:
-            rows.append(f"| {name} | {results['clean'][name]:.1%} | " + " | ".join(f"{results[key][name][a]:.1%}" for a in ATTACKS) + " |")
+            rows.append(
+                f"| {name} | {results['clean'][name]:.1%} | "
+                + " | ".join(f"{results[key][name][a]:.1%}" for a in ATTACKS)
+                + " |"
+            )
         return rows
 
     def matrix(title: str, m: list) -> list[str]:
@@ -173,14 +181,30 @@ def main() -> None:
             rows.append(f"| {labels[i]} | " + " | ".join(f"{v:.4g}" for v in r) + " |")
         return rows
 
-    md = [f"# Multi-SAP on MNIST ({args.arch}), eps={args.eps}, first {args.n_eval} test images",
-          f"args: {json.dumps(vars(args))}", "", "## Transfer (seed 000 protocol: crafted on the PGD-trained base net)",
-          *table("transfer"), "", f"## Adaptive (one-draw forward + EOT {args.eot} = the expectation over voters; robust iff the deployed decision is right)",
-          *table("adaptive"), "", "## Pool diversity", *matrix("gradient cosine (Table 2)", results["diversity"]["gradient_cosine"]), ""]
+    md = [
+        f"# Multi-SAP on MNIST ({args.arch}), eps={args.eps}, first {args.n_eval} test images",
+        f"args: {json.dumps(vars(args))}",
+        "",
+        "## Transfer (seed 000 protocol: crafted on the PGD-trained base net)",
+        *table("transfer"),
+        "",
+        f"## Adaptive (one-draw forward + EOT {args.eot} = the expectation over voters; "
+        "robust iff the deployed decision is right)",
+        *table("adaptive"),
+        "",
+        "## Pool diversity",
+        *matrix("gradient cosine (Table 2)", results["diversity"]["gradient_cosine"]),
+        "",
+    ]
     for k in dis:
         md += matrix(f"disagreements on {k} (Figs 3-4)", results["diversity"]["disagree"][k]) + [""]
-    md.append("saliency cosine median per pair (seed 001 Fig. 6): " + ", ".join(
-        f"{labels[i]}~{labels[j]}: {v:.3f}" for (i, j), v in zip(sal["pairs"].tolist(), sal["median"].tolist())))
+    md.append(
+        "saliency cosine median per pair (seed 001 Fig. 6): "
+        + ", ".join(
+            f"{labels[i]}~{labels[j]}: {v:.3f}"
+            for (i, j), v in zip(sal["pairs"].tolist(), sal["median"].tolist(), strict=True)
+        )
+    )
     md.append(f"\nwall time {time.time() - t0:.0f}s")
     text = "\n".join(md)
     print(text)

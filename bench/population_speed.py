@@ -26,8 +26,8 @@ import torch
 
 from bastion import models
 from bastion.defenses.multisap import MultiSAP
-from bastion.defenses.randomized import Population
 from bastion.defenses.sap import insert_sap
+from bastion.models.random import Population
 from bastion.utils.io import atomic_write_text
 
 

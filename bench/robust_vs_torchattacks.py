@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -58,7 +58,9 @@ def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x_adv).argmax(1) == y).float().mean())
 
 
-def _run_batched(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, bs: int) -> torch.Tensor:
+def _run_batched(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, bs: int
+) -> torch.Tensor:
     return torch.cat([fn(x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)])
 
 
@@ -78,8 +80,14 @@ def main() -> None:
 
     te = data.load("mnist", "test")
     rows = []
-    print(f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}, torchattacks {torchattacks.__version__}")
-    print(f"{'model':<8}{'attack':<12}{'n':>6}{'bastion acc':>13}{'ta acc':>9}{'bastion s':>11}{'ta s':>9}{'time ratio':>12}")
+    print(
+        f"device {dev}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"torchattacks {torchattacks.__version__}"
+    )
+    print(
+        f"{'model':<8}{'attack':<12}{'n':>6}{'bastion acc':>13}{'ta acc':>9}"
+        f"{'bastion s':>11}{'ta s':>9}{'time ratio':>12}"
+    )
     for kind in args.models.split(","):
         model = _model(kind, dev)
         for name, n in (("pgd-40", args.n_pgd), ("aa-paper", args.n_aa), ("aa-10-steps", args.n_aa)):
@@ -94,11 +102,15 @@ def main() -> None:
                 # (and Bastion's default) uses 100. Both of ours are timed against the same reference.
                 steps = 100 if name == "aa-paper" else 10
                 ours_atk = attacks.create("autoattack", eps=args.eps, version="standard", steps=steps)
-                theirs_atk = torchattacks.AutoAttack(model, norm="Linf", eps=args.eps, version="standard", n_classes=10, seed=0)
+                theirs_atk = torchattacks.AutoAttack(
+                    model, norm="Linf", eps=args.eps, version="standard", n_classes=10, seed=0
+                )
             gen = torch.Generator(device=dev).manual_seed(0)
             _sync(dev)
             t = time.perf_counter()
-            ours = _run_batched(lambda a, b, f=ours_atk, m=model, g=gen: f(m, a, b, generator=g).x_adv, x, y, args.batch_size)
+            ours = _run_batched(
+                lambda a, b, f=ours_atk, m=model, g=gen: f(m, a, b, generator=g).x_adv, x, y, args.batch_size
+            )
             _sync(dev)
             t_ours = time.perf_counter() - t
             torch.manual_seed(0)
@@ -107,10 +119,21 @@ def main() -> None:
             _sync(dev)
             t_theirs = time.perf_counter() - t
             acc_ours, acc_theirs = _robust(model, ours, y), _robust(model, theirs, y)
-            row = {"model": kind, "attack": name, "n": n, "bastion_robust_acc": acc_ours, "torchattacks_robust_acc": acc_theirs,
-                   "bastion_seconds": t_ours, "torchattacks_seconds": t_theirs, "time_ratio": t_ours / t_theirs}
+            row = {
+                "model": kind,
+                "attack": name,
+                "n": n,
+                "bastion_robust_acc": acc_ours,
+                "torchattacks_robust_acc": acc_theirs,
+                "bastion_seconds": t_ours,
+                "torchattacks_seconds": t_theirs,
+                "time_ratio": t_ours / t_theirs,
+            }
             rows.append(row)
-            print(f"{kind:<8}{name:<12}{n:>6}{100 * acc_ours:>12.2f}%{100 * acc_theirs:>8.2f}%{t_ours:>11.1f}{t_theirs:>9.1f}{t_ours / t_theirs:>12.3f}")
+            print(
+                f"{kind:<8}{name:<12}{n:>6}{100 * acc_ours:>12.2f}%{100 * acc_theirs:>8.2f}%"
+                f"{t_ours:>11.1f}{t_theirs:>9.1f}{t_ours / t_theirs:>12.3f}"
+            )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"device": str(dev), "eps": args.eps, "rows": rows}, indent=2))
 

@@ -56,7 +56,9 @@ def test_success_never_worse_than_clean_and_stronger_with_eps(lenet, batch):
 def test_early_stop_spends_no_gradient_on_broken_points(lenet, batch):
     x, y = batch
     on = attacks.create("pgd", eps=0.3, steps=20)(lenet, x, y, generator=torch.Generator().manual_seed(1))
-    off = attacks.create("pgd", eps=0.3, steps=20, early_stop=False)(lenet, x, y, generator=torch.Generator().manual_seed(1))
+    off = attacks.create("pgd", eps=0.3, steps=20, early_stop=False)(
+        lenet, x, y, generator=torch.Generator().manual_seed(1)
+    )
     n_attacked = int((~on.clean_success).sum())
     assert off.cost.gradients == 20 * len(x)
     assert on.cost.gradients < 0.5 * off.cost.gradients
@@ -86,7 +88,9 @@ def test_pgd_matches_torchattacks(lenet, batch, norm):
     x, y = batch
     eps, alpha, steps = (0.15, 0.02, 10) if norm == "linf" else (1.5, 0.2, 10)
     ours = attacks.create("pgd", eps=eps, norm=norm, alpha=alpha, steps=steps, early_stop=False)
-    theirs = (torchattacks.PGD if norm == "linf" else torchattacks.PGDL2)(lenet, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    theirs = (torchattacks.PGD if norm == "linf" else torchattacks.PGDL2)(
+        lenet, eps=eps, alpha=alpha, steps=steps, random_start=True
+    )
     torch.manual_seed(123)
     res = ours(lenet, x, y)
     torch.manual_seed(123)

@@ -176,7 +176,9 @@ def test_targeted_success_means_the_target(lenet, batch, name):
 def test_cost_and_early_stop(lenet, batch):
     x, y = _correct(lenet, batch)
     n, steps = len(x), 20
-    off = attacks.create("apgd-ce", eps=0.15, steps=steps, early_stop=False)(lenet, x, y, generator=torch.Generator().manual_seed(1))
+    off = attacks.create("apgd-ce", eps=0.15, steps=steps, early_stop=False)(
+        lenet, x, y, generator=torch.Generator().manual_seed(1)
+    )
     on = attacks.create("apgd-ce", eps=0.15, steps=steps)(lenet, x, y, generator=torch.Generator().manual_seed(1))
     # per point: steps gradients (at x(0) ... x(N-1)), one forward at x(N), one clean forward
     assert off.cost.gradients == steps * n and off.cost.forwards == 2 * n
@@ -223,7 +225,9 @@ def test_autoattack_variant_matches_torchattacks_exactly(lenet, batch, loss, nor
     x, y = _correct(lenet, batch)
     ours = attacks.create(f"apgd-{loss}", eps=eps, norm=norm, steps=20, variant="autoattack", early_stop=False)
     res = ours(lenet, x, y, generator=torch.Generator().manual_seed(0))
-    ref = torchattacks.APGD(lenet, norm=TA_NORM[norm], eps=eps, steps=20, n_restarts=1, seed=0, loss=loss)(x, y).detach()
+    ref = torchattacks.APGD(lenet, norm=TA_NORM[norm], eps=eps, steps=20, n_restarts=1, seed=0, loss=loss)(
+        x, y
+    ).detach()
     with torch.no_grad():
         ref_adv = lenet(ref).argmax(1) != y
     assert torch.equal(res.success, ref_adv)
@@ -255,8 +259,12 @@ def test_paper_variant_robust_accuracy_matches_torchattacks(lenet, batch, loss, 
     be weaker by at most 1 point of 64 (platform numerics may flip one borderline trajectory);
     a systematic weakness would show as several."""
     x, y = batch
-    res = attacks.create(f"apgd-{loss}", eps=eps, norm=norm, steps=100)(lenet, x, y, generator=torch.Generator().manual_seed(0))
-    ref = torchattacks.APGD(lenet, norm=TA_NORM[norm], eps=eps, steps=100, n_restarts=1, seed=0, loss=loss)(x, y).detach()
+    res = attacks.create(f"apgd-{loss}", eps=eps, norm=norm, steps=100)(
+        lenet, x, y, generator=torch.Generator().manual_seed(0)
+    )
+    ref = torchattacks.APGD(lenet, norm=TA_NORM[norm], eps=eps, steps=100, n_restarts=1, seed=0, loss=loss)(
+        x, y
+    ).detach()
     with torch.no_grad():
         ref_robust = int((lenet(ref).argmax(1) == y).sum())
     ours_robust = int((~res.success).sum())

@@ -25,7 +25,12 @@ def lenet_pool(mnist_small):
     pool = []
     for seed in (1, 2):
         m = models.create("lenet5", seed=seed)
-        train(m, tr.take(6000), TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, seed=seed), progress=False)
+        train(
+            m,
+            tr.take(6000),
+            TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=2e-3, weight_decay=0.0, seed=seed),
+            progress=False,
+        )
         pool.append(m.eval())
     return pool
 
@@ -111,7 +116,7 @@ def test_gradient_ensemble_follows_seed_002(lenet, lenet_pool, batch):
 
 def test_eot_counts_draws_and_validates():
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    clf = models.Classifier(net, mean=[0.0], std=[1.0], num_classes=3)
+    clf = models.NormalizedClassifier(net, mean=[0.0], std=[1.0], num_classes=3)
     x = torch.rand(5, 1, 2, 2)
     y = torch.zeros(5, dtype=torch.int64)
     base = attacks.create("pgd", eps=0.1, steps=3, early_stop=False)
@@ -144,7 +149,7 @@ def test_minimal_mode_keeps_smallest_success():
     with torch.no_grad():
         net[1].weight.copy_(torch.tensor([[0.0] * 4, [1.0] * 4]))
         net[1].bias.copy_(torch.tensor([0.0, -0.4 * 2.0 - 0.8]))  # class 1 iff sum(x) > 1.6
-    clf = models.Classifier(net, mean=[0.0], std=[1.0], num_classes=2, bounds=(-10.0, 10.0))
+    clf = models.NormalizedClassifier(net, mean=[0.0], std=[1.0], num_classes=2, bounds=(-10.0, 10.0))
     x = torch.full((3, 1, 2, 2), 0.2)  # sum 0.8: class 0
     y = torch.zeros(3, dtype=torch.int64)
     res = Walk()(clf, x, y)

@@ -17,8 +17,9 @@ from bastion.attacks.square import p_selection
 from bastion.errors import ConfigError
 
 
-
-def _ta_robust_accuracy(model: nn.Module, adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float) -> float:
+def _ta_robust_accuracy(
+    model: nn.Module, adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float
+) -> float:
     """torchattacks' robust accuracy, scored like ours: broken = misclassified within eps."""
     with torch.no_grad():
         wrong = model(adv).argmax(1) != y
@@ -63,7 +64,9 @@ def test_budget_bounds_and_success_are_honest(lenet, batch, name, params, norm, 
 def test_square_never_asks_for_gradients_and_respects_the_query_budget(lenet, batch):
     x, y = batch
     for norm, eps in (("linf", 0.1), ("l2", 1.0)):
-        res = attacks.create("square", eps=eps, norm=norm, n_queries=60, restarts=2)(lenet, x, y, generator=torch.Generator().manual_seed(3))
+        res = attacks.create("square", eps=eps, norm=norm, n_queries=60, restarts=2)(
+            lenet, x, y, generator=torch.Generator().manual_seed(3)
+        )
         assert res.cost.gradients == 0
         # clean evaluation + per restart: n_queries queries + one hand-back of the best iterate
         assert res.cost.forwards <= len(x) * (1 + 2 * (60 + 1))
@@ -104,7 +107,9 @@ def test_square_robust_accuracy_matches_torchattacks(lenet, batch, norm, eps):
     import torchattacks
 
     x, y = batch
-    res = attacks.create("square", eps=eps, norm=norm, n_queries=500)(lenet, x, y, generator=torch.Generator().manual_seed(0))
+    res = attacks.create("square", eps=eps, norm=norm, n_queries=500)(
+        lenet, x, y, generator=torch.Generator().manual_seed(0)
+    )
     ref = torchattacks.Square(lenet, norm="Linf" if norm == "linf" else "L2", eps=eps, n_queries=500, seed=0)(x, y)
     ref_ra = _ta_robust_accuracy(lenet, ref, x, y, norm, eps)
     assert res.robust_accuracy <= ref_ra + 4 / 64, (res.robust_accuracy, ref_ra)
@@ -141,14 +146,33 @@ def test_hyperplane_box_projection_is_the_exact_minimiser():
                 cons = [{"type": "eq", "fun": lambda v, wi=wi, ri=ri: wi @ v[:d] - ri}]
                 if norm == "l2":
                     if radius < float("inf"):
-                        cons.append({"type": "ineq", "fun": lambda v, ti=ti, ci=ci, radius=radius: radius**2 - ((ti + v[:d] - ci) ** 2).sum()})
-                    sol = minimize(lambda v: (v[:d] ** 2).sum(), np.zeros(d), constraints=cons, bounds=list(zip(lo, hi)),
-                                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+                        cons.append(
+                            {
+                                "type": "ineq",
+                                "fun": lambda v, ti=ti, ci=ci, radius=radius: (
+                                    radius**2 - ((ti + v[:d] - ci) ** 2).sum()
+                                ),
+                            }
+                        )
+                    sol = minimize(
+                        lambda v: (v[:d] ** 2).sum(),
+                        np.zeros(d),
+                        constraints=cons,
+                        bounds=list(zip(lo, hi, strict=True)),
+                        method="SLSQP",
+                        options={"ftol": 1e-14, "maxiter": 500},
+                    )
                     best = float(np.sqrt(sol.fun)) if sol.success else None
                 else:  # min s subject to |v_j| <= s
                     cons += [{"type": "ineq", "fun": lambda v, j=j: v[d] - abs(v[j])} for j in range(d)]
-                    sol = minimize(lambda v: v[d], np.r_[np.zeros(d), 1.0], constraints=cons, bounds=list(zip(lo, hi)) + [(0, None)],
-                                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+                    sol = minimize(
+                        lambda v: v[d],
+                        np.r_[np.zeros(d), 1.0],
+                        constraints=cons,
+                        bounds=list(zip(lo, hi, strict=True)) + [(0, None)],
+                        method="SLSQP",
+                        options={"ftol": 1e-14, "maxiter": 500},
+                    )
                     best = float(sol.fun) if sol.success else None
                 on_plane = abs(float(w[i] @ delta[i]) - ri) <= 1e-9
                 if best is None or not on_plane:
@@ -214,7 +238,9 @@ def test_fab_without_budget_converges_to_the_minimal_distance():
     ends within 1% of the analytic minimal distance."""
     net, x, y, dists = _linear_problem()
     for norm, dist in (("linf", float(dists[0])), ("l2", float(dists[1]))):
-        res = attacks.create("fab", eps=1.0 if norm == "linf" else 28.0, norm=norm, steps=20, early_stop=False)(net, x, y)
+        res = attacks.create("fab", eps=1.0 if norm == "linf" else 28.0, norm=norm, steps=20, early_stop=False)(
+            net, x, y
+        )
         assert bool(res.success.all())
         assert float(res.distances.min()) >= dist * (1 - 1e-4)
         assert float(res.distances.max()) <= dist * 1.01
@@ -268,7 +294,9 @@ def test_targeted_fab_and_square_reach_the_targets(lenet, batch):
     x, y = batch
     t = (y + 3) % 10
     fab = attacks.create("fab", eps=0.3, steps=20)(lenet, x, y, targets=t)
-    sq = attacks.create("square", eps=0.3, n_queries=300)(lenet, x, y, targets=t, generator=torch.Generator().manual_seed(0))
+    sq = attacks.create("square", eps=0.3, n_queries=300)(
+        lenet, x, y, targets=t, generator=torch.Generator().manual_seed(0)
+    )
     for res in (fab, sq):
         with torch.no_grad():
             pred = lenet(res.x_adv).argmax(1)

@@ -65,20 +65,35 @@ def _ta(cls: str, **kw: Any) -> Callable[[nn.Module], Any]:
 # (id, our attack, torchattacks factory, burn one normal draw of x's shape before ours)
 REFERENCES = [
     ("bim", attacks.create("bim", eps=0.15, alpha=0.02, steps=10), _ta("BIM", eps=0.15, alpha=0.02, steps=10), False),
-    ("mifgsm", attacks.create("mifgsm", eps=0.15, alpha=0.02, steps=10, decay=1.0),
-     _ta("MIFGSM", eps=0.15, alpha=0.02, steps=10, decay=1.0), False),
+    (
+        "mifgsm",
+        attacks.create("mifgsm", eps=0.15, alpha=0.02, steps=10, decay=1.0),
+        _ta("MIFGSM", eps=0.15, alpha=0.02, steps=10, decay=1.0),
+        False,
+    ),
     # the paper's R+FGSM (alpha = eps/2, one step of eps - alpha) is torchattacks' with steps=1
     ("rfgsm-paper", attacks.create("rfgsm", eps=0.2), _ta("RFGSM", eps=0.2, alpha=0.1, steps=1), False),
-    ("rfgsm-multistep", attacks.create("rfgsm", eps=0.15, alpha=0.02, steps=10, step_size=0.02),
-     _ta("RFGSM", eps=0.15, alpha=0.02, steps=10), False),
+    (
+        "rfgsm-multistep",
+        attacks.create("rfgsm", eps=0.15, alpha=0.02, steps=10, step_size=0.02),
+        _ta("RFGSM", eps=0.15, alpha=0.02, steps=10),
+        False,
+    ),
     # torchattacks' FFGSM draws randn_like(x) and overwrites it with uniform_: burn that draw
     ("ffgsm", attacks.create("ffgsm", eps=0.15), _ta("FFGSM", eps=0.15, alpha=1.25 * 0.15), True),
-    ("tpgd", attacks.create("tpgd", eps=0.15, alpha=0.02, steps=10), _ta("TPGD", eps=0.15, alpha=0.02, steps=10), False),
+    (
+        "tpgd",
+        attacks.create("tpgd", eps=0.15, alpha=0.02, steps=10),
+        _ta("TPGD", eps=0.15, alpha=0.02, steps=10),
+        False,
+    ),
 ]
 REF_CASES = [(*r, t) for r in REFERENCES for t in (False, True) if not (r[0] == "tpgd" and t)]
 
 
-@pytest.mark.parametrize("ident,ours,make_ref,burn,targeted", REF_CASES, ids=[f"{r[0]}-{'t' if r[-1] else 'u'}" for r in REF_CASES])
+@pytest.mark.parametrize(
+    "ident,ours,make_ref,burn,targeted", REF_CASES, ids=[f"{r[0]}-{'t' if r[-1] else 'u'}" for r in REF_CASES]
+)
 def test_matches_torchattacks(lenet, batch, ident, ours, make_ref, burn, targeted):
     """Same model, inputs and random draws (global RNG seeded alike, drawn on the whole batch in
     the same order), early stopping off: same iterates (1e-5). Measured: all 64 points
@@ -211,7 +226,7 @@ class _NoisyInput(nn.Module):
 
 
 def _noisy(lenet: models.Classifier, sigma: float = 0.1) -> models.Classifier:
-    return models.Classifier(_NoisyInput(lenet, sigma), mean=[0.0], std=[1.0], num_classes=10,
+    return models.NormalizedClassifier(_NoisyInput(lenet, sigma), mean=[0.0], std=[1.0], num_classes=10,
                              input_shape=(1, 28, 28), stochastic=True)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from bastion import attacks
 from bastion.attacks.base import flat_norm
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
+from bastion.models.base import Classifier, NormalizedClassifier
 
 INF = float("inf")
 
@@ -31,7 +31,9 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- linear models: known answers
-def _linear(k: int, n: int = 16, d: int = 16, seed: int = 0) -> tuple[Classifier, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear(
+    k: int, n: int = 16, d: int = 16, seed: int = 0
+) -> tuple[Classifier, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A ``k``-class linear classifier on ``(1, 4, 4)`` inputs and ``n`` correctly classified
     points with their exact minimal L2 and L-inf distances to misclassification.
 
@@ -49,7 +51,7 @@ def _linear(k: int, n: int = 16, d: int = 16, seed: int = 0) -> tuple[Classifier
     with torch.no_grad():
         net[1].weight.copy_(w)
         net[1].bias.copy_(b)
-    clf = Classifier(net, mean=[0.0], std=[1.0], num_classes=k).eval()
+    clf = NormalizedClassifier(net, mean=[0.0], std=[1.0], num_classes=k).eval()
     x = 0.3 + 0.4 * torch.rand(400, 1, 4, 4, generator=g)
     z = x.flatten(1) @ w.T + b
     y = z.argmax(1)
@@ -169,7 +171,7 @@ def test_results_are_honest_and_give_the_whole_curve(lenet, batch, name, params,
     assert curve == sorted(curve, reverse=True)
     assert curve[0] == pytest.approx(float((clean_pred == y).float().mean()))
     assert curve[-1] == pytest.approx(res.robust_accuracy)
-    for eps, acc in zip(grid, curve):
+    for eps, acc in zip(grid, curve, strict=True):
         broken = res.success & (res.distances <= eps)
         x_eps = torch.where(broken[:, None, None, None], res.x_adv, x)
         assert float(flat_norm(x_eps - x, atk.norm).max()) <= eps + 1e-6
@@ -180,7 +182,11 @@ def test_results_are_honest_and_give_the_whole_curve(lenet, batch, name, params,
 
 @pytest.mark.parametrize(
     "name,params",
-    [("deepfool", {"steps": 20}), ("deepfool", {"norm": "linf", "steps": 20}), ("cw", {"steps": 30, "binary_search_steps": 2})],
+    [
+        ("deepfool", {"steps": 20}),
+        ("deepfool", {"norm": "linf", "steps": 20}),
+        ("cw", {"steps": 30, "binary_search_steps": 2}),
+    ],
 )
 def test_finite_eps_projects_candidates_onto_the_ball(lenet, batch, name, params):
     """A minimal attack with a finite eps: every candidate is projected onto the eps-ball before

@@ -30,7 +30,7 @@ def test_standard_matches_torchattacks_and_is_never_weaker(lenet, batch):
     assert [s["attack"] for s in steps] == ["apgd-ce", "apgd-t", "fab", "square"]
     assert steps[-1]["robust_after"] == pytest.approx(res.robust_accuracy)
     # each attack only saw the points the previous ones left robust
-    for prev, cur in zip(steps, steps[1:]):
+    for prev, cur in zip(steps, steps[1:], strict=False):
         assert cur["attacked"] == round(prev["robust_after"] * len(x)) or cur["attacked"] == 0
     assert res.params["version"] == "standard" and len(res.params["components"]) == 4
 
@@ -48,8 +48,13 @@ class NoisyNet(nn.Module):
 
 def test_rand_version_uses_eot(lenet, batch):
     x, y = batch[0][:16], batch[1][:16]
-    noisy = models.Classifier(NoisyNet(lenet.net), mean=lenet.mean.flatten().tolist(), std=lenet.std.flatten().tolist(),
-                              num_classes=10, stochastic=True)
+    noisy = models.NormalizedClassifier(
+        NoisyNet(lenet.net),
+        mean=lenet.mean.flatten().tolist(),
+        std=lenet.std.flatten().tolist(),
+        num_classes=10,
+        stochastic=True,
+    )
     atk = attacks.create("autoattack", eps=0.2, version="rand", steps=5, early_stop=False)
     comps = atk.components()
     assert [c.name for c in comps] == ["apgd-ce", "apgd-dlr"] and all(c.eot_samples == 20 for c in comps)

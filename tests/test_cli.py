@@ -1,14 +1,18 @@
-"""The command line: list, train, eval, run/demo, and one-line errors for bad input."""
+"""The command line: list, train, eval, attack, pool, run (the demo config), and one-line errors
+for bad input, the removed `demo` and `run --config` included."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bastion.cli import main
+from bastion.cli import COMMANDS, main
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 
 def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -21,7 +25,8 @@ def _err_line(capsys: pytest.CaptureFixture[str]) -> str:
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("mnist", "fashion-mnist", "cifar10", "digits", "image-folder", "lenet5", "resnet18", "mobilenetv3-small", "fgsm", "pgd"):
+    for name in ("mnist", "fashion-mnist", "cifar10", "digits", "image-folder", "lenet5", "resnet18",
+                 "mobilenetv3-small", "fgsm", "pgd"):
         assert f"  {name} " in out
 
 
@@ -37,7 +42,8 @@ def trained(tmp_path_factory):
 def test_train_and_eval(trained, tmp_path, capsys):
     capsys.readouterr()
     js = tmp_path / "res.json"
-    rc = main(["eval", str(trained), "--attacks", "fgsm,pgd", "--eps", "0.05,0.2", "--param", "pgd.steps=5", "--json", str(js), "-q"])
+    rc = main(["eval", str(trained), "--attacks", "fgsm,pgd", "--eps", "0.05,0.2", "--param", "pgd.steps=5",
+               "--json", str(js), "-q"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "fgsm" in out and "pgd-5" in out and "worst case" in out
@@ -62,7 +68,8 @@ def test_train_and_eval(trained, tmp_path, capsys):
         (["train", "--dataset", "imagenet", "--model", "lenet5", "--out", "{tmp}"], "unknown dataset 'imagenet'"),
         (["train", "--dataset", "digits", "--model", "lenet6", "--out", "{tmp}"], "unknown model 'lenet6'"),
         (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--epochs", "0"], "epochs=0"),
-        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "armor"], "unknown defense 'armor'"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "armor"],
+         "unknown defense 'armor'"),
         (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "superimpose",
           "--defense-param", "alpha=0.7"], "alpha=0.7"),
         (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "superimpose-beta",
@@ -71,15 +78,20 @@ def test_train_and_eval(trained, tmp_path, capsys):
           "--defense-param", "attack='pgdd'"], "unknown attack 'pgdd'"),
         (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense", "pgd-at",
           "--defense-param", "eps=-0.1"], "eps=-0.1"),
-        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense-param", "eps=0.1"], "--defense"),
-        (["run", "--set", "train.lr=-1"], "lr=-1"),
-        (["run", "--set", "eval.attacks=['fgsm','cw2']"], "unknown attack 'cw2'"),
-        (["run", "--set", "model.nme='x'"], "model.nme"),
-        (["run", "--config", "{tmp}/none.toml"], "does not exist"),
+        (["train", "--dataset", "digits", "--model", "lenet5", "--out", "{tmp}", "--defense-param", "eps=0.1"],
+         "--defense"),
+        (["run", "{demo}", "--set", "training.lr=-1"], "lr=-1"),
+        (["run", "{demo}", "--set", "attacks.fgsm.name='cw2'"], "unknown attack 'cw2'"),
+        (["run", "{demo}", "--set", "dataset.nme='x'"], "dataset.nme"),
+        (["run", "{tmp}/none.toml"], "does not exist"),
+        # the single-experiment pipeline is gone: its entry points name the replacement
+        (["run", "--config", "{demo}"], "bastion run CONFIG"),
+        (["demo"], "bastion run configs/demo.toml"),
+        (["demo", "--set", "train.epochs=2", "-q"], "bastion run configs/demo.toml"),
     ],
 )
 def test_bad_input_is_one_clear_line(trained, tmp_path, capsys, argv, needle):
-    argv = [a.format(ckpt=trained, tmp=tmp_path) for a in argv]
+    argv = [a.format(ckpt=trained, tmp=tmp_path, demo=DEMO) for a in argv]
     assert main(argv) == 2
     assert needle in _err_line(capsys)
 
@@ -110,35 +122,59 @@ def test_tampered_checkpoint_via_cli(trained, tmp_path, capsys):
     assert "SHA-256 does not match" in _err_line(capsys)
 
 
-def test_run_main_job_small(tmp_path, capsys):
-    """The main job's pipeline end to end on a small budget (the full job is `make demo`)."""
+def test_demo_config_runs_small(tmp_path, capsys):
+    """The demo config (once `bastion demo`) end to end through the harness on a small budget."""
+    from bastion.results.db import ResultsDB
+
     out = tmp_path / "demo"
-    rc = main(["run", "--out", str(out), "--set", "train.epochs=1", "--set", "data.train_fraction=0.1",
-               "--set", "data.eval_samples=100", "--set", "eval.params.pgd.steps=5", "-q"])
-    assert rc == 0
+    argv = ["run", str(DEMO), "--out", str(out), "--set", "training.epochs=1", "--set", "dataset.train_fraction=0.1",
+            "--set", "dataset.eval_samples=100", "--set", "attacks.pgd.params.steps=5", "-q"]
+    assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "clean accuracy" in text and "pgd-5" in text and "eps=0.3" in text
-    res = json.loads((out / "results.json").read_text())
-    assert res["config"]["train"]["epochs"] == 1 and res["report"]["n"] == 100
-    assert res["clean_accuracy_full"] > 0.7  # one short epoch; the full job is checked by `make demo`
-    # a second run reuses the finished training instead of redoing it
-    rc = main(["run", "--out", str(out), "--set", "train.epochs=1", "--set", "data.train_fraction=0.1",
-               "--set", "data.eval_samples=100", "--set", "eval.params.pgd.steps=5", "-q"])
-    assert rc == 0
-    res2 = json.loads((out / "results.json").read_text())
-    assert res2["training"]["resumed_from_epoch"] == 1
-    assert res2["report"]["rows"] == [dict(r, seconds=r2["seconds"]) for r, r2 in zip(res["report"]["rows"], res2["report"]["rows"])]
+    assert "1 model(s) trained" in text and "clean" in text and "pgd-5" in text and "0.3" in text
+    rows = ResultsDB(out / "results.sqlite").evaluations()
+    assert {r.protocol for r in rows} == {"paper"} and {r.n for r in rows} == {100}
+    assert {r.attack_label for r in rows} >= {"fgsm", "pgd-5"} and sorted({r.eps for r in rows}) == [0.1, 0.2, 0.3]
+    assert rows[0].clean_accuracy > 0.7  # one short epoch on 10% of MNIST
+    # a second run reuses the trained model and the stored rows instead of redoing them
+    assert main(argv) == 0
+    assert "0 model(s) trained, 0 evaluation(s) run" in capsys.readouterr().out
+    again = ResultsDB(out / "results.sqlite").evaluations()
+    def key(r):
+        return r.attack_label, r.eps, r.robust_accuracy
+
+    assert [key(r) for r in again] == [key(r) for r in rows]
+
+
+def test_an_old_experiment_config_is_one_clear_line(tmp_path, capsys):
+    """A single-experiment TOML (the old demo format) is not silently run some other way."""
+    old = tmp_path / "old.toml"
+    old.write_text('name = "x"\n[data]\ndataset = "mnist"\n[model]\nname = "lenet5"\n[train]\nepochs = 1\n')
+    assert main(["run", str(old)]) == 2
+    assert "data: unknown field" in _err_line(capsys)
+
+
+def test_help_lists_every_command_and_is_light():
+    names = [c.NAME for c in COMMANDS]
+    assert names == ["list", "train", "pool", "eval", "attack", "run", "results", "report"]
+    code = ("import sys; from bastion.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m in ('torch', 'numpy')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    r = subprocess.run([sys.executable, "-m", "bastion.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(f"    {n} " in r.stdout for n in names) and "demo" not in r.stdout
 
 
 def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "bastion.cli", "list", "attacks"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "bastion.cli", "list", "attacks"], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0 and "pgd" in r.stdout
 
 
 def test_train_population_defense_and_pool(tmp_path, capsys):
     """`bastion train --defense ulm` builds and saves a population; `bastion pool` trains a
     diverse pool; `bastion eval` on a random model says its numbers are single draws."""
-    from bastion.defenses.randomized import Population
+    from bastion.models.random import Population
     from bastion.train.checkpoint import load_model
 
     out = tmp_path / "ulm"

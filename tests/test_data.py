@@ -1,8 +1,9 @@
 """Tests of bastion.data: the real offline datasets, every file format, checks and errors.
 
 The real MNIST / Fashion-MNIST / digits tests need the offline copies (`make data`, which
-`make test` runs first); where those are missing the tests fail and say so, never skip. Every load passes an explicit (empty) ``root`` so
-that a developer's ``$BASTION_DATA`` cannot change what is tested.
+`make test` runs first); where those are missing the tests fail and say so, never skip. Every load
+passes an explicit (empty) ``root`` so that a developer's ``$BASTION_DATA`` cannot change what is
+tested.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import struct
 import tarfile
 import urllib.error
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ from bastion import attacks, defenses, models
 from bastion.data.base import ImageDataset
 from bastion.defenses.adversarial import AdversarialTraining, FastAT, detect_collapse
 from bastion.errors import ConfigError, UnknownNameError
-from bastion.models.base import Classifier
+from bastion.models.base import NormalizedClassifier
 from bastion.train.checkpoint import load_model
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
@@ -36,12 +36,12 @@ W0 = torch.tensor([[1.0, -2.0, 0.5, 0.0], [-1.0, 1.0, 2.0, -0.5], [0.5, 0.5, -1.
 B0 = torch.tensor([0.1, -0.2, 0.05])
 
 
-def tiny(w: torch.Tensor = W0, b: torch.Tensor = B0) -> Classifier:
+def tiny(w: torch.Tensor = W0, b: torch.Tensor = B0) -> NormalizedClassifier:
     lin = nn.Linear(4, 3)
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
-    return Classifier(nn.Sequential(nn.Flatten(), lin), mean=[0.0], std=[1.0], num_classes=3)
+    return NormalizedClassifier(nn.Sequential(nn.Flatten(), lin), mean=[0.0], std=[1.0], num_classes=3)
 
 
 def points(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,7 @@ def points(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def ce_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cross-entropy of the tiny linear model, written out."""
     total = 0.0
-    for xi, yi in zip(x.flatten(1).tolist(), y.tolist()):
+    for xi, yi in zip(x.flatten(1).tolist(), y.tolist(), strict=True):
         z = [sum(W0[k, j].item() * xi[j] for j in range(4)) + B0[k].item() for k in range(3)]
         total += math.log(sum(math.exp(v) for v in z)) - z[yi]
     return total / len(y)
@@ -65,7 +65,7 @@ def ce_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
 def fgsm_by_hand(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """x + eps * sign(W^T (softmax(z) - onehot(y))), the CE input gradient of a linear model."""
     out = []
-    for xi, yi in zip(x.flatten(1).tolist(), y.tolist()):
+    for xi, yi in zip(x.flatten(1).tolist(), y.tolist(), strict=True):
         z = [sum(W0[k, j].item() * xi[j] for j in range(4)) + B0[k].item() for k in range(3)]
         s = sum(math.exp(v) for v in z)
         p = [math.exp(v) / s - (1.0 if k == yi else 0.0) for k, v in enumerate(z)]
@@ -271,7 +271,7 @@ def test_detect_collapse():
     assert detect_collapse([0.6, 0.55, 0.02], 0.2)
 
 
-def _separated() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
+def _separated() -> tuple[NormalizedClassifier, torch.Tensor, torch.Tensor]:
     """A robust tiny model: class c lights pixel c; eps = 0.1 cannot flip any point."""
     x = torch.full((30, 1, 2, 2), 0.1)
     y = torch.arange(30) % 3

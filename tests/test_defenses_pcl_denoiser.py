@@ -13,7 +13,7 @@ from bastion import attacks, defenses, models
 from bastion.defenses.denoiser import Denoiser, DenoiserStack
 from bastion.defenses.pcl import PCL, pc_loss
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
+from bastion.models.base import NormalizedClassifier
 from bastion.train.checkpoint import load_model, read_meta
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
@@ -49,9 +49,9 @@ class TinyNet(nn.Module):
         return self.out(self.features(x))
 
 
-def _tiny_model() -> Classifier:
+def _tiny_model() -> NormalizedClassifier:
     torch.manual_seed(0)
-    return Classifier(TinyNet(), mean=[0.0], std=[1.0], num_classes=3)
+    return NormalizedClassifier(TinyNet(), mean=[0.0], std=[1.0], num_classes=3)
 
 
 # ---------------------------------------------------------------- PCL
@@ -118,8 +118,14 @@ def test_pcl_steps_lower_its_loss():
 
 @pytest.mark.parametrize(
     "kw, field",
-    [({"weight": -1.0}, "weight"), ({"push_weight": float("nan")}, "push_weight"), ({"warmup_epochs": -1}, "warmup_epochs"),
-     ({"warmup_epochs": 1.5}, "warmup_epochs"), ({"init_scale": 0.0}, "init_scale"), ({"logit_head": 1}, "logit_head")],
+    [
+        ({"weight": -1.0}, "weight"),
+        ({"push_weight": float("nan")}, "push_weight"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"warmup_epochs": 1.5}, "warmup_epochs"),
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"logit_head": 1}, "logit_head"),
+    ],
 )
 def test_pcl_bad_params_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
@@ -132,15 +138,24 @@ def test_pcl_defaults_and_describe():
     assert (d.weight, d.push_weight, d.warmup_epochs, d.logit_head) == (1.0, 1.0, 1, True)
     json.dumps(d.describe())
     with pytest.raises(ConfigError, match="features"):
-        PCL().prepare(Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), mean=[0.0], std=[1.0], num_classes=3), None)
+        PCL().prepare(
+            NormalizedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), mean=[0.0], std=[1.0], num_classes=3),
+            None,
+        )
 
 
 def test_pcl_end_to_end_checkpoint(tmp_path, tiny):
     m = models.create("lenet5", seed=0)
     d = defenses.create("pcl", warmup_epochs=1, push_weight=0.01)
     m = d.prepare(m, tiny)
-    res = train(m, tiny, TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0),
-                objective=d, out_dir=tmp_path / "run", progress=False)
+    res = train(
+        m,
+        tiny,
+        TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0),
+        objective=d,
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     assert [h.extra["pcl_active"] for h in res.history] == [False, True]
     meta = read_meta(tmp_path / "run" / "final")
     assert meta["objective"]["defense"] == "pcl" and meta["objective"]["push_weight"] == 0.01
@@ -150,9 +165,14 @@ def test_pcl_end_to_end_checkpoint(tmp_path, tiny):
     x = tiny.x[:8]
     assert torch.allclose(m2(x), m.eval()(x), atol=1e-6)
     # resuming the finished run works too (the centroids are rebuilt before the weights load)
-    again = train(d.prepare(models.create("lenet5", seed=0), tiny), tiny,
-                  TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0),
-                  objective=d, out_dir=tmp_path / "run", progress=False)
+    again = train(
+        d.prepare(models.create("lenet5", seed=0), tiny),
+        tiny,
+        TrainConfig(epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0),
+        objective=d,
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     assert again.resumed_from == 2
     # after strip the model is the plain architecture again
     PCL.strip(m2)
@@ -205,8 +225,14 @@ def test_denoiser_training_lowers_reconstruction_error(tiny):
 
 @pytest.mark.parametrize(
     "kw, field",
-    [({"stack": 0}, "stack"), ({"stack": 5}, "stack"), ({"noise_std": -0.1}, "noise_std"), ({"ae_lr": 0.0}, "ae_lr"),
-     ({"ae_epochs": -1}, "ae_epochs"), ({"width": 1}, "width")],
+    [
+        ({"stack": 0}, "stack"),
+        ({"stack": 5}, "stack"),
+        ({"noise_std": -0.1}, "noise_std"),
+        ({"ae_lr": 0.0}, "ae_lr"),
+        ({"ae_epochs": -1}, "ae_epochs"),
+        ({"width": 1}, "width"),
+    ],
 )
 def test_denoiser_bad_params_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
@@ -226,8 +252,14 @@ def test_denoiser_checkpoint_round_trip(tmp_path, tiny):
     d = defenses.create("denoiser", stack=2, noise_std=0.0, width=8, ae_epochs=1)
     m = d.prepare(m, tiny)
     assert not m.stochastic  # no noise: deterministic front end
-    train(m, tiny, TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0),
-          objective=d, out_dir=tmp_path / "run", progress=False)
+    train(
+        m,
+        tiny,
+        TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0),
+        objective=d,
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     loaded, meta = load_model(tmp_path / "run")
     assert isinstance(loaded.front_end, DenoiserStack) and len(loaded.front_end.stages) == 2
     assert meta["objective"]["defense"] == "denoiser" and meta["objective"]["stack"] == 2

@@ -16,7 +16,7 @@ from bastion.data.base import ImageDataset
 from bastion.defenses.superimpose import Superimpose, SuperimposeBeta, SuperimposeKL
 from bastion.defenses.vat import VAT
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
+from bastion.models.base import NormalizedClassifier
 from bastion.train.checkpoint import load_model, read_meta
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
@@ -32,9 +32,9 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def _tiny(seed: int = 0) -> Classifier:
+def _tiny(seed: int = 0) -> NormalizedClassifier:
     torch.manual_seed(seed)
-    return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), mean=[0.0], std=[1.0], num_classes=3)
+    return NormalizedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), mean=[0.0], std=[1.0], num_classes=3)
 
 
 def _batch(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def _kl(zp: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
     return (p * (torch.log(p) - torch.log(q))).sum(1).mean()
 
 
-def _linear(model: Classifier, x: torch.Tensor) -> torch.Tensor:
+def _linear(model: NormalizedClassifier, x: torch.Tensor) -> torch.Tensor:
     lin = model.net[1]
     return x.flatten(1) @ lin.weight.T + lin.bias
 
@@ -243,9 +243,16 @@ def test_vat_direction_is_the_top_eigenvector_of_the_kl_hessian() -> None:
 
 def test_vat_does_not_update_batchnorm_statistics_on_perturbed_passes() -> None:
     torch.manual_seed(0)
-    bn_model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)), mean=[0.0], std=[1.0], num_classes=3)
+    bn_model = NormalizedClassifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)),
+        mean=[0.0], std=[1.0], num_classes=3)
     x, y = _batch(16)
-    ref = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)), mean=[0.0], std=[1.0], num_classes=3)
+    ref = NormalizedClassifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)),
+        mean=[0.0],
+        std=[1.0],
+        num_classes=3,
+    )
     ref.load_state_dict(bn_model.state_dict())
     bn_model.train(), ref.train()
     VAT()(bn_model, x, y)
@@ -290,12 +297,24 @@ def test_a_few_steps_lower_the_objectives_own_loss(name: str, params: dict) -> N
 def test_training_checkpoint_round_trip(tmp_path, name: str) -> None:
     g = torch.Generator().manual_seed(0)
     ds = ImageDataset(
-        name="mnist", split="train", x=torch.rand(48, 1, 28, 28, generator=g), y=torch.randint(0, 10, (48,), generator=g),
-        classes=tuple(str(i) for i in range(10)), mean=(0.13,), std=(0.31,),
+        name="mnist",
+        split="train",
+        x=torch.rand(48, 1, 28, 28, generator=g),
+        y=torch.randint(0, 10, (48,), generator=g),
+        classes=tuple(str(i) for i in range(10)),
+        mean=(0.13,),
+        std=(0.31,),
     )
     model = models.create("lenet5", seed=0)
     defense = defenses.create(name)
-    result = train(model, ds, TrainConfig(epochs=1, batch_size=24, lr=0.01, device="cpu"), objective=defense, out_dir=tmp_path, progress=False)
+    result = train(
+        model,
+        ds,
+        TrainConfig(epochs=1, batch_size=24, lr=0.01, device="cpu"),
+        objective=defense,
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert len(result.history) == 1
     loaded, meta = load_model(tmp_path)
     for k, v in model.state_dict().items():

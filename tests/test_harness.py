@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from bastion.errors import ConfigError
+from bastion.eval import judge as J
+from bastion.eval import protocols as P
+from bastion.eval.settings import EvaluationSection
 from bastion.harness import config as hc
-from bastion.harness import protocols as P
 from bastion.harness import runner
 from bastion.harness.cache import all_keys, model_key
+from bastion.models.base import Declaration
 from bastion.results.db import ResultsDB
 
 TINY = """
@@ -89,7 +92,8 @@ def test_config_errors_name_field_value_and_allowed(tmp_path, override, needles)
 
 def test_config_base_must_be_an_earlier_model(tmp_path):
     text = TINY + '[[models]]\nid = "sap"\ndefense = "multi-sap"\nbase = "pgd"\n'
-    with pytest.raises(ConfigError, match=r"base='pgd' must be the id of a model listed before it; known: 'standard', 'fgsm-at'"):
+    with pytest.raises(ConfigError,
+                       match=r"base='pgd' must be the id of a model listed before it; known: 'standard', 'fgsm-at'"):
         hc.load_harness_config(_write(tmp_path, text))
 
 
@@ -113,25 +117,26 @@ def test_paper_protocol_transfers_from_the_surrogate_and_adaptive_adds_those_row
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
     surrogate, model = models.create("lenet5", seed=1).eval(), models.create("lenet5", seed=2).eval()
     fgsm = attacks.create("fgsm", eps=0.2)
-    st = P.Settings(autoattack=False)
-    (paper,) = P.plan("paper", model, defense="fgsm-at", base=surrogate, attack_list=[fgsm], settings=st)
-    assert paper.kind == "transfer" and "surrogate" in paper.how
-    robust, _ = paper.run(x, y, torch.Generator().manual_seed(0))
+    st = EvaluationSection(autoattack=False)
+    transferred = P.Subject(model, "white-box", surrogate)
+    (paper,) = P.plan("paper", transferred, [fgsm], st)
+    assert paper.kind == "transfer" and "surrogate" in paper.describe()
+    robust = paper.run(x, y, torch.Generator().manual_seed(0)).robust
     x_adv = fgsm(surrogate, x, y).x_adv
     with torch.no_grad():
         assert torch.equal(robust, model(x_adv).argmax(-1) == y)
     # transferred examples are the final iterate (as the seeds' libraries return them), not the
     # first one that fooled the surrogate (a near-minimal perturbation that transfers worse)
     bim = attacks.create("bim", eps=0.2, steps=10)
-    (paper_bim,) = P.plan("paper", model, defense="fgsm-at", base=surrogate, attack_list=[bim], settings=st)
+    (paper_bim,) = P.plan("paper", transferred, [bim], st)
     assert paper_bim.attack.early_stop is False and bim.early_stop is True
-    robust_bim, _ = paper_bim.run(x, y, torch.Generator().manual_seed(0))
+    robust_bim = paper_bim.run(x, y, torch.Generator().manual_seed(0)).robust
     with torch.no_grad():
         final = bim.replace(early_stop=False)(surrogate, x, y).x_adv
         assert torch.equal(robust_bim, model(final).argmax(-1) == y)
-    white = P.plan("paper", model, defense="fgsm-at", base=None, attack_list=[fgsm], settings=st)[0]
-    assert white.kind == "" and not torch.equal(white.run(x, y, torch.Generator())[0], robust)
-    labels = [p.label for p in P.plan("adaptive", model, defense="fgsm-at", base=surrogate, attack_list=[fgsm], settings=st)]
+    white = P.plan("paper", P.Subject(model), [fgsm], st)[0]
+    assert white.kind == "" and not torch.equal(white.run(x, y, torch.Generator()).robust, robust)
+    labels = [p.label for p in P.plan("adaptive", transferred, [fgsm], st)]
     assert labels == ["fgsm", "transfer-fgsm"]
 
 
@@ -139,14 +144,14 @@ def test_adaptive_attacks_on_a_random_expectation_use_eot_and_run_to_the_final_i
     """On SAP-like models (whose expected output is itself random) every adaptive attack is EOT
     over ``eot_samples`` draws and has no early stop, which would judge success on one draw."""
     from bastion import attacks, models
-    from bastion.defenses.randomized import StochasticClassifier
+    from bastion.models.random import StochasticClassifier
 
     noisy = models.create("lenet5", seed=0).eval()
     noisy.stochastic = True
     model = StochasticClassifier(noisy, draws=2)
-    st = P.Settings(autoattack=True, eot_samples=3, autoattack_params={"steps": 2})
+    st = EvaluationSection(autoattack=True, eot_samples=3, autoattack_params={"steps": 2})
     pgd = attacks.create("pgd", eps=0.1, steps=2)
-    rows = P.plan("adaptive", model, defense="none", base=None, attack_list=[pgd], settings=st)
+    rows = P.plan("adaptive", P.Subject(model), [pgd], st)
     assert [r.label for r in rows] == ["eot-pgd-2x3", "autoattack-rand"]
     assert all(r.attack.early_stop is False for r in rows)
     assert rows[0].attack.eot_samples == 3 and pgd.early_stop is True
@@ -196,7 +201,7 @@ def test_cache_keys_change_with_what_determines_a_model_only(tmp_path):
 def _counts(db: ResultsDB) -> dict[tuple, int]:
     out: dict[tuple, int] = {}
     for r in db.evaluations():
-        k = (r["config_hash"], r["model_key"], r["protocol"], r["attack_label"], r["eps"])
+        k = (r.config_hash, r.model_key, r.protocol, r.attack_label, r.eps)
         out[k] = out.get(k, 0) + 1
     return out
 
@@ -205,7 +210,9 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
     torch.set_num_threads(1)
     cfg = hc.load_harness_config(_write(tmp_path))
     # -- a run killed after 5 evaluations (the 6th raises, as a SIGKILL would stop it)
-    real = P.run_planned
+    from bastion.harness import eval_job
+
+    real = eval_job.measure
     calls: list[str] = []
 
     def dying(p, *a, **kw):
@@ -214,27 +221,27 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
         calls.append(p.label)
         return real(p, *a, **kw)
 
-    monkeypatch.setattr(P, "run_planned", dying)
+    monkeypatch.setattr(eval_job, "measure", dying)
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg, progress=False)
     db = ResultsDB(cfg.db_path)
     assert len(db.evaluations()) >= 5 and len(db.trainings()) == 2
-    done_before = {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()}
+    done_before = {(r.model_key, r.protocol, r.attack_label, r.eps): r.created for r in db.evaluations()}
     # -- restarted: finishes, redoing no finished row and no training
     calls.clear()
-    monkeypatch.setattr(P, "run_planned", lambda p, *a, **kw: (calls.append(p.label), real(p, *a, **kw))[1])
+    monkeypatch.setattr(eval_job, "measure", lambda p, *a, **kw: (calls.append(p.label), real(p, *a, **kw))[1])
     s = runner.run(cfg, progress=False)
     assert s.trained == 0
     # 2 models x 2 protocols x 2 attacks x 2 eps = 16 rows; 5 were done before the kill
     assert len(calls) == 16 - 5 == s.evaluated
-    after = {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()}
+    after = {(r.model_key, r.protocol, r.attack_label, r.eps): r.created for r in db.evaluations()}
     for k, t in done_before.items():
         assert after[k] == t  # untouched
     assert len(after) == 16 + 2 * 2 * 2  # + worst case per (model, protocol, eps)
     assert set(_counts(db).values()) == {1}
     # training recorded once per model, with its cost
     tr = db.trainings()
-    assert len(tr) == 2 and all(t["epochs"] == 1 and t["epoch_seconds"] > 0 for t in tr)
+    assert len(tr) == 2 and all(t.epochs == 1 and t.epoch_seconds > 0 for t in tr)
     # -- a third run trains and evaluates nothing; rows unchanged
     calls.clear()
     capsys.readouterr()
@@ -243,16 +250,16 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
     log = capsys.readouterr().err  # one line per job, so that a run in a log file shows where it is
     assert "[1/" in log and "train standard ..." in log and "evaluate fgsm-at (adaptive) ..." in log
     assert "skipped=4" in log and "raised=" in log  # sanity checks report how many flags were raised
-    assert {(r["model_key"], r["protocol"], r["attack_label"], r["eps"]): r["created"] for r in db.evaluations()} == after
+    assert {(r.model_key, r.protocol, r.attack_label, r.eps): r.created for r in db.evaluations()} == after
     # numbers make sense: undefended clean accuracy, pgd no weaker than fgsm per point
     rows = db.evaluations(protocol="adaptive")
-    std = [r for r in rows if r["defense"] == "standard"]
-    assert std[0]["clean_accuracy"] > 0.5
+    std = [r for r in rows if r.defense == "standard"]
+    assert std[0].clean_accuracy > 0.5
     for e in (0.1, 0.2):
-        f = next(r for r in std if r["attack_label"] == "fgsm" and r["eps"] == e)
-        w = next(r for r in std if r["attack_label"] == "worst case" and r["eps"] == e)
-        assert w["robust_accuracy"] <= f["robust_accuracy"]
-        assert bool((w["robust"] <= f["robust"]).all())
+        f = next(r for r in std if r.attack_label == "fgsm" and r.eps == e)
+        w = next(r for r in std if r.attack_label == "worst case" and r.eps == e)
+        assert w.robust_accuracy <= f.robust_accuracy
+        assert bool((w.robust <= f.robust).all())
     assert "worst case" in s3.table and "fgsm-at" in s3.table
     # -- `bastion results` prints the rows
     from bastion.cli import main
@@ -269,7 +276,8 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
 class _Coin(nn.Module):
     """A toy random model: right with probability ``p[i]`` for point ``i`` (inputs are indices)."""
 
-    stochastic = True
+    def declaration(self) -> Declaration:
+        return Declaration(random=True)
 
     def __init__(self, p: torch.Tensor) -> None:
         super().__init__()
@@ -287,19 +295,19 @@ def test_majority_of_k_rule_on_a_toy_random_model():
     p = torch.tensor([1.0, 0.0, 0.9, 0.2]).repeat_interleave(n // 4)
     model = _Coin(p)
     x, y = torch.arange(n).float().view(-1, 1), torch.zeros(n, dtype=torch.long)
-    assert P.is_random(model)
+    assert J.is_random(model)
     k = 5
-    robust = P.majority_correct(model.decide, x, y, k)
+    robust = J.majority_correct(model.decide, x, y, k)
     q = n // 4
     assert bool(robust[:q].all()) and not bool(robust[q : 2 * q].any())
     # P(>= 3 of 5 right) = 0.99144 at p = 0.9, 0.05792 at p = 0.2
     assert abs(float(robust[2 * q : 3 * q].float().mean()) - 0.99144) < 0.01
     assert abs(float(robust[3 * q :].float().mean()) - 0.05792) < 0.015
     # one query: robust with probability p; even k: ties count as not robust (strict majority)
-    one = P.majority_correct(model.decide, x, y, 1)
+    one = J.majority_correct(model.decide, x, y, 1)
     assert abs(float(one[3 * q :].float().mean()) - 0.2) < 0.03
     calls = iter(range(2))
-    tie = P.majority_correct(lambda z: torch.full((len(z),), next(calls)), x, torch.zeros(n, dtype=torch.long), 2)
+    tie = J.majority_correct(lambda z: torch.full((len(z),), next(calls)), x, torch.zeros(n, dtype=torch.long), 2)
     assert not bool(tie.any())  # right exactly once in 2 queries is not a majority
 
 
@@ -327,8 +335,8 @@ def test_flags_artifacts_and_report_from_the_database(tmp_path, capsys):
     s = runner.run(cfg, progress=False)
     db = ResultsDB(cfg.db_path)
     flags = db.flags(config_hash=s.config_hash)
-    assert flags and all(f["protocol"] == "adaptive" and f["detail"] for f in flags)
-    assert {a["kind"] for a in db.artifacts(config_hash=s.config_hash)} == {"gallery", "landscape"}
+    assert flags and all(f.protocol == "adaptive" and f.detail for f in flags)
+    assert {a.kind for a in db.artifacts(config_hash=s.config_hash)} == {"gallery", "landscape"}
     assert s.report is not None and s.report[1].is_file() and s.report[0].is_file()
     from bastion.cli import main
 

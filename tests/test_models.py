@@ -43,7 +43,7 @@ def _weight_layers(net: nn.Module) -> list[nn.Module]:
 
 
 def test_registry_holds_every_architecture() -> None:
-    assert EXPECTED <= set(NAMES)
+    assert set(NAMES) >= EXPECTED
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,7 +123,7 @@ def test_every_init_scheme(scheme: str) -> None:
     base = create("lenet5")
     torch.manual_seed(0)
     model = create("lenet5", init=scheme)
-    for (n, p0), p1 in zip(base.named_parameters(), model.parameters()):
+    for (n, p0), p1 in zip(base.named_parameters(), model.parameters(), strict=True):
         if n.endswith("weight"):
             assert not torch.equal(p0, p1), f"{scheme} left {n} unchanged"
         else:
@@ -151,7 +151,7 @@ def test_init_weights_on_a_bare_net() -> None:
     before = [m.weight.detach().clone() for m in _weight_layers(net)]
     init_weights(net, "orthogonal")
     after = [m.weight for m in _weight_layers(net)]
-    assert all(not torch.equal(b, a) for b, a in zip(before, after))
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
     with pytest.raises(ConfigError, match="init"):
         init_weights(net, "he-magic")
     with pytest.raises(ConfigError, match="init"):

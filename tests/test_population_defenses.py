@@ -13,10 +13,10 @@ from torch import nn
 from bastion import attacks, defenses, models
 from bastion.defenses import bagging as bagging_mod
 from bastion.defenses.clm import CLMPopulation, CounterLinked, clm_update, make_mask
-from bastion.defenses.randomized import Population
 from bastion.errors import ConfigError
 from bastion.eval.mra import mra, mra_from_correct, seed001_protocol
-from bastion.models.base import Classifier
+from bastion.models.base import NormalizedClassifier
+from bastion.models.random import Population
 from bastion.train.checkpoint import load_model
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
@@ -84,8 +84,8 @@ class _Lookup(nn.Module):
         return nn.functional.one_hot(self.table[j], 3).float() * 5 * self.scale
 
 
-def _lookup(table: list[int]) -> Classifier:
-    return Classifier(_Lookup(table), mean=[0.0], std=[1.0], num_classes=3, input_shape=(1, 2, 2))
+def _lookup(table: list[int]) -> NormalizedClassifier:
+    return NormalizedClassifier(_Lookup(table), mean=[0.0], std=[1.0], num_classes=3, input_shape=(1, 2, 2))
 
 
 def test_mra_equals_hand_computation():
@@ -215,8 +215,8 @@ def test_clm_resumes_after_a_kill_with_the_same_weights(mnist_small, tmp_path: P
     assert calls["n"] == 3  # round 1 (both members) and round 2 of member 0 finished
     monkeypatch.setattr(trainer, "train", real)
     resumed = clm.fit(make, small, cfg, out_dir=tmp_path / "b", progress=False)
-    for m_ref, m_res in zip(ref.members, resumed.members):
-        for (k, a), (_, b) in zip(m_ref.state_dict().items(), m_res.state_dict().items()):
+    for m_ref, m_res in zip(ref.members, resumed.members, strict=True):
+        for (k, a), (_, b) in zip(m_ref.state_dict().items(), m_res.state_dict().items(), strict=True):
             assert torch.equal(a, b), k
 
 

@@ -1,4 +1,4 @@
-"""The common interface of random and population defenses (bastion.defenses.randomized)."""
+"""The common interface of random and population defenses (bastion.models.random)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+import bastion.defenses  # noqa: F401  (registers the random model kinds that load_model rebuilds)
 from bastion import attacks, models
-from bastion.defenses.randomized import Population, Randomized
 from bastion.errors import ConfigError
+from bastion.models.random import Population, RandomClassifier
 from bastion.train.checkpoint import load_model, save_checkpoint
 
 
@@ -59,7 +60,7 @@ def test_frozen_randomness_is_deterministic_and_free_otherwise(batch):
 
 
 def test_vote_majority_and_tie_break():
-    class Fixed(Randomized):
+    class Fixed(RandomClassifier):
         def __init__(self, logits):
             super().__init__(models.create("lenet5", num_classes=3), decision="vote", draws=len(logits), kind="fixed")
             self.table = logits
@@ -100,23 +101,21 @@ def test_bad_arguments_name_the_field():
 
 def test_a_noisy_front_end_is_evaluated_as_a_random_defense(lenet, batch, tmp_path):
     """A classifier whose forward is random (seed 004's denoiser adds Gaussian noise at test
-    time) is handed to the protocols as a Randomized model: one draw per forward, an expected
+    time) is handed to the protocols as a RandomClassifier: one draw per forward, an expected
     output that averages draws, frozen randomness that makes it deterministic, and a cached
     model that the harness loads back in that form."""
     from bastion import defenses
-    from bastion.defenses.randomized import StochasticClassifier, as_randomized
-    from bastion.harness import protocols
-    from bastion.harness.cache import model_dir
-    from bastion.harness.executor import load_cached
+    from bastion.harness.cache import load_cached, model_dir
+    from bastion.models.random import StochasticClassifier, as_random
 
     x, _ = batch
     plain = copy.deepcopy(lenet)
-    assert as_randomized(plain) is plain  # deterministic models are left alone
+    assert as_random(plain) is plain  # deterministic models are left alone
     noisy = defenses.attach_front_end(copy.deepcopy(lenet), {"name": "denoiser", "noise_std": 0.3}).eval()
-    assert noisy.stochastic and not protocols.is_random(noisy)  # what the harness used to see
-    rnd = as_randomized(noisy, draws=4)
-    assert isinstance(rnd, StochasticClassifier) and protocols.is_random(rnd) and rnd.random_expectation
-    assert as_randomized(rnd) is rnd
+    assert noisy.stochastic and not isinstance(noisy, RandomClassifier)  # what the harness used to see
+    rnd = as_random(noisy, draws=4)
+    assert isinstance(rnd, StochasticClassifier) and isinstance(rnd, RandomClassifier) and rnd.random_expectation
+    assert as_random(rnd) is rnd
     with torch.no_grad():
         torch.manual_seed(0)
         a, b = rnd(x), rnd(x)

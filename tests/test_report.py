@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from bastion import attacks, models
-from bastion.results import artifacts
-from bastion.results.db import ResultsDB
-from bastion.results.report import write_report
+from bastion.report import artifacts, format_table, table, write_report
+from bastion.results import ArtifactRow, EvaluationRow, FlagRow, ResultsDB, TrainingRow, worst_case_rows
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -27,13 +26,16 @@ window.addEventListener('error', function (e) {
   window.__errors.push('error: ' + (e.message || t));
 }, true);
 (function () { var orig = console.error; console.error = function () {
-  window.__errors.push('console.error: ' + Array.prototype.join.call(arguments, ' ')); orig.apply(console, arguments); }; })();
+  window.__errors.push('console.error: ' + Array.prototype.join.call(arguments, ' '));
+  orig.apply(console, arguments); }; })();
 window.addEventListener('load', function () {
   var imgs = Array.prototype.map.call(document.images, function (im) {
-    return {complete: im.complete, w: im.naturalWidth, h: im.naturalHeight, data: im.src.indexOf('data:image/png;base64,') === 0};
+    return {complete: im.complete, w: im.naturalWidth, h: im.naturalHeight,
+            data: im.src.indexOf('data:image/png;base64,') === 0};
   });
   var pre = document.createElement('pre'); pre.id = 'bastion-probe';
-  pre.textContent = JSON.stringify({errors: window.__errors, images: imgs, tables: document.querySelectorAll('table').length,
+  pre.textContent = JSON.stringify({errors: window.__errors, images: imgs,
+                                    tables: document.querySelectorAll('table').length,
                                     h1: (document.querySelector('h1') || {}).textContent || ''});
   document.body.appendChild(pre);
 });
@@ -100,29 +102,35 @@ def report_db(tmp_path_factory: pytest.TempPathFactory, lenet: models.Classifier
                 for label, attack, f in (("fgsm", "fgsm", 1.0), ("pgd-40", "pgd", 0.9)):
                     acc = max(0.0, base * f - drop - eps)
                     mask = torch.rand(100, generator=gen) < acc
-                    db.add_evaluation(config_hash=h, experiment="quick", dataset="mnist", model_key=key, defense=defense,
-                                      protocol=protocol, attack=attack, attack_label=label, attack_params={"steps": 40},
-                                      norm="linf", eps=eps, n=100, clean_accuracy=0.98, robust_accuracy=float(mask.float().mean()),
-                                      robust=mask, seconds=1.0)
-            db.add_flag(config_hash=h, model_key=key, defense=defense, protocol=protocol, flag="monotone-in-eps",
-                        passed=True, detail="2 attack curve(s) non-increasing in eps")
-            db.add_flag(config_hash=h, model_key=key, defense=defense, protocol=protocol, flag="converged",
-                        passed=defense != "none", detail="pgd-40 at eps=0.3: 10.0% -> 8.0% (drop 2.0 points)")
-        db.add_training(model_key=key, defense=defense, params={"defense": defense}, epochs=2,
-                        epoch_seconds=1.5 if defense == "none" else 6.0, total_seconds=3.0, path=f"runs/{key}")
+                    db.add_evaluation(EvaluationRow(
+                        config_hash=h, experiment="quick", dataset="mnist", model_key=key, defense=defense,
+                        protocol=protocol, attack=attack, attack_label=label, attack_params={"steps": 40}, norm="linf",
+                        eps=eps, n=100, clean_accuracy=0.98, robust_accuracy=float(mask.float().mean()), robust=mask,
+                        seconds=1.0))
+            db.add_flag(FlagRow(config_hash=h, model_key=key, defense=defense, protocol=protocol,
+                                flag="monotone-in-eps", passed=True, detail="2 attack curve(s) non-increasing in eps"))
+            db.add_flag(FlagRow(config_hash=h, model_key=key, defense=defense, protocol=protocol, flag="converged",
+                                passed=defense != "none", detail="pgd-40 at eps=0.3: 10.0% -> 8.0% (drop 2.0 points)"))
+        db.add_training(TrainingRow(model_key=key, defense=defense, params={"defense": defense}, epochs=2,
+                                    epoch_seconds=1.5 if defense == "none" else 6.0, total_seconds=3.0,
+                                    path=f"runs/{key}"))
     _, te = mnist_small
     x, y = te.x[:16], te.y[:16]
     res = attacks.create("pgd", eps=0.2, steps=10)(lenet, x, y, generator=torch.Generator().manual_seed(0))
     doc, tensors = artifacts.gallery(lenet, x, y, res.x_adv, max_items=6, attack="pgd-10", eps=0.2)
-    db.add_artifact(config_hash=h, model_key="k-none", kind="gallery", name="pgd-10 eps=0.2", doc=doc, tensors=tensors)
+    db.add_artifact(ArtifactRow(config_hash=h, model_key="k-none", kind="gallery", name="pgd-10 eps=0.2", doc=doc,
+                                tensors=tensors))
     doc, tensors = artifacts.landscape(lenet, x, y, eps=16 / 255, grid=9, max_points=16)
-    db.add_artifact(config_hash=h, model_key="k-none", kind="landscape", name="test image 0", doc=doc, tensors=tensors)
+    db.add_artifact(ArtifactRow(config_hash=h, model_key="k-none", kind="landscape", name="test image 0", doc=doc,
+                                tensors=tensors))
     doc, tensors = artifacts.diversity({"agreement": torch.rand(4, 4, generator=gen)}, labels=["m0", "m1", "m2", "m3"])
-    db.add_artifact(config_hash=h, model_key="k-pgdat", kind="diversity", name="pool", doc=doc, tensors=tensors)
+    db.add_artifact(ArtifactRow(config_hash=h, model_key="k-pgdat", kind="diversity", name="pool", doc=doc,
+                                tensors=tensors))
     # a row of another run must not leak into this report
-    db.add_evaluation(config_hash="other", experiment="other-run", dataset="mnist", model_key="k-x", defense="leaky",
-                      protocol="paper", attack="fgsm", attack_label="fgsm", attack_params={}, norm="linf", eps=0.1, n=10,
-                      clean_accuracy=1.0, robust_accuracy=1.0)
+    db.add_evaluation(EvaluationRow(config_hash="other", experiment="other-run", dataset="mnist", model_key="k-x",
+                                    defense="leaky", protocol="paper", attack="fgsm", attack_label="fgsm",
+                                    attack_params={}, norm="linf", eps=0.1, n=10, clean_accuracy=1.0,
+                                    robust_accuracy=1.0))
     return db, h, tmp
 
 
@@ -156,6 +164,29 @@ def test_report_written_from_db_alone(report_db: tuple[ResultsDB, str, Path]) ->
     html_text = page.read_text()
     assert "http://" not in html_text and "https://" not in html_text and "<script" not in html_text
     assert html_text.count("<img ") == len(re.findall(r"\]\((figures/[^)]+\.png)\)", text)) >= 6
+
+
+def test_report_from_a_path_and_the_text_table(report_db: tuple[ResultsDB, str, Path]) -> None:
+    """``write_report`` and ``table`` take a database path too; the text table has a line per
+    (defense, protocol, attack), the per-budget aggregate last with the raised flags of its
+    (model, protocol), and nothing of another run."""
+    db, h, tmp = report_db
+    md1, html1 = write_report(db, h, tmp / "from-db", title="Quick run")
+    md2, html2 = write_report(db.path, h, tmp / "from-path", title="Quick run")
+    assert md1.read_text() == md2.read_text() and html1.read_text() == html2.read_text()
+    with pytest.raises(Exception, match="no evaluations"):
+        write_report(db, "no-such-run", tmp / "none")
+    text = table(db.path, h)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["defense", "protocol", "attack", "clean"] and set(lines[1]) == {"-"}
+    assert len(lines) == 2 + 2 * 2 * 2  # (fgsm, pgd-40) x 2 protocols x 2 models
+    assert "leaky" not in text and "Linf 0.3" in text
+    assert table(db, h, defense="none", protocol="paper").count("\n") == 3
+    assert table(db, "no-such-run") == "(no results)"
+    rows = db.evaluations(config_hash=h, model_key="k-none", protocol="paper")
+    lines = format_table([*worst_case_rows(rows), *rows], db.flags(config_hash=h)).splitlines()
+    assert [ln.split()[2] for ln in lines[2:]] == ["fgsm", "pgd-40", "worst"]
+    assert lines[-1].split()[-1] == "1"  # the "converged" flag raised for the undefended model
 
 
 def test_report_renders_in_chromium(report_db: tuple[ResultsDB, str, Path]) -> None:

@@ -14,6 +14,7 @@ from bastion import attacks, defenses, models
 from bastion.defenses.squeeze import BitDepthSqueeze
 from bastion.eval.bpda import BPDA, bpda_view
 from bastion.eval.sanity import CHECKS, Flag, run_checks
+from bastion.results import EvaluationRow
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
 
@@ -31,8 +32,16 @@ def one_thread() -> Any:
     torch.set_num_threads(old)
 
 
+def eval_row(attack: str, label: str, eps: float, acc: float, *, n: int, clean: float, params: dict[str, Any],
+             extra: dict[str, Any] | None = None, robust: torch.Tensor | None = None) -> EvaluationRow:
+    """An evaluation row of one (made-up) run, model and protocol."""
+    return EvaluationRow(config_hash="test", experiment="test", dataset="mnist", model_key="m", defense="m",
+                         protocol="adaptive", attack=attack, attack_label=label, attack_params=params, norm="linf",
+                         eps=eps, n=n, clean_accuracy=clean, robust_accuracy=acc, robust=robust, extra=extra or {})
+
+
 def rows_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: tuple[float, ...] = EPS,
-             steps: int = 20) -> list[dict[str, Any]]:
+             steps: int = 20) -> list[EvaluationRow]:
     """Evaluation rows (FGSM and PGD per eps) as the runner stores them."""
     with torch.no_grad():
         clean = float((model(x).argmax(-1) == y).float().mean())
@@ -42,9 +51,8 @@ def rows_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: tuple
             a = attacks.create(name, eps=eps, **params)
             res = a(model, x, y, generator=torch.Generator().manual_seed(0))
             robust = ~res.success
-            rows.append({"attack": name, "attack_label": label, "eps": eps, "norm": "linf", "n": len(y),
-                         "robust_accuracy": float(robust.float().mean()), "clean_accuracy": clean,
-                         "attack_params": a.params, "extra": {}, "robust": robust})
+            rows.append(eval_row(name, label, eps, float(robust.float().mean()), n=len(y), clean=clean,
+                                 params=a.params, robust=robust))
     return rows
 
 
@@ -137,7 +145,7 @@ def test_flags_saturated_softmax(lenet: models.Classifier, points: tuple) -> Non
 def test_flags_nothing_on_pgd_trained_model(pgd_trained: models.Classifier, points: tuple) -> None:
     x, y = points
     rows = rows_for(pgd_trained, x, y)
-    by = {(r["attack_label"], r["eps"]): r["robust_accuracy"] for r in rows}
+    by = {(r.attack_label, r.eps): r.robust_accuracy for r in rows}
     assert by[("pgd-20", 0.1)] > 0.5  # the model is robust at its training budget: a real test of the checks
     flags = run_checks(pgd_trained, (x, y), rows, n_points=N)
     raised = [f for f in flags if not f.passed]
@@ -153,10 +161,9 @@ def test_row_checks_flag_inconsistent_rows() -> None:
         check_monotone,
     )
 
-    def row(attack: str, eps: float, acc: float, **extra: Any) -> dict[str, Any]:
-        return {"attack": attack, "attack_label": attack, "eps": eps, "norm": "linf", "robust_accuracy": acc,
-                "clean_accuracy": 0.99, "n": 1000, "attack_params": {"steps": 40} if attack == "pgd" else {},
-                "extra": extra}
+    def row(attack: str, eps: float, acc: float, **extra: Any) -> EvaluationRow:
+        return eval_row(attack, attack, eps, acc, n=1000, clean=0.99,
+                        params={"steps": 40} if attack == "pgd" else {}, extra=extra)
 
     assert not check_iterative_vs_single([row("fgsm", 0.1, 0.3), row("pgd", 0.1, 0.6)]).passed
     assert check_iterative_vs_single([row("fgsm", 0.1, 0.6), row("pgd", 0.1, 0.3)]).passed
@@ -207,8 +214,7 @@ def test_fixed_randomness_check(lenet: models.Classifier, squeezed: models.Class
     from bastion.eval.sanity import check_fixed_randomness
 
     x, y = points[0][:100], points[1][:100]
-    row = {"attack": "pgd", "attack_label": "pgd-40", "eps": 0.2, "norm": "linf", "robust_accuracy": 0.9,
-           "clean_accuracy": 0.97, "n": 100, "attack_params": {"steps": 20}, "extra": {}}
+    row = eval_row("pgd", "pgd-40", 0.2, 0.9, n=100, clean=0.97, params={"steps": 20})
     noisy = copy.deepcopy(lenet)
     noisy.front_end, noisy.stochastic = Noisy(), True
     ok = check_fixed_randomness(noisy, x, y, [row], norm="linf", num_classes=10, batch_size=500, seed=0)
@@ -233,8 +239,8 @@ def test_random_models_are_judged_by_their_deployed_decision(lenet: models.Class
     """A vote of 3 right members and 2 wrong ones is always right, though one random member
     (the one-draw forward) is wrong 40% of the time: the checks must judge the deployed vote,
     in a majority of k queries, as the harness judges its rows (not single draws)."""
-    from bastion.defenses.randomized import Population
     from bastion.eval.sanity import _attack_robust, _correct, check_large_eps
+    from bastion.models.random import Population
 
     x, _ = points
     with torch.no_grad():

@@ -67,7 +67,9 @@ def test_early_stopping_keeps_best_validation_epoch(tmp_path, mnist_small):
     tr, _ = mnist_small
     tr = tr.take(2000)
     # a learning rate this large makes validation accuracy collapse after the first epochs
-    cfg = TrainConfig(epochs=8, batch_size=50, optimizer="sgd", lr=0.5, momentum=0.9, val_fraction=0.2, patience=2, seed=0)
+    cfg = TrainConfig(
+        epochs=8, batch_size=50, optimizer="sgd", lr=0.5, momentum=0.9, val_fraction=0.2, patience=2, seed=0
+    )
     m = models.create("lenet5", seed=0)
     res = train(m, tr, cfg, out_dir=tmp_path / "run", progress=False)
     vals = [h.val_acc for h in res.history]
@@ -123,7 +125,13 @@ def test_crop_flip_keeps_shape_and_content():
 @pytest.fixture()
 def ckpt(tmp_path, mnist_small):
     tr, _ = mnist_small
-    train(models.create("lenet5", seed=0), tr.take(300), TrainConfig(epochs=1, lr=0.01), out_dir=tmp_path / "run", progress=False)
+    train(
+        models.create("lenet5", seed=0),
+        tr.take(300),
+        TrainConfig(epochs=1, lr=0.01),
+        out_dir=tmp_path / "run",
+        progress=False,
+    )
     return tmp_path / "run" / "final"
 
 

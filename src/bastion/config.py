@@ -40,14 +40,6 @@ def option(default: Any, doc: str, **kw: Any) -> Any:
     return dataclasses.field(default=default, metadata={"doc": doc, **kw})
 
 
-def doc(cls: type, name: str) -> str:
-    """The doc string of field ``name`` of config class ``cls``."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return str(f.metadata.get("doc", ""))
-    raise KeyError(name)
-
-
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file into a dict, with a clear error for a missing or malformed file."""
     p = Path(path)

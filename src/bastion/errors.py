@@ -41,7 +41,7 @@ class TrainingCollapsedError(BastionError, RuntimeError):
     collapsed to one class); numbers measured on it would not describe the defense."""
 
 
-def check_choice(field: str, value: object, choices: "tuple[object, ...] | list[object]") -> None:
+def check_choice(field: str, value: object, choices: tuple[object, ...] | list[object]) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}")

@@ -9,8 +9,9 @@ is registered as a side effect of importing something far away.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 from bastion.errors import ConfigError, UnknownNameError
 

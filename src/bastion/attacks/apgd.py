@@ -37,8 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import losses, register
+from bastion.attacks import losses
 from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_choice
 
 #: momentum of Algorithm 1 (fixed in the paper)
@@ -213,6 +214,27 @@ class APGD(Attack):
                 return
             (broken,) = self._descend(run, lambda carry: loss, (broken,))
 
+    def _initial_state(
+        self, run: AttackRun, make_loss: LossFactory, carry: tuple[torch.Tensor, ...], reference: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """The state of a run after its random start ``x(0)``, on the pruned working set:
+        ``(x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken,
+        *carry[1:])``. ``reference``: the ``"autoattack"`` variant."""
+        x = self._start(run)
+        f, g, logits = run.loss_grad(x, make_loss(carry))
+        broken = carry[0] | run.criterion(logits)
+        x = run.project(x)
+        x_prev = x
+        eta = torch.full_like(f, 2 * self.eps)
+        f_max, x_max, g_max = f.clone(), x.clone(), g.clone()
+        if reference:  # the reference code compares f(x(1)) with an unfilled (zero) loss slot
+            f = torch.zeros_like(f)
+        increases = torch.zeros_like(f, dtype=torch.int64)
+        best_last = f_max.clone()
+        halved_last = torch.full_like(broken, reference)
+        state = (x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *carry[1:])
+        return run.prune(*state)
+
     def _descend(
         self, run: AttackRun, make_loss: LossFactory, carry: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, ...]:
@@ -227,21 +249,8 @@ class APGD(Attack):
         reference = self.variant == "autoattack"
         marks = [w for w in checkpoints(n_iter, self.variant) if w < n_iter]
         interval = {w: w - prev for prev, w in itertools.pairwise(marks)}
-
-        x = self._start(run)
-        f, g, logits = run.loss_grad(x, make_loss(carry))
-        broken = carry[0] | run.criterion(logits)
-        x = run.project(x)
-        x_prev = x
-        eta = torch.full_like(f, 2 * self.eps)
-        f_max, x_max, g_max = f.clone(), x.clone(), g.clone()
-        if reference:  # the reference code compares f(x(1)) with an unfilled (zero) loss slot
-            f = torch.zeros_like(f)
-        increases = torch.zeros_like(f, dtype=torch.int64)
-        best_last = f_max.clone()
-        halved_last = torch.full_like(broken, reference)
-        state = (x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *carry[1:])
-        x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *rest = run.prune(*state)
+        state = self._initial_state(run, make_loss, carry, reference)
+        x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *rest = state
 
         for k in range(n_iter):
             if run.done:
@@ -273,7 +282,9 @@ class APGD(Attack):
                 best_last, halved_last = f_max.clone(), halve
                 self._on_checkpoint(k + 1, eta, halve)
             state = (x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *rest)
-            x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *rest = run.prune(*state)
+            x, x_prev, g, f, eta, f_max, x_max, g_max, increases, best_last, halved_last, broken, *rest = (
+                run.prune(*state)
+            )
         return (broken, *rest)  # pragma: no cover - the loop returns at k = n_iter - 1
 
 

@@ -21,15 +21,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackResult, AttackRun
 from bastion.attacks.compose import Cascade
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_choice
 
 VERSIONS = ("standard", "rand")
 
 
-@register("autoattack", summary="AutoAttack (Croce & Hein 2020): standard (APGD-CE, APGD-T, FAB-T, Square) or rand (APGD-CE/DLR + EOT)")
+@register(
+    "autoattack",
+    summary="AutoAttack (Croce & Hein 2020): standard (APGD-CE, APGD-T, FAB-T, Square) or rand (APGD-CE/DLR + EOT)",
+)
 @dataclass(frozen=True)
 class AutoAttack(Attack):
     """AutoAttack as a cascade of its component attacks.
@@ -59,7 +62,7 @@ class AutoAttack(Attack):
 
     def components(self) -> list[Attack]:
         """The attacks of this version, in cascade order."""
-        from bastion.attacks import create  # the registry is complete once the package is imported
+        from bastion.attacks.registry import create  # the registry is complete once the package is imported
 
         common = {"eps": self.eps, "norm": self.norm, "early_stop": self.early_stop}
         if self.version == "rand":

@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class Cost:
     forwards: int = 0
     seconds: float = 0.0
 
-    def __add__(self, other: "Cost") -> "Cost":
+    def __add__(self, other: Cost) -> Cost:
         return Cost(self.gradients + other.gradients, self.forwards + other.forwards, self.seconds + other.seconds)
 
 
@@ -371,12 +372,12 @@ class Attack(ABC):
         """The hyper-parameters as a plain dict (JSON-serialisable)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def replace(self, **changes: Any) -> "Attack":
+    def replace(self, **changes: Any) -> Attack:
         """A copy with some hyper-parameters changed (validated again)."""
         _check_fields(type(self), changes)
         return dataclasses.replace(self, **changes)
 
-    def final_iterate(self) -> "Attack":
+    def final_iterate(self) -> Attack:
         """This attack without early stopping: every point is attacked to the last iterate
         (AutoAttack passes this on to its components). Use it when the examples are judged by
         something other than the model the attack saw. Transferred examples must be final
@@ -458,7 +459,9 @@ def success_distances(x_adv: torch.Tensor, x: torch.Tensor, success: torch.Tenso
     return torch.where(success, dist, torch.full_like(dist, float("inf")))
 
 
-def _result(attack: "Attack", x: torch.Tensor, run: AttackRun, clean_success: torch.Tensor, seconds: float, targeted: bool) -> AttackResult:
+def _result(
+    attack: Attack, x: torch.Tensor, run: AttackRun, clean_success: torch.Tensor, seconds: float, targeted: bool
+) -> AttackResult:
     return AttackResult(
         x_adv=run.best,
         success=run.success,
@@ -481,7 +484,7 @@ def _check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) 
         raise InputError(f"{name} must have shape ({x.shape[0]},) to match x, got {tuple(t.shape)}")
     t = t.to(device=x.device, dtype=torch.int64)
     if t.numel():
-        hi = clf.num_classes if clf.num_classes > 0 else None
+        hi = clf.num_classes
         if int(t.min()) < 0 or (hi is not None and int(t.max()) >= hi):
             raise InputError(
                 f"{name} has labels in [{int(t.min())}, {int(t.max())}] but the model has {clf.num_classes} classes"
@@ -493,4 +496,5 @@ def _check_fields(cls: type, params: dict[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     for k in params:
         if k not in known:
-            raise ConfigError(f"attack {getattr(cls, 'name', cls.__name__)!r} has no parameter {k!r}; parameters: {', '.join(sorted(known))}")
+            name = getattr(cls, "name", cls.__name__)
+            raise ConfigError(f"attack {name!r} has no parameter {k!r}; parameters: {', '.join(sorted(known))}")

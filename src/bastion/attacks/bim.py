@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun
 from bastion.attacks.pgd import iterate
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
 

@@ -76,9 +76,12 @@ class Cascade(Attack):
         for i, attack in enumerate(self.attacks):
             todo = (~success).nonzero().squeeze(1)
             if i > 0 and todo.numel() == 0:
-                per_attack.append({"attack": attack.name, "attacked": 0, "broke": 0, "robust_after": 0.0, "cost": dataclasses.asdict(Cost())})
+                skipped = {"attack": attack.name, "attacked": 0, "broke": 0, "robust_after": 0.0}
+                per_attack.append({**skipped, "cost": dataclasses.asdict(Cost())})
                 continue
-            res = attack(model, x[todo], y[todo], targets=None if targets is None else targets[todo], generator=generator)
+            res = attack(
+                model, x[todo], y[todo], targets=None if targets is None else targets[todo], generator=generator
+            )
             if clean_success is None:
                 clean_success = res.clean_success  # the first attack saw every point
             newly = todo[res.success]
@@ -110,6 +113,7 @@ class Cascade(Attack):
         )
 
 
-def worst_case(attacks: "list[Attack] | tuple[Attack, ...]", label: str = "worst-case") -> Cascade:
-    """The per-sample worst case over ``attacks`` (a :class:`Cascade`)."""
+def worst_case(attacks: list[Attack] | tuple[Attack, ...], label: str = "cascade") -> Cascade:
+    """The per-sample worst case over ``attacks`` within one call (a :class:`Cascade`, labelled
+    ``label``). The worst case over stored evaluation rows is :mod:`bastion.results.worst_case`."""
     return Cascade(attacks=tuple(attacks), label=label)

@@ -59,9 +59,9 @@ from typing import ClassVar
 
 import torch
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
 from bastion.attacks.losses import margin
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError
 
 _ADAM_BETAS = (0.9, 0.999)
@@ -146,7 +146,9 @@ class CW(Attack):
             lower = torch.where(found, lower, torch.maximum(lower, c))
             c = torch.where(torch.isfinite(upper), (lower + upper) / 2, c * 10)
 
-    def _minimise(self, run: AttackRun, w0: torch.Tensor, c: torch.Tensor, lo: float, span: float, check_every: int) -> torch.Tensor:
+    def _minimise(
+        self, run: AttackRun, w0: torch.Tensor, c: torch.Tensor, lo: float, span: float, check_every: int
+    ) -> torch.Tensor:
         """Adam on ``w`` for one value of ``c`` per point; returns ``(n,)`` bool: some iterate
         was adversarial with confidence ``kappa``."""
         b1, b2 = _ADAM_BETAS

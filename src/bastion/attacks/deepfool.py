@@ -50,8 +50,8 @@ from typing import ClassVar
 
 import torch
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, InputError
 
 #: added to every step's length, times the width of the input range (the authors' code adds
@@ -103,7 +103,10 @@ class DeepFool(Attack):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1")
         if isinstance(self.num_candidates, bool) or not isinstance(self.num_candidates, int) or self.num_candidates < 2:
-            raise ConfigError(f"num_candidates={self.num_candidates!r} must be an integer >= 2 (the true class and at least one other)")
+            raise ConfigError(
+                f"num_candidates={self.num_candidates!r} must be an integer >= 2 "
+                "(the true class and at least one other)"
+            )
         o = self.overshoot
         if isinstance(o, bool) or not isinstance(o, (int, float)) or not (0 <= o < float("inf")):
             raise ConfigError(f"overshoot={o!r} must be a finite number >= 0")

@@ -53,14 +53,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import losses, register
+from bastion.attacks import losses
 from bastion.attacks.base import Attack, AttackRun, flat_norm
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError
 
 DecisionFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _solve_path(w: torch.Tensor, m: torch.Tensor, b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _solve_path(
+    w: torch.Tensor, m: torch.Tensor, b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, r: torch.Tensor
+) -> torch.Tensor:
     """On the path ``delta_i(lam) = clip(lam m_i + b_i, lo_i, hi_i)`` (with ``w_i m_i >= 0``, so
     ``w . delta`` is piecewise linear and non-decreasing in ``lam``), the point where
     ``w . delta = r``; where ``r`` is out of reach, the end of the path closest to it.
@@ -153,7 +156,9 @@ def _radius_path(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, eps: float
     return (a * v).clamp(lo, hi)
 
 
-def _ball_bisection(w: torch.Tensor, u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, r: torch.Tensor, eps: float, iters: int = 60) -> torch.Tensor:
+def _ball_bisection(
+    w: torch.Tensor, u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, r: torch.Tensor, eps: float, iters: int = 60
+) -> torch.Tensor:
     """The L2 projection with an active ball: bisection on ``log mu`` so that
     ``||delta + u|| = eps`` (the constraint value decreases as ``mu`` grows)."""
     a = torch.full((w.shape[0], 1), -20.0, dtype=w.dtype, device=w.device)
@@ -218,7 +223,11 @@ class FAB(Attack):
     targeted_classes: int = 0
 
     def validate(self) -> None:
-        for field, value, low in (("steps", self.steps, 1), ("restarts", self.restarts, 1), ("targeted_classes", self.targeted_classes, 0)):
+        for field, value, low in (
+            ("steps", self.steps, 1),
+            ("restarts", self.restarts, 1),
+            ("targeted_classes", self.targeted_classes, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{field}={value!r} must be an integer >= {low}")
         checks = (
@@ -268,7 +277,14 @@ class FAB(Attack):
         x_new = (1 - alpha) * (x1f + self.eta * d1) + alpha * (x0f + self.eta * d0)
         return run.project(x_new.view_as(x1))
 
-    def _attack(self, run: AttackRun, make_fns: Callable[[torch.Tensor], list[DecisionFn]], extra: torch.Tensor, res: torch.Tensor, x_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _attack(
+        self,
+        run: AttackRun,
+        make_fns: Callable[[torch.Tensor], list[DecisionFn]],
+        extra: torch.Tensor,
+        res: torch.Tensor,
+        x_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``restarts`` runs of ``steps`` steps on the working set. ``extra``: per-point data the
         decision functions need (targets), pruned along. Returns the pruned state."""
         for restart in range(self.restarts):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun, steepest_ascent
+from bastion.attacks.registry import register
 
 
 @register("fgsm", summary="Fast gradient sign method (Goodfellow et al. 2015), one step")

@@ -7,6 +7,8 @@ below and passed to :meth:`bastion.attacks.base.AttackRun.loss_grad`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -45,7 +47,7 @@ def dlr(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return margin(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
-def dlr_targeted_to(targets: torch.Tensor):  # type: ignore[no-untyped-def]
+def dlr_targeted_to(targets: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Targeted DLR towards fixed ``targets`` (Croce & Hein 2020, Eq. 7), as a loss of the
     *true* labels: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``. Needs >= 4 classes.
 
@@ -62,7 +64,7 @@ def dlr_targeted_to(targets: torch.Tensor):  # type: ignore[no-untyped-def]
     return loss
 
 
-def kl_from(clean_logits: torch.Tensor):  # type: ignore[no-untyped-def]
+def kl_from(clean_logits: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """TRADES' loss (Zhang et al. 2019): ``KL(softmax(clean) || softmax(adv))`` per sample,
     for the clean logits given (the true labels are not used)."""
     p_clean = F.softmax(clean_logits, dim=1)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun, steepest_ascent
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun, flat_norm, steepest_ascent
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError
 
 
@@ -61,7 +61,9 @@ class PGD(Attack):
         for field, value in (("steps", self.steps), ("restarts", self.restarts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{field}={value!r} must be an integer >= 1")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0):
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0
+        ):
             raise ConfigError(f"alpha={self.alpha!r} must be a number > 0 (or None for 2.5 * eps / steps)")
 
     @property

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackRun
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
 

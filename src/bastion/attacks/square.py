@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import losses, register
+from bastion.attacks import losses
 from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError
 
 #: iterations (of a 10,000-query budget) after which ``p`` is halved (Andriushchenko et al.)
@@ -70,7 +71,9 @@ def eta_pattern(s: int, *, device: torch.device | None = None) -> torch.Tensor:
     return pat / pat.norm().clamp_min(1e-12)
 
 
-def _window(n: int, h: int, w: int, s: int, vh: torch.Tensor, vw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _window(
+    n: int, h: int, w: int, s: int, vh: torch.Tensor, vw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample ``s x s`` window at rows ``vh`` and columns ``vw`` (each ``(n,)``): returns the
     ``(n, 1, h, w)`` bool mask and the ``(n, h, 1)``, ``(n, 1, w)`` local coordinates (clamped
     into ``[0, s)``) for placing an ``(s, s)`` pattern."""
@@ -148,7 +151,12 @@ class Square(Attack):
             for j in range(cols):
                 flip = self._ints(run, n, 1).bool().view(n, 1, 1, 1)
                 p = torch.where(flip, pat.t().expand(n, 1, s, s), pat.expand(n, 1, s, s))
-                sl = (slice(None), slice(None), slice(r0 + i * s, r0 + (i + 1) * s), slice(c0 + j * s, c0 + (j + 1) * s))
+                sl = (
+                    slice(None),
+                    slice(None),
+                    slice(r0 + i * s, r0 + (i + 1) * s),
+                    slice(c0 + j * s, c0 + (j + 1) * s),
+                )
                 delta[sl] = p * self._signs(run, n, c, 1, 1)
         return (x + self._rescale_l2(delta)).clamp(lo, hi)
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks import losses, register
+from bastion.attacks import losses
 from bastion.attacks.base import Attack, AttackRun
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
 

@@ -15,15 +15,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bastion.attacks import register
 from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm, project, success_distances
+from bastion.attacks.registry import register
 from bastion.errors import ConfigError
 from bastion.models.base import as_classifier
 
@@ -37,7 +38,7 @@ class LogitEnsemble(nn.Module):
             raise ConfigError("surrogates: need at least one model")
         self.members = nn.ModuleList([as_classifier(m) for m in members])
         first = self.members[0]
-        self.bounds = first.bounds  # type: ignore[assignment]
+        self.bounds = first.bounds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members]).mean(0)
@@ -106,7 +107,10 @@ class Transfer(Attack):
     @property
     def params(self) -> dict[str, Any]:
         assert self.attack is not None
-        return {"attack": {"name": self.attack.name, **self.attack.params}, "surrogates": [_describe(m) for m in self.surrogates]}
+        return {
+            "attack": {"name": self.attack.name, **self.attack.params},
+            "surrogates": [_describe(m) for m in self.surrogates],
+        }
 
     def _run(self, run: AttackRun) -> None:  # pragma: no cover - __call__ is overridden
         raise NotImplementedError
@@ -119,17 +123,23 @@ class Transfer(Attack):
         target.check_inputs(x)
         surrogate = self.surrogates[0] if len(self.surrogates) == 1 else LogitEnsemble(self.surrogates)
         crafted = self.attack(surrogate, x, y, targets=targets, generator=generator)
-        details = {"surrogate_success_rate": crafted.success_rate, "surrogates": [_describe(m) for m in self.surrogates]}
+        details = {
+            "surrogate_success_rate": crafted.success_rate,
+            "surrogates": [_describe(m) for m in self.surrogates],
+        }
         return _score_on_target(self, target, x, y, crafted.x_adv, targets, crafted.cost, start, details)
 
 
-def transfer(attack: Attack, surrogates: "nn.Module | Sequence[nn.Module]") -> Transfer:
+def transfer(attack: Attack, surrogates: nn.Module | Sequence[nn.Module]) -> Transfer:
     """``attack`` crafted on ``surrogates`` and scored on whatever model the result is called on."""
     models = (surrogates,) if isinstance(surrogates, nn.Module) else tuple(surrogates)
     return Transfer(attack=attack, surrogates=models)
 
 
-@register("gradient-ensemble", summary="Seed 002's gradient ensemble transfer attack (sum of L2-normalised surrogate gradients)")
+@register(
+    "gradient-ensemble",
+    summary="Seed 002's gradient ensemble transfer attack (sum of L2-normalised surrogate gradients)",
+)
 @dataclass(frozen=True, eq=False)
 class GradientEnsemble(Attack):
     """Seed 002's gradient ensemble attack, crafted on ``surrogates`` and scored on the target.
@@ -151,7 +161,9 @@ class GradientEnsemble(Attack):
         if not self.surrogates:
             raise ConfigError("surrogates: the gradient ensemble attack needs at least one surrogate model")
         object.__setattr__(self, "surrogates", tuple(self.surrogates))
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
             raise ConfigError(f"steps={self.steps!r} must be an integer >= 1 (or None for the seed's rule)")
         if self.step is not None and not (isinstance(self.step, (int, float)) and self.step > 0):
             raise ConfigError(f"step={self.step!r} must be a number > 0")
@@ -198,9 +210,11 @@ class GradientEnsemble(Attack):
                     direction += g / (flat_norm(g, "l2").view(-1, 1, 1, 1) + 1e-12)
                 x_adv = project(x_adv + step * direction.sign(), x, self.norm, self.eps, bounds)
             with torch.no_grad():
-                fooled = [(m(x_adv).argmax(1) != y) if targets is None else (m(x_adv).argmax(1) == targets) for m in members]
+                fooled = [
+                    (m(x_adv).argmax(1) != y) if targets is None else (m(x_adv).argmax(1) == targets) for m in members
+                ]
         finally:
-            for m, t in zip(members, modes):
+            for m, t in zip(members, modes, strict=True):
                 m.train(t)
         all_fooled = torch.stack(fooled).all(0)
         kept = torch.where(all_fooled[:, None, None, None], x_adv, x) if self.require_all else x_adv

@@ -15,15 +15,11 @@ from __future__ import annotations
 import builtins
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bastion.data.base import ImageDataset, sha256_arrays, validate
+from bastion.data.registry import DATASETS, register
 from bastion.errors import check_choice
-from bastion.registry import Registry
-
-#: name -> loader(split, *, root: Path, download: bool, **kwargs) -> ImageDataset
-DATASETS: Registry[Callable[..., ImageDataset]] = Registry("dataset")
-register = DATASETS.register
 
 SPLITS = ("train", "test")
 
@@ -38,10 +34,10 @@ def data_dir() -> Path:
 
 
 # Loaders register themselves on import; they are imported here and nowhere else.
-from bastion.data import mnist, cifar10, digits, image_folder  # noqa: E402,F401
+from bastion.data import cifar10, digits, image_folder, mnist  # noqa: E402,F401
 
 
-def list() -> "builtins.list[str]":  # noqa: A001 - the registry API is list()/load()
+def list() -> builtins.list[str]:  # noqa: A001 - the registry API is list()/load()
     """Names of every registered dataset."""
     return DATASETS.names()
 

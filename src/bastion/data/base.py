@@ -48,7 +48,7 @@ class ImageDataset:
         """``(C, H, W)`` of one image."""
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
-    def subset(self, fraction: float, seed: int = 0) -> "ImageDataset":
+    def subset(self, fraction: float, seed: int = 0) -> ImageDataset:
         """A random ``fraction`` of the points, drawn without replacement with ``seed``.
 
         Seed 000 trains model pools on 50%, 62.5%, 75% and 87.5% of CIFAR-10; different seeds
@@ -60,17 +60,17 @@ class ImageDataset:
         idx = torch.randperm(len(self), generator=g)[:n].sort().values
         return self.select(idx)
 
-    def select(self, idx: torch.Tensor) -> "ImageDataset":
+    def select(self, idx: torch.Tensor) -> ImageDataset:
         """The points at indices ``idx`` (a 1-D int tensor)."""
         return replace(self, x=self.x[idx], y=self.y[idx])
 
-    def take(self, n: int) -> "ImageDataset":
+    def take(self, n: int) -> ImageDataset:
         """The first ``n`` points (all if ``n`` exceeds the size)."""
         if not isinstance(n, int) or n < 1:
             raise ConfigError(f"n={n!r} must be a positive integer")
         return replace(self, x=self.x[:n], y=self.y[:n])
 
-    def split_off(self, fraction: float, seed: int = 0) -> tuple["ImageDataset", "ImageDataset"]:
+    def split_off(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
         """Split into ``(rest, held_out)`` with ``fraction`` of the points held out (e.g. validation)."""
         check_fraction("val_fraction", fraction)
         if fraction >= 1:
@@ -103,7 +103,7 @@ def validate(ds: ImageDataset) -> None:
         raise DataIntegrityError(f"{where}: pixel values must lie in [0, 1]")
 
 
-def sha256_arrays(*arrays: "object") -> str:
+def sha256_arrays(*arrays: object) -> str:
     """SHA-256 over the raw bytes of numpy arrays / tensors, in order (a content checksum that
     does not depend on which file format the data came from)."""
     import numpy as np

@@ -32,13 +32,15 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from bastion.data import _common, register
+from bastion.data import _common
 from bastion.data.base import ImageDataset
+from bastion.data.registry import register
 from bastion.errors import ConfigError, DataIntegrityError
 from bastion.utils.io import atomic_write
 
@@ -258,6 +260,32 @@ def _batches_present(folder: Path, names: tuple[str, ...]) -> bool:
     return all((folder / n).is_file() for n in names)
 
 
+def _extract_batches(split: str, base: Path, names: tuple[str, ...], *, download: bool, strict: bool) -> None:
+    """Put the batch files ``names`` into ``base/cifar-10-batches-py`` from the archive in ``base``,
+    downloading it first when it is absent and ``download`` (sources 2 and 3 of the module
+    docstring). ``strict``: a local archive must have the official MD5."""
+    folder = base / BATCH_DIR
+    archive = base / ARCHIVE
+    if archive.is_file():
+        if strict and _common.md5_file(archive) != ARCHIVE_MD5:
+            raise DataIntegrityError(
+                f"{NAME}: {archive} is not the official archive (MD5 != {ARCHIVE_MD5}); "
+                "delete it or pass strict=False"
+            )
+    elif download:
+        try:
+            _download_archive(archive)
+        except OSError as exc:
+            note = f"download from {URL} failed ({_common.describe_exc(exc)})"
+            raise _not_found(split, folder, archive, note) from exc
+    else:
+        raise _not_found(split, folder, archive, "download disabled (download=False)")
+    safe_extract(archive, base)
+    if not _batches_present(folder, names):
+        missing = [n for n in names if not (folder / n).is_file()]
+        raise DataIntegrityError(f"{NAME}: {archive} lacks {BATCH_DIR}/{', '.join(missing)}")
+
+
 @register("cifar10", summary="CIFAR-10, 32x32 colour, 10 classes (50000 train / 10000 test)")
 def load_cifar10(split: str, *, root: Path, download: bool, strict: bool = True, **options: Any) -> ImageDataset:
     """Load CIFAR-10 ``split``: x ``(N, 3, 32, 32)`` float32 in [0, 1], y ``(N,)`` int64.
@@ -272,28 +300,9 @@ def load_cifar10(split: str, *, root: Path, download: bool, strict: bool = True,
         raise ConfigError(f"strict={strict!r} must be True or False")
     base = Path(root) / NAME
     folder = base / BATCH_DIR
-    archive = base / ARCHIVE
     names = TRAIN_BATCHES if split == "train" else TEST_BATCHES
-
     if not _batches_present(folder, names):
-        if archive.is_file():
-            if strict and _common.md5_file(archive) != ARCHIVE_MD5:
-                raise DataIntegrityError(
-                    f"{NAME}: {archive} is not the official archive (MD5 != {ARCHIVE_MD5}); "
-                    "delete it or pass strict=False"
-                )
-        elif download:
-            try:
-                _download_archive(archive)
-            except OSError as exc:
-                note = f"download from {URL} failed ({_common.describe_exc(exc)})"
-                raise _not_found(split, folder, archive, note) from exc
-        else:
-            raise _not_found(split, folder, archive, "download disabled (download=False)")
-        safe_extract(archive, base)
-        if not _batches_present(folder, names):
-            missing = [n for n in names if not (folder / n).is_file()]
-            raise DataIntegrityError(f"{NAME}: {archive} lacks {BATCH_DIR}/{', '.join(missing)}")
+        _extract_batches(split, base, names, download=download, strict=strict)
 
     classes = read_class_names(folder / META)
     parts = [read_batch(folder / n) for n in names]

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from bastion.data import _common, register
+from bastion.data import _common
 from bastion.data.base import ImageDataset
+from bastion.data.registry import register
 from bastion.errors import DataIntegrityError
 from bastion.utils.io import atomic_write
 

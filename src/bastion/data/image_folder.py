@@ -27,13 +27,15 @@ rearrange them into the layout above.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from bastion.data import _common, register
+from bastion.data import _common
 from bastion.data.base import ImageDataset
+from bastion.data.registry import register
 from bastion.errors import ConfigError, DataIntegrityError, DatasetNotFoundError
 
 NAME = "image-folder"

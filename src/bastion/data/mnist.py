@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from bastion.data import _common, register
+from bastion.data import _common
 from bastion.data.base import ImageDataset
+from bastion.data.registry import register
 from bastion.errors import DataIntegrityError
 from bastion.utils.io import atomic_write
 
@@ -241,6 +242,32 @@ def read_zarr_array(zf: zipfile.ZipFile, array: str, where: str) -> np.ndarray:
         DataIntegrityError: unsupported or inconsistent metadata, a missing or badly sized chunk.
     """
     name = f"{where}:{array}"
+    shape, chunks, sep, codecs = _zarr_layout(zf, array, name)
+    decode = _blosc_decoder() if codecs[-1] == "blosc" else bytes
+    out = np.empty(shape, dtype=np.uint8)
+    chunk_size = math.prod(chunks)
+    grid_counts = [-(-s // c) for s, c in zip(shape, chunks, strict=True)]
+    for idx in itertools.product(*(range(g) for g in grid_counts)):
+        key = f"{array}/c{sep}" + sep.join(str(i) for i in idx)
+        try:
+            raw = zf.read(key)
+        except KeyError as exc:
+            raise DataIntegrityError(f"{name}: chunk {key} is missing") from exc
+        try:
+            data = decode(raw)
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad blosc data
+            raise DataIntegrityError(f"{name}: chunk {key} does not decode ({_common.describe_exc(exc)})") from exc
+        if len(data) != chunk_size:
+            raise DataIntegrityError(f"{name}: chunk {key} holds {len(data)} bytes, expected {chunk_size}")
+        block = np.frombuffer(data, dtype=np.uint8).reshape(chunks)
+        dst = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape, strict=True))
+        out[dst] = block[tuple(slice(0, d.stop - d.start) for d in dst)]
+    return out
+
+
+def _zarr_layout(zf: zipfile.ZipFile, array: str, name: str) -> tuple[tuple[int, ...], tuple[int, ...], str, list[str]]:
+    """``(shape, chunk_shape, key separator, codec names)`` from ``array/zarr.json`` in ``zf``,
+    checked to be what :func:`read_zarr_array` supports (``name`` prefixes the errors)."""
     try:
         meta = json.loads(zf.read(f"{array}/zarr.json"))
     except KeyError as exc:
@@ -268,27 +295,7 @@ def read_zarr_array(zf: zipfile.ZipFile, array: str, where: str) -> np.ndarray:
         raise DataIntegrityError(f"{name}: codecs {codecs} are not supported (bytes [+ blosc])")
     if meta.get("storage_transformers"):
         raise DataIntegrityError(f"{name}: storage transformers are not supported")
-
-    decode = _blosc_decoder() if codecs[-1] == "blosc" else bytes
-    out = np.empty(shape, dtype=np.uint8)
-    chunk_size = math.prod(chunks)
-    grid_counts = [-(-s // c) for s, c in zip(shape, chunks, strict=True)]
-    for idx in itertools.product(*(range(g) for g in grid_counts)):
-        key = f"{array}/c{sep}" + sep.join(str(i) for i in idx)
-        try:
-            raw = zf.read(key)
-        except KeyError as exc:
-            raise DataIntegrityError(f"{name}: chunk {key} is missing") from exc
-        try:
-            data = decode(raw)
-        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad blosc data
-            raise DataIntegrityError(f"{name}: chunk {key} does not decode ({_common.describe_exc(exc)})") from exc
-        if len(data) != chunk_size:
-            raise DataIntegrityError(f"{name}: chunk {key} holds {len(data)} bytes, expected {chunk_size}")
-        block = np.frombuffer(data, dtype=np.uint8).reshape(chunks)
-        dst = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape, strict=True))
-        out[dst] = block[tuple(slice(0, d.stop - d.start) for d in dst)]
-    return out
+    return shape, chunks, sep, codecs
 
 
 def _blosc_decoder() -> Any:

@@ -31,8 +31,8 @@ from torch import nn
 
 from bastion import attacks
 from bastion.attacks.base import Attack
-from bastion.defenses import register
 from bastion.defenses.base import Defense
+from bastion.defenses.registry import register
 from bastion.errors import ConfigError, check_choice, check_positive
 
 #: how adversarial examples are refreshed (see :class:`AdversarialTraining`)
@@ -246,7 +246,8 @@ class MixedAT(AdversarialTraining):
         return out
 
 
-@register("fast-at", summary="Fast adversarial training: random-start FGSM + catastrophic-overfitting check (Wong et al. 2020)")
+@register("fast-at",
+          summary="Fast adversarial training: random-start FGSM + catastrophic-overfitting check (Wong et al. 2020)")
 @dataclass(frozen=True)
 class FastAT(AdversarialTraining):
     """"Fast is better than free" (Wong, Rice & Kolter, ICLR 2020): FGSM from a uniform random

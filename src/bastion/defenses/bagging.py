@@ -23,7 +23,7 @@ Implementation:
   (:meth:`ImageDataset.select`), duplicates included;
 * member ``k`` is ``make_model(config.seed + k)`` trained on replicate ``k`` under
   ``out_dir/member-NN`` (seed 003 used Adam and early stopping: pass them in the config);
-* the result is a :class:`~bastion.defenses.randomized.Population` of kind
+* the result is a :class:`~bastion.models.random.Population` of kind
   ``"bagging-noise"`` whose deployed decision is ``"mean"`` (average probabilities) or
   ``"vote"`` (majority vote, ties to the highest mean probability).
 """
@@ -33,17 +33,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from bastion.data.base import ImageDataset
-from bastion.defenses import register
 from bastion.defenses.base import ModelDefense
-from bastion.defenses.randomized import RANDOMIZED, Population, build_members
+from bastion.defenses.registry import register
 from bastion.defenses.ulm import check_int, train_members
 from bastion.errors import ConfigError, check_choice, check_positive
 from bastion.models.base import Classifier
+from bastion.models.build import build_members
+from bastion.models.components import RANDOM_KINDS
+from bastion.models.random import Population
 
 #: the deployed combinations of seed 003 ("some average or majority vote")
 BAGGING_DECISIONS = ("mean", "vote")
@@ -76,7 +78,8 @@ def bootstrap(data: ImageDataset, seed: int) -> ImageDataset:
     return data.select(idx)
 
 
-@register("bagging-noise", summary="Bagging with Gaussian input noise: ensemble of 1-10 models, mean or vote (seed 003)")
+@register("bagging-noise",
+          summary="Bagging with Gaussian input noise: ensemble of 1-10 models, mean or vote (seed 003)")
 @dataclass(frozen=True)
 class BaggingNoise(ModelDefense):
     """Seed 003's bagging-with-noise ensemble.
@@ -90,6 +93,8 @@ class BaggingNoise(ModelDefense):
     """
 
     name: str = "bagging-noise"
+    #: seed 003 attacks the averaged ensemble
+    paper_threat_model: ClassVar[str] = "expectation"
     members: int = 10
     noise_std: float = 0.1  # not given by seed 003; our choice (pixels in [0, 1])
     noise_per_member: bool = False
@@ -123,7 +128,7 @@ class BaggingNoise(ModelDefense):
                           params={"noise_std": self.noise_std, "bootstrap_seed": self.bootstrap_seed})
 
 
-@RANDOMIZED.register("bagging-noise", summary="bagging-with-noise ensemble, averaged or voted (seed 003)")
+@RANDOM_KINDS.register("bagging-noise", summary="bagging-with-noise ensemble, averaged or voted (seed 003)")
 def _build_bagging(spec: dict[str, Any]) -> Population:
     params = dict(spec.get("params") or {})
     decision = params.pop("decision", "mean")

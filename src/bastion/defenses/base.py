@@ -1,18 +1,52 @@
-"""The base of every training-time defense."""
+"""The bases of every defense, and the closed set of paper threat models a defense declares.
+
+A defense declares, as data, the threat model its paper evaluates it under
+(``paper_threat_model``, one of :data:`PAPER_THREAT_MODELS`):
+
+* ``"white-box"`` -- the attacker crafts on the deployed model itself (the default);
+* ``"submodel-crafting"`` -- seed 001's protocol for ULM and CLM: the attack is crafted on one
+  randomly drawn submodel and the point is classified by another randomly drawn submodel;
+* ``"expectation"`` -- the attacker crafts on the model's expected (averaged) output, as seed
+  003 does for the bagging ensemble.
+
+Evaluation code reads this declaration (``bastion.defenses.paper_threat_model(name)``) instead
+of comparing defense names.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bastion.data.base import ImageDataset
-from bastion.models.base import Classifier
+from bastion.errors import ConfigError
+from bastion.models.base import Classifier, NormalizedClassifier
 from bastion.train.objectives import Objective
+
+#: the threat models a defense's paper may evaluate it under (see the module docstring)
+PAPER_THREAT_MODELS = ("white-box", "submodel-crafting", "expectation")
+
+
+def check_paper_threat_model(value: object, where: str = "paper_threat_model") -> str:
+    """``value`` must be one of :data:`PAPER_THREAT_MODELS` (:class:`ConfigError` naming ``where``)."""
+    if value not in PAPER_THREAT_MODELS:
+        raise ConfigError(f"{where}: paper_threat_model={value!r} is not one of {', '.join(PAPER_THREAT_MODELS)}")
+    return str(value)
+
+
+def require_normalized(model: Classifier, defense: str) -> NormalizedClassifier:
+    """``model`` as a :class:`NormalizedClassifier` (what :func:`bastion.models.create` returns):
+    a defense that changes the network's input or adds modules to it needs one."""
+    if not isinstance(model, NormalizedClassifier):
+        raise ConfigError(f"defense {defense!r} needs a model built by bastion.models.create (a NormalizedClassifier), "
+                          f"got {type(model).__name__}")
+    return model
 
 
 @dataclass(frozen=True)
@@ -27,6 +61,8 @@ class Defense(Objective):
     """
 
     name: str = "defense"
+    #: the threat model the defense's paper evaluates it under (one of PAPER_THREAT_MODELS)
+    paper_threat_model: ClassVar[str] = "white-box"
 
     def prepare(self, model: Classifier, train_set: ImageDataset) -> Classifier:
         """Called once before training; a front-end defense returns the model to train
@@ -45,7 +81,7 @@ class Defense(Objective):
 class ModelDefense:
     """A defense that *builds a model* rather than a training objective: a random-submodel
     population, CLM, a bagging ensemble, SAP or a Multi-SAP vote. The result is a
-    :class:`~bastion.defenses.randomized.Randomized` classifier.
+    :class:`~bastion.models.random.RandomClassifier`.
 
     Subclasses implement :meth:`_fit` (train what the defense needs under ``out_dir`` and
     return the model) and :meth:`wrap` (build the defense from already-trained members, when
@@ -56,6 +92,8 @@ class ModelDefense:
     """
 
     name: str = "model-defense"
+    #: the threat model the defense's paper evaluates it under (one of PAPER_THREAT_MODELS)
+    paper_threat_model: ClassVar[str] = "white-box"
 
     def fit(
         self,

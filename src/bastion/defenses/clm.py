@@ -49,15 +49,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from bastion.data.base import ImageDataset
-from bastion.defenses import register
 from bastion.defenses.base import ModelDefense
-from bastion.defenses.randomized import DECISIONS, RANDOMIZED, Population, build_members
+from bastion.defenses.registry import register
 from bastion.defenses.ulm import (
     SEED001_ADV_ALPHA,
     SEED001_ADV_EPS,
@@ -71,6 +70,9 @@ from bastion.defenses.ulm import (
 )
 from bastion.errors import ConfigError, check_choice, check_fraction, check_positive
 from bastion.models.base import Classifier
+from bastion.models.build import build_members
+from bastion.models.components import RANDOM_KINDS
+from bastion.models.random import DECISIONS, Population
 from bastion.train.objectives import CrossEntropy, Objective
 
 #: seed 001, Sec. 1: (alpha, delta) for LeNet-5, without / with adversarial training
@@ -155,7 +157,7 @@ class CLMPopulation(Population):
         return {**super().randomness(), "counter_linked_fraction": float(self.link_mask.mean())}
 
 
-@RANDOMIZED.register("clm", summary="Counter-Linked Model: population with a shared first-layer link mask (seed 001)")
+@RANDOM_KINDS.register("clm", summary="Counter-Linked Model: population with a shared first-layer link mask (seed 001)")
 def _build_clm(spec: dict[str, Any]) -> CLMPopulation:
     params = dict(spec.get("params") or {})
     decision = params.pop("decision", "draw")
@@ -205,7 +207,8 @@ class CounterLinked(Objective):
     def partner(self, step: int, n: int) -> int:
         """The random other submodel of the PRSE at ``step`` (uniform over ``j != index``),
         seeded by ``(seed, index, step)`` so that a resumed run draws the same partners."""
-        g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + self.index * 7_919 + int(step) * 31 + 5) % (2**63 - 1))
+        mixed = (int(self.seed) * 1_000_003 + self.index * 7_919 + int(step) * 31 + 5) % (2**63 - 1)
+        g = torch.Generator().manual_seed(mixed)
         j = int(torch.randint(n - 1, (1,), generator=g))
         return j if j < self.index else j + 1
 
@@ -217,7 +220,8 @@ class CounterLinked(Objective):
         other = peers[self.partner(step, len(peers))]
         w = first_weight(model)
         with torch.no_grad():
-            new = clm_update(w, first_weight(other).to(w.device), self.context["mask"], self.alpha, self.delta, self.index)
+            w_j = first_weight(other).to(w.device)
+            new = clm_update(w, w_j, self.context["mask"], self.alpha, self.delta, self.index)
             moved = int((new != w).sum().item())
             w.copy_(new)
         self.context["prse_updates"] = int(self.context.get("prse_updates", 0)) + 1
@@ -252,6 +256,8 @@ class CLM(ModelDefense):
     """
 
     name: str = "clm"
+    #: seed 001 crafts on one random submodel and classifies by another
+    paper_threat_model: ClassVar[str] = "submodel-crafting"
     members: int = 10
     alpha: float | None = None
     delta: float | None = None

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bastion.data.base import ImageDataset
-from bastion.defenses import FRONT_ENDS, register
-from bastion.defenses.base import Defense
+from bastion.defenses.base import Defense, require_normalized
+from bastion.defenses.registry import register
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
+from bastion.models.base import Classifier, NormalizedClassifier
+from bastion.models.components import FRONT_ENDS
 
 MAX_STACK = 4  # seed 004 Table 1 goes up to four noise + autoencoder stages
 
@@ -101,14 +102,15 @@ class DenoiserStack(nn.Module):
 def _check_front_end_params(stack: Any, noise_std: Any, width: Any) -> None:
     if isinstance(stack, bool) or not isinstance(stack, int) or not 1 <= stack <= MAX_STACK:
         raise ConfigError(f"stack={stack!r} must be an integer in 1..{MAX_STACK}")
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
+    number = isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool)
+    if not number or not math.isfinite(noise_std) or noise_std < 0:
         raise ConfigError(f"noise_std={noise_std!r} must be a finite number >= 0")
     if isinstance(width, bool) or not isinstance(width, int) or width < 2:
         raise ConfigError(f"width={width!r} must be an integer >= 2")
 
 
 @FRONT_ENDS.register("denoiser", summary="Gaussian noise + denoising autoencoder stages (seed 004)")
-def build_denoiser(params: dict[str, Any], model: Classifier) -> DenoiserStack:
+def build_denoiser(params: dict[str, Any], model: NormalizedClassifier) -> DenoiserStack:
     """Front-end builder: a fresh :class:`DenoiserStack` for ``model``'s channels from
     ``params`` (``stack``, ``noise_std``, ``width``); marks ``model`` stochastic when the
     stack adds noise."""
@@ -127,7 +129,8 @@ def build_denoiser(params: dict[str, Any], model: Classifier) -> DenoiserStack:
     return stack
 
 
-@register("denoiser", summary="Front end of 1-4 (Gaussian noise + denoising autoencoder) stages, classifier trained with CE (seed 004)")
+@register("denoiser", summary="Front end of 1-4 (Gaussian noise + denoising autoencoder) stages, "
+                              "classifier trained with CE (seed 004)")
 @dataclass(frozen=True)
 class Denoiser(Defense):
     """Train a stack of denoising autoencoders on noisy training images, put it before the
@@ -174,23 +177,25 @@ class Denoiser(Defense):
         """The front end's spec entries (what a checkpoint needs to rebuild it)."""
         return {"stack": self.stack, "noise_std": float(self.noise_std), "width": self.width}
 
-    def prepare(self, model: Classifier, train_set: ImageDataset) -> Classifier:
+    def prepare(self, model: Classifier, train_set: ImageDataset) -> NormalizedClassifier:
         """Build the stack, train each autoencoder on ``train_set``'s images and attach the
         stack as ``model``'s front end (recorded in ``model.spec``)."""
-        if model.front_end is not None:
-            raise ConfigError(f"model already has a front end ({type(model.front_end).__name__}); the denoiser needs a bare model")
+        clf = require_normalized(model, self.name)
+        if clf.front_end is not None:
+            have = type(clf.front_end).__name__
+            raise ConfigError(f"model already has a front end ({have}); the denoiser needs a bare model")
         _, h, w = train_set.shape
         if h % 4 or w % 4:
             raise ConfigError(f"the denoiser needs image sides divisible by 4, got {h}x{w}")
         params = self.front_end_params()
         torch.manual_seed(self.seed)
-        front: DenoiserStack = FRONT_ENDS.get("denoiser").factory(params, model)  # type: ignore[assignment]
+        front: DenoiserStack = FRONT_ENDS.get("denoiser").factory(params, clf)  # type: ignore[assignment]
         self.train_stack(front, train_set.x)
         if self.freeze:
             front.requires_grad_(False)
-        model.front_end = front
-        model.spec = {**model.spec, "front_end": {"name": "denoiser", **params}}
-        return model
+        clf.front_end = front
+        clf.spec = {**clf.spec, "front_end": {"name": "denoiser", **params}}
+        return clf
 
     def train_stack(self, front: DenoiserStack, images: torch.Tensor) -> list[float]:
         """Train the stages in turn; returns each stage's last-epoch mean MSE."""

@@ -8,7 +8,7 @@
 SAP is Dhillon et al. 2018 (:mod:`bastion.defenses.sap`). All draws of a net run as one
 batched forward (the input repeated ``M`` times along the batch).
 
-Views (see :class:`~bastion.defenses.randomized.Randomized`): :meth:`MultiSAP.vote` is the
+Views (see :class:`~bastion.models.random.RandomClassifier`): :meth:`MultiSAP.vote` is the
 deployed majority vote; :meth:`MultiSAP.expected_probs` the mean probabilities over the
 voters; ``forward`` returns the logits of **one uniformly chosen voter per sample**, so EOT
 over ``forward`` attacks the expectation over voters.
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bastion.defenses import register
 from bastion.defenses.base import ModelDefense
-from bastion.defenses.randomized import RANDOMIZED, Randomized, build_members, route
+from bastion.defenses.registry import register
 from bastion.defenses.sap import (
     check_base,
     check_fraction,
@@ -37,6 +36,9 @@ from bastion.defenses.sap import (
 )
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier
+from bastion.models.build import build_members
+from bastion.models.components import RANDOM_KINDS
+from bastion.models.random import ExpectedOutput, RandomClassifier, VotedOutput, route
 
 STRATEGIES = (1, 2)
 
@@ -47,7 +49,7 @@ def _check_int(name: str, value: Any, low: int = 1) -> int:
     return value
 
 
-class MultiSAP(Randomized):
+class MultiSAP(RandomClassifier):
     """``K`` nets with SAP after every ReLU; voters: ``draws_per_net`` SAP draws of each net,
     plus each net without SAP when ``include_plain``.
 
@@ -73,7 +75,8 @@ class MultiSAP(Randomized):
         super().__init__(members[0], decision=decision, draws=voters, kind="multi-sap")
         for i, m in enumerate(members[1:], 1):
             if m.num_classes != members[0].num_classes:
-                raise ConfigError(f"members[{i}] has {m.num_classes} classes but members[0] has {members[0].num_classes}")
+                k0 = members[0].num_classes
+                raise ConfigError(f"members[{i}] has {m.num_classes} classes but members[0] has {k0}")
         self.members = nn.ModuleList([insert_sap(m, fraction, sampler) for m in members])
         self.draws_per_net = draws_per_net
         self.include_plain = bool(include_plain)
@@ -123,14 +126,10 @@ class MultiSAP(Randomized):
         xr = x.unsqueeze(0).expand(n, *x.shape).reshape(n * x.shape[0], *x.shape[1:])
         return self.draw(xr).view(n, x.shape[0], -1)
 
-    def expected(self, n: int | None = None):  # type: ignore[override]
-        from bastion.defenses.randomized import ExpectedOutput
-
+    def expected(self, n: int | None = None) -> ExpectedOutput:
         return ExpectedOutput(self, n)
 
-    def voted(self, n: int | None = None):  # type: ignore[override]
-        from bastion.defenses.randomized import VotedOutput
-
+    def voted(self, n: int | None = None) -> VotedOutput:
         return VotedOutput(self, n)
 
     def randomness(self) -> dict[str, Any]:
@@ -139,7 +138,7 @@ class MultiSAP(Randomized):
                 "strategy": self.strategy}
 
 
-@RANDOMIZED.register("multi-sap", summary="majority vote over SAP draws of one or several nets (seed 000)")
+@RANDOM_KINDS.register("multi-sap", summary="majority vote over SAP draws of one or several nets (seed 000)")
 def _build_multisap(spec: dict[str, Any]) -> MultiSAP:
     return MultiSAP(build_members(spec), **dict(spec.get("params") or {}))
 
@@ -216,7 +215,8 @@ class MultiSAPDefense(ModelDefense):
                             sampler=self.sampler)
         if not members:
             raise ConfigError("members is empty; strategy 2 needs at least one net")
-        return MultiSAP(members, draws_per_net=self.draws_per_net, include_plain=True, fraction=self.fraction, strategy=2,
+        return MultiSAP(members, draws_per_net=self.draws_per_net, include_plain=True, fraction=self.fraction,
+                        strategy=2,
                         sampler=self.sampler)
 
 

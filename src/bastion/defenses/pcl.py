@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bastion.data.base import ImageDataset
-from bastion.defenses import AUX_MODULES, register
-from bastion.defenses.base import Defense
+from bastion.defenses.base import Defense, require_normalized
+from bastion.defenses.registry import register
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
+from bastion.models.base import Classifier, NormalizedClassifier
+from bastion.models.components import AUX_MODULES, attach_aux
 
 #: name of the submodule :meth:`PCL.prepare` registers on the model
 CENTROIDS_ATTR = "pcl_centroids"
@@ -78,22 +79,14 @@ class PCLCentroids(nn.Module):
         )
 
 
-def classifier_features(model: Classifier, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate activations of a :class:`Classifier` for inputs ``x`` in its bounds (the
-    front end and normalisation applied as in its forward pass)."""
-    if model.front_end is not None:
-        x = model.front_end(x)
-    return model.net.features((x - model.mean) / model.std)  # type: ignore[operator]
-
-
-
 @AUX_MODULES.register(CENTROIDS_ATTR, summary="PCL's trainable class centroids (rebuilt from a checkpoint's spec)")
-def _rebuild_centroids(params: dict[str, Any], model: Classifier) -> nn.Module:
+def _rebuild_centroids(params: dict[str, Any], model: NormalizedClassifier) -> nn.Module:
     """Centroids of the recorded shapes; their trained values come from the checkpoint."""
     return PCLCentroids(dict(params["dims"]), int(params["num_classes"])).to(model.mean.device)
 
 
-@register("pcl", summary="Prototype Conformity Loss: CE + pull to class centroids / push from others (seed 004, Mustafa et al. 2019)")
+@register("pcl", summary="Prototype Conformity Loss: CE + pull to class centroids / push from others "
+                         "(seed 004, Mustafa et al. 2019)")
 @dataclass(frozen=True)
 class PCL(Defense):
     """Cross-entropy plus the Prototype Conformity Loss on learned class centroids.
@@ -135,27 +128,27 @@ class PCL(Defense):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
 
     # -- centroids ---------------------------------------------------------------------------
-    def prepare(self, model: Classifier, train_set: ImageDataset | None = None) -> Classifier:
+    def prepare(self, model: Classifier, train_set: ImageDataset | None = None) -> NormalizedClassifier:
         """Register the trainable centroids on ``model`` as submodule ``pcl_centroids`` (call
         before the trainer builds its optimiser). Idempotent: existing centroids are kept."""
-        if getattr(model, CENTROIDS_ATTR, None) is not None:
-            return model
-        feature_dim = getattr(model.net, "feature_dim", None)
-        if not isinstance(feature_dim, int) or not callable(getattr(model.net, "features", None)):
-            raise ConfigError(f"PCL needs a network exposing features(x) and feature_dim; {type(model.net).__name__} does not")
+        clf = require_normalized(model, self.name)
+        if getattr(clf, CENTROIDS_ATTR, None) is not None:
+            return clf
+        feature_dim = getattr(clf.net, "feature_dim", None)
+        if not isinstance(feature_dim, int) or not callable(getattr(clf.net, "features", None)):
+            net = type(clf.net).__name__
+            raise ConfigError(f"PCL needs a network exposing features(x) and feature_dim; {net} does not")
         dims = {"features": feature_dim}
         if self.logit_head:
-            dims["logits"] = model.num_classes
-        device = model.mean.device
-        from bastion.defenses import attach_aux
-
-        centroids = PCLCentroids(dims, model.num_classes, scale=self.init_scale, seed=self.seed).to(device)
+            dims["logits"] = clf.num_classes
+        device = clf.mean.device
+        centroids = PCLCentroids(dims, clf.num_classes, scale=self.init_scale, seed=self.seed).to(device)
         # recorded in the model spec, so a checkpoint (for resuming) rebuilds the centroids
-        attach_aux(model, CENTROIDS_ATTR, {"dims": dims, "num_classes": model.num_classes}, centroids)
-        return model
+        attach_aux(clf, CENTROIDS_ATTR, {"dims": dims, "num_classes": clf.num_classes}, centroids)
+        return clf
 
     @staticmethod
-    def strip(model: Classifier) -> Classifier:
+    def strip(model: NormalizedClassifier) -> NormalizedClassifier:
         """Remove the centroids from a trained model (its state dict is then the plain
         architecture's again, loadable by :func:`bastion.train.checkpoint.load_model`)."""
         if CENTROIDS_ATTR in model._modules:
@@ -169,7 +162,8 @@ class PCL(Defense):
         """Whether the PC loss is on in the current epoch (``context["epoch"]``, 0-based)."""
         return int(self.context.get("epoch", 0)) >= self.warmup_epochs
 
-    def pc_losses(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def pc_losses(self, model: NormalizedClassifier, x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``({head: L_PC}, logits)`` for a batch (features and logits from two passes of the
         network: Bastion networks expose ``features`` and ``forward`` but not their last layer)."""
         centroids = getattr(model, CENTROIDS_ATTR, None)
@@ -189,7 +183,7 @@ class PCL(Defense):
             logits = model(x)
             return F.cross_entropy(logits, y), logits
         losses, logits = self.pc_losses(model, x, y)  # type: ignore[arg-type]
-        return F.cross_entropy(logits, y) + self.weight * sum(losses.values()), logits  # type: ignore[return-value]
+        return F.cross_entropy(logits, y) + self.weight * sum(losses.values()), logits
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         centroids = getattr(model, CENTROIDS_ATTR, None)
@@ -202,4 +196,4 @@ class PCL(Defense):
         return {"pcl_active": self.active(), **spread}
 
 
-__all__ = ["CENTROIDS_ATTR", "PCL", "PCLCentroids", "classifier_features", "pc_loss"]
+__all__ = ["CENTROIDS_ATTR", "PCL", "PCLCentroids", "pc_loss"]

@@ -84,7 +84,8 @@ class PoolMember:
         """Short name for tables, e.g. ``"50% train"``, ``"orthogonal"``, ``"extra_skip=4"``."""
         parts = []
         if self.fraction < 1:
-            parts.append(f"{self.fraction:.1%} train".replace(".0%", "%") + (f" s{self.subset_seed}" if self.subset_seed else ""))
+            seed = f" s{self.subset_seed}" if self.subset_seed else ""
+            parts.append(f"{self.fraction:.1%} train".replace(".0%", "%") + seed)
         if self.init:
             parts.append(self.init)
         parts += [f"{k}={v}" for k, v in self.arch_kwargs.items()]
@@ -143,7 +144,9 @@ def _make(make_model: Callable[..., Classifier] | str, member: PoolMember, train
 
     spec = dict(base.spec)
     if "name" not in spec:
-        raise ConfigError(f"make_model gives a model without a spec; cannot apply init={member.init!r} / {member.arch_kwargs!r}")
+        raise ConfigError(
+            f"make_model gives a model without a spec; cannot apply init={member.init!r} / {member.arch_kwargs!r}"
+        )
     return models.create(
         spec["name"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
         input_size=tuple(spec["input_size"]), mean=spec["mean"], std=spec["std"], seed=member.seed,
@@ -178,7 +181,7 @@ def train_pool(
         out_dir: member ``i`` trains under ``out_dir/member-ii`` (resumable); None: no checkpoints.
         defense: a training defense name (e.g. ``"pgd-at"``) and ``defense_params``.
     """
-    from bastion import defenses
+    from bastion.defenses.registry import create
     from bastion.train.config import TrainConfig
     from bastion.train.trainer import train
 
@@ -191,7 +194,7 @@ def train_pool(
     for i, m in enumerate(tqdm(ms, desc="pool", disable=None if progress else True)):
         data = train_set.subset(m.fraction, seed=m.subset_seed) if m.fraction < 1 else train_set
         model = _make(make_model, m, train_set)
-        objective = defenses.create(defense, **dict(defense_params or {})) if defense else None
+        objective = create(defense, **dict(defense_params or {})) if defense else None
         if objective is not None and hasattr(objective, "prepare"):
             model = objective.prepare(model, data)
         cfg = dataclasses.replace(config, seed=m.seed)

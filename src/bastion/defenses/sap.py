@@ -18,7 +18,7 @@ Sampling is exact and vectorised over the batch: the ``r`` draws of a row are ge
 of ``r`` i.i.d. uniforms), located in the row's cumulative ``|h|`` by one batched
 ``searchsorted`` (sorted queries are cache friendly, about twice as fast as unsorted ones), and
 scattered into a keep-mask. Only which units are drawn matters, so the order is irrelevant.
-Random numbers come from torch's global generator, so :meth:`Randomized.frozen` fixes them.
+Random numbers come from torch's global generator, so :meth:`RandomClassifier.frozen` fixes them.
 
 Gradients flow through the surviving activations and through the rescaling factor (which
 depends on ``h``); the mask itself is piecewise constant.
@@ -31,7 +31,8 @@ probability ``q_j = 1 - exp(-r p_j)`` and is scaled by ``1 / q_j``. It is still 
 15 random bits per unit and a few elementwise passes instead of a sort-free but ``O(d log d)``
 search per row. The keep probability is rounded up to a multiple of ``2**-15`` and the survivor
 is scaled by the inverse of the rounded value, which keeps ``E = h`` exact. The survivors of one
-row are independent instead of slightly negatively correlated. It is a documented deviation from the seed, offered for speed (see
+row are independent instead of slightly negatively correlated. It is a documented deviation from the seed, offered
+for speed (see
 ``bench/population_speed.py``); an evaluation should say which sampler it used.
 """
 
@@ -48,11 +49,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bastion.defenses import register
 from bastion.defenses.base import ModelDefense
-from bastion.defenses.randomized import RANDOMIZED, Randomized, build_members
+from bastion.defenses.registry import DEFENSES, create, register
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier
+from bastion.models.build import build_members
+from bastion.models.components import RANDOM_KINDS
+from bastion.models.random import RandomClassifier
 
 #: at most this many rows (draws x samples) go through one forward in :meth:`SAPClassifier.sample_logits`
 MAX_ROWS = 8192
@@ -115,7 +118,8 @@ def _keep_mask_binomial(a: torch.Tensor, r: int) -> torch.Tensor:
     for lvl in range(levels - 1, -1, -1):
         child = sums[lvl].view(n, -1, 2)
         parent = child.sum(-1)
-        prob = torch.where(parent > 0, child[..., 0] / parent.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(parent))
+        share = child[..., 0] / parent.clamp_min(torch.finfo(a.dtype).tiny)
+        prob = torch.where(parent > 0, share, torch.zeros_like(parent))
         left = torch.binomial(counts, prob.clamp(0.0, 1.0))
         counts = torch.stack([left, counts - left], -1).view(n, -1)
     return (counts[:, :d] > 0) & (a > 0)
@@ -187,7 +191,7 @@ def _sap_poisson(flat: torch.Tensor, r: int, nonneg: bool) -> torch.Tensor:
     a = flat if nonneg else flat.abs()
     # -r / sum|h|, kept finite so that an all-zero row gives 0 * rate = 0 (not NaN)
     neg_rate = a.sum(1, keepdim=True).clamp_min(tiny).reciprocal().mul(-float(r)).clamp_min(-big)
-    bits = _uniform15(flat.shape, flat.device)  # keep iff bits < res * q' (probability q')
+    bits = _uniform15((flat.shape[0], flat.shape[1]), flat.device)  # keep iff bits < res * q' (probability q')
     if not (torch.is_grad_enabled() and flat.requires_grad):
         k = a.mul(neg_rate).expm1_().mul_(-res).ceil_()  # res * q', an integer in [0, res]
         keep = bits < k
@@ -270,7 +274,7 @@ def sap_active(model: nn.Module, active: bool) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, a in zip(layers, old):
+        for m, a in zip(layers, old, strict=True):
             m.active = a
 
 
@@ -288,7 +292,7 @@ def repeated_logits(model: nn.Module, x: torch.Tensor, n: int, max_rows: int = M
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-class SAPClassifier(Randomized):
+class SAPClassifier(RandomClassifier):
     """One network with SAP after every ReLU (Dhillon et al. 2018); deployed decision: one draw.
 
     Args:
@@ -327,7 +331,7 @@ class SAPClassifier(Randomized):
                 "sap_layers": len(sap_layers(self.net_sap))}
 
 
-@RANDOMIZED.register("sap", summary="Stochastic Activation Pruning after every ReLU (Dhillon et al. 2018)")
+@RANDOM_KINDS.register("sap", summary="Stochastic Activation Pruning after every ReLU (Dhillon et al. 2018)")
 def _build_sap(spec: dict[str, Any]) -> SAPClassifier:
     return SAPClassifier(build_members(spec)[0], **dict(spec.get("params") or {}))
 
@@ -345,11 +349,10 @@ def train_base(
     seed: int | None = None,
 ) -> Classifier:
     """Train one base network (optionally with training defense ``base_defense``)."""
-    from bastion import defenses
     from bastion.train.trainer import train
 
     model = make_model(config.seed if seed is None else seed)
-    objective = defenses.create(base_defense, **dict(base_params)) if base_defense else None
+    objective = create(base_defense, **dict(base_params)) if base_defense else None
     if objective is not None and hasattr(objective, "prepare"):
         model = objective.prepare(model, train_set)
     train(model, train_set, config, objective=objective, out_dir=out_dir, resume=resume, progress=progress)
@@ -366,15 +369,14 @@ def check_base(base_defense: str | None, base_params: Any) -> None:
         raise ConfigError(f"base_defense={base_defense!r} must be a defense name or None")
     if not isinstance(base_params, dict):
         raise ConfigError(f"base_params={base_params!r} must be a dict")
-    from bastion import defenses
-
-    cls = defenses.DEFENSES.get(base_defense).factory
+    cls = DEFENSES.get(base_defense).factory
     if isinstance(cls, type) and issubclass(cls, ModelDefense):
         raise ConfigError(f"base_defense={base_defense!r} builds a model; it must be a training defense")
-    defenses.create(base_defense, **base_params)
+    create(base_defense, **base_params)
 
 
-@register("sap", summary="Stochastic Activation Pruning after every ReLU of a trained net (Dhillon et al. 2018; seed 000)")
+@register("sap",
+          summary="Stochastic Activation Pruning after every ReLU of a trained net (Dhillon et al. 2018; seed 000)")
 @dataclass(frozen=True)
 class SAPDefense(ModelDefense):
     """Train one base network (plain, or with ``base_defense``) and put SAP after its ReLUs.

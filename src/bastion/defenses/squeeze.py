@@ -8,9 +8,11 @@ sees zero input gradients (Athalye et al. 2018, "Obfuscated Gradients Give a Fal
 Security", arXiv:1802.00420, section 4.1 "shattered gradients"). The paper's MNIST setting is
 1 bit (section 4.1); that is the default.
 
-:meth:`BitDepthSqueeze.bpda_standin` returns the identity, the differentiable stand-in of the
-quantiser (BPDA: the quantised output is close to its input); :func:`bastion.eval.bpda.bpda_view`
-uses it to attack the defended model adaptively.
+:class:`BitDepthSqueeze` is a :class:`~bastion.models.standin.NonDifferentiable` module: its
+:meth:`~BitDepthSqueeze.standin` is the identity, the differentiable stand-in of the quantiser
+(BPDA: the quantised output is close to its input). A defended model therefore declares
+``standins=True``, and :func:`bastion.eval.bpda.bpda_view` uses the stand-in to attack it
+adaptively.
 
 The classifier is trained with clean cross-entropy through the front end (the paper squeezes
 inputs of an already trained model; training through it keeps clean accuracy high at 1 bit).
@@ -25,10 +27,12 @@ import torch
 from torch import nn
 
 from bastion.data.base import ImageDataset
-from bastion.defenses import FRONT_ENDS, register
-from bastion.defenses.base import Defense
+from bastion.defenses.base import Defense, require_normalized
+from bastion.defenses.registry import register
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
+from bastion.models.base import Classifier, NormalizedClassifier
+from bastion.models.components import FRONT_ENDS
+from bastion.models.standin import NonDifferentiable
 
 MAX_BITS = 16
 
@@ -39,7 +43,7 @@ def _check_bits(bits: Any) -> int:
     return bits
 
 
-class BitDepthSqueeze(nn.Module):
+class BitDepthSqueeze(NonDifferentiable):
     """Quantise inputs in ``[0, 1]`` to ``bits`` bits per value; zero gradient almost everywhere.
 
     Shapes: any tensor in, the same shape out.
@@ -57,7 +61,7 @@ class BitDepthSqueeze(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x * self.levels) / self.levels
 
-    def bpda_standin(self) -> nn.Module:
+    def standin(self) -> nn.Module:
         """The differentiable stand-in for BPDA (Athalye et al. 2018): the identity."""
         return nn.Identity()
 
@@ -66,7 +70,7 @@ class BitDepthSqueeze(nn.Module):
 
 
 @FRONT_ENDS.register("bit-depth", summary="bit-depth reduction of the input (feature squeezing, Xu et al. 2018)")
-def build_bit_depth(params: dict[str, Any], model: Classifier) -> BitDepthSqueeze:
+def build_bit_depth(params: dict[str, Any], model: NormalizedClassifier) -> BitDepthSqueeze:
     """Front-end builder: a :class:`BitDepthSqueeze` from ``params`` (``bits``)."""
     params = dict(params)
     for k in params:
@@ -90,14 +94,16 @@ class BitDepth(Defense):
     def __post_init__(self) -> None:
         _check_bits(self.bits)
 
-    def prepare(self, model: Classifier, train_set: ImageDataset) -> Classifier:
+    def prepare(self, model: Classifier, train_set: ImageDataset) -> NormalizedClassifier:
         """Attach the quantiser as ``model``'s front end (recorded in ``model.spec``)."""
-        if model.front_end is not None:
-            raise ConfigError(f"model already has a front end ({type(model.front_end).__name__}); bit-depth needs a bare model")
+        clf = require_normalized(model, self.name)
+        if clf.front_end is not None:
+            front = type(clf.front_end).__name__
+            raise ConfigError(f"model already has a front end ({front}); bit-depth needs a bare model")
         params = {"bits": self.bits}
-        model.front_end = FRONT_ENDS.get("bit-depth").factory(params, model)
-        model.spec = {**model.spec, "front_end": {"name": "bit-depth", **params}}
-        return model
+        clf.front_end = FRONT_ENDS.get("bit-depth").factory(params, clf)
+        clf.spec = {**clf.spec, "front_end": {"name": "bit-depth", **params}}
+        return clf
 
 
 __all__ = ["BitDepth", "BitDepthSqueeze", "build_bit_depth"]

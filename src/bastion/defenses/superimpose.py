@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bastion.defenses import register
 from bastion.defenses.base import Defense
+from bastion.defenses.registry import register
 from bastion.errors import ConfigError
 
 
@@ -111,7 +111,8 @@ class Superimpose(Defense):
         return F.cross_entropy(logits, y), logits
 
 
-@register("superimpose-kl", summary="Superimposition + KL, fixed alpha: CE(x) + lam KL(f(x) || f(x~)) (seed 002, form 2)")
+@register("superimpose-kl",
+          summary="Superimposition + KL, fixed alpha: CE(x) + lam KL(f(x) || f(x~)) (seed 002, form 2)")
 @dataclass(frozen=True)
 class SuperimposeKL(Defense):
     """Seed 002, form 2: ``CE(f(x), y) + lam * KL(f(x) || f(x~))`` with a fixed ``alpha``."""

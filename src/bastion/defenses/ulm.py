@@ -5,7 +5,7 @@ The population follows Zhou, Kantarcioglu & Xi (2018): ``n`` submodels of one ar
 (seed 001: ``n = 10`` LeNet-5 on MNIST) are trained independently, each from its own random
 initialisation and data order, "without enforcing any diversity". At test time every query is
 answered by one submodel chosen uniformly at random (``decision="draw"``), which is what
-:class:`~bastion.defenses.randomized.Population` does.
+:class:`~bastion.models.random.Population` does (random kind ``"ulm"``).
 
 ULM-Adv (seed 001, Sec. 4.1) trains every submodel with PGD adversarial training (the
 ``pgd-at`` defense): on MNIST ``eps = 0.3``, step ``0.01``, 100 steps -- the defaults of
@@ -22,14 +22,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from bastion.data.base import ImageDataset
-from bastion.defenses import register
 from bastion.defenses.base import ModelDefense
-from bastion.defenses.randomized import DECISIONS, Population
+from bastion.defenses.registry import create, register
 from bastion.errors import ConfigError, check_choice, check_positive
 from bastion.models.base import Classifier
+from bastion.models.build import build_members
+from bastion.models.components import RANDOM_KINDS
+from bastion.models.random import DECISIONS, Population
 from bastion.train.objectives import Objective
 
 #: seed 001, Sec. 4.1: PGD adversarial examples on MNIST, eps 0.3, step size 0.01, 100 steps
@@ -62,10 +64,8 @@ def pgd_objective(adv_eps: float, adv_steps: int, adv_alpha: float, eps_ramp_epo
     """The ``pgd-at`` defense (Madry et al. 2018) with seed 001's PGD settings; with
     ``eps_ramp_epochs`` the budget grows linearly to ``adv_eps`` over the first epochs (without
     it, 5-step PGD at eps 0.3 from a random LeNet-5 collapses to one class on MNIST)."""
-    from bastion import defenses
-
-    return defenses.create("pgd-at", eps=float(adv_eps), eps_ramp_epochs=int(eps_ramp_epochs),
-                           attack_params={"steps": int(adv_steps), "alpha": float(adv_alpha)})
+    return create("pgd-at", eps=float(adv_eps), eps_ramp_epochs=int(eps_ramp_epochs),
+                  attack_params={"steps": int(adv_steps), "alpha": float(adv_alpha)})
 
 
 def member_dir(out_dir: Path | None, index: int) -> Path | None:
@@ -129,6 +129,8 @@ class ULM(ModelDefense):
     """
 
     name: str = "ulm"
+    #: seed 001 crafts on one random submodel and classifies by another
+    paper_threat_model: ClassVar[str] = "submodel-crafting"
     members: int = 10  # seed 001, Sec. 3: "we set our population to 10 submodels"
     adversarial: bool = False
     adv_eps: float = SEED001_ADV_EPS
@@ -160,4 +162,13 @@ class ULM(ModelDefense):
         return Population(members, decision=self.decision, kind="ulm")
 
 
-__all__ = ["ULM", "check_adversarial_fields", "check_int", "member_config", "member_dir", "pgd_objective", "train_members"]
+@RANDOM_KINDS.register("ulm", summary="population of submodels, one drawn at random per query (seed 001)")
+def _build_population(spec: dict[str, Any]) -> Population:
+    params = dict(spec.get("params") or {})
+    decision = params.pop("decision", "draw")
+    return Population(build_members(spec), kind=spec["randomized"], decision=decision, params=params)
+
+
+__all__ = [
+    "ULM", "check_adversarial_fields", "check_int", "member_config", "member_dir", "pgd_objective", "train_members",
+]

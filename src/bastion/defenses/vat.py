@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bastion.defenses import register
 from bastion.defenses.base import Defense
+from bastion.defenses.registry import register
 from bastion.defenses.superimpose import kl_div_logits
 from bastion.errors import ConfigError
 
@@ -78,7 +78,8 @@ def _bounds(model: nn.Module) -> tuple[float, float]:
     return float(b[0]), float(b[1])
 
 
-@register("vat", summary="Virtual adversarial training: CE + lam KL(p(x) || p(x + r_adv)) (Miyato et al. 2018; seed 002 baseline)")
+@register("vat", summary="Virtual adversarial training: CE + lam KL(p(x) || p(x + r_adv)) "
+                         "(Miyato et al. 2018; seed 002 baseline)")
 @dataclass(frozen=True)
 class VAT(Defense):
     """Virtual Adversarial Training (Miyato et al., TPAMI 2018) with seed 002's settings."""
@@ -101,7 +102,8 @@ class VAT(Defense):
             raise ConfigError(f"power_iterations={it!r} must be an integer >= 1")
         for field_name, strict in (("xi", True), ("eps", True), ("lam", False)):
             v = getattr(self, field_name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if strict else v >= 0)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            ok = number and math.isfinite(v) and (v > 0 if strict else v >= 0)
             if not ok:
                 raise ConfigError(f"{field_name}={v!r} must be a finite number {'> 0' if strict else '>= 0'}")
 

@@ -1,44 +1,16 @@
-"""Clean predictions and accuracy in batches."""
+"""Clean predictions and accuracy in batches (``predict`` and ``accuracy`` live in
+:mod:`bastion.models.predict`, below training, and are re-exported here) and the
+collapsed-training check. Judging a random model by the majority of k queries is
+:mod:`bastion.eval.judge`."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from bastion.data.base import ImageDataset
 from bastion.errors import TrainingCollapsedError
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000, device: torch.device | str | None = None) -> torch.Tensor:
-    """Predicted labels ``(N,)`` of ``model`` (in eval mode for the call) on ``x``."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = [model(x[i : i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
-
-
-@torch.no_grad()
-def majority_correct(decide: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                     k: int) -> torch.Tensor:
-    """``(N,)`` bool: ``decide`` (a random model's deployed decision) is right in a strict
-    majority (> k/2) of ``k`` independent queries. With ``k = 1``: "right in one query"."""
-    right = torch.zeros(len(x), dtype=torch.long, device=y.device)
-    for _ in range(k):
-        right += (decide(x) == y).long()
-    return right * 2 > k
-
-
-def accuracy(model: nn.Module, data: ImageDataset, *, batch_size: int = 1000, device: torch.device | str | None = None) -> float:
-    """Fraction of ``data`` that ``model`` classifies correctly."""
-    pred = predict(model, data.x, batch_size=batch_size, device=device)
-    return float((pred == data.y).float().mean()) if len(data) else float("nan")
+from bastion.models.predict import accuracy, predict
 
 
 def check_trained(model: nn.Module, data: ImageDataset, *, name: str = "model", min_accuracy: float | None = None,
@@ -64,3 +36,6 @@ def check_trained(model: nn.Module, data: ImageDataset, *, name: str = "model", 
             f"{name}: training collapsed (clean accuracy {acc:.3f}, needed >= {floor:.3f}; class {top_class} "
             f"predicted for {top_share:.0%} of {len(pred)} points); try an eps ramp or more epochs")
     return acc
+
+
+__all__ = ["accuracy", "check_trained", "predict"]

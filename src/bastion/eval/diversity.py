@@ -43,7 +43,9 @@ def pairwise_cosine(g: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return torch.einsum("ind,jnd->ijn", unit, unit).to(g.dtype)
 
 
-def _input_grads(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, kind: str, batch_size: int) -> torch.Tensor:
+def _input_grads(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, kind: str, batch_size: int
+) -> torch.Tensor:
     """``(K, N, C, H, W)`` input gradients of each model: of the summed cross-entropy loss
     (``kind="loss"``) or of the true-class logit (``kind="saliency"``)."""
     if x.dim() != 4 or y.shape != (x.shape[0],):
@@ -56,19 +58,25 @@ def _input_grads(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, 
         m.eval()
         try:
             for s in range(0, x.shape[0], batch_size):
-                xb = x[s:s + batch_size].detach().clone().requires_grad_(True)
-                yb = y[s:s + batch_size]
+                xb = x[s : s + batch_size].detach().clone().requires_grad_(True)
+                yb = y[s : s + batch_size]
                 with torch.enable_grad():
                     logits = m(xb)
-                    obj = F.cross_entropy(logits, yb, reduction="sum") if kind == "loss" else logits.gather(1, yb[:, None]).sum()
+                    obj = (
+                        F.cross_entropy(logits, yb, reduction="sum")
+                        if kind == "loss"
+                        else logits.gather(1, yb[:, None]).sum()
+                    )
                     (grad,) = torch.autograd.grad(obj, xb)
-                out[k, s:s + batch_size] = grad.detach().cpu()
+                out[k, s : s + batch_size] = grad.detach().cpu()
         finally:
             m.train(was)
     return out
 
 
-def gradient_cosine(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def gradient_cosine(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """Seed 000's Table 2: cosine similarity between the input gradients of the models'
     cross-entropy losses at each test point, averaged over points.
 
@@ -79,7 +87,9 @@ def gradient_cosine(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tenso
     return {"matrix": cos.mean(-1), "per_point": cos}
 
 
-def saliency_similarity(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def saliency_similarity(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
     """Seed 001's eqs. 7-8 / Fig. 6: cosine similarity of saliency maps
     ``s_m(x) = d f_m(x)[y] / dx`` for every pair of models and every point.
 
@@ -90,8 +100,12 @@ def saliency_similarity(models: Sequence[nn.Module], x: torch.Tensor, y: torch.T
     cos = pairwise_cosine(_input_grads(models, x, y, "saliency", batch_size))
     pr = pairs(cos.shape[0])
     values = cos[pr[:, 0], pr[:, 1]]
-    return {"pairs": pr, "values": values, "median": values.median(-1).values if values.numel() else values.sum(-1),
-            "matrix": cos.mean(-1)}
+    return {
+        "pairs": pr,
+        "values": values,
+        "median": values.median(-1).values if values.numel() else values.sum(-1),
+        "matrix": cos.mean(-1),
+    }
 
 
 def disagreement_counts(preds: torch.Tensor) -> torch.Tensor:
@@ -116,13 +130,19 @@ def predictions(models: Sequence[nn.Module], x: torch.Tensor, *, batch_size: int
     for m in models:
         was = m.training
         m.eval()
-        out.append(torch.cat([m(x[s:s + batch_size]).argmax(-1).cpu() for s in range(0, x.shape[0], batch_size)]))
+        out.append(torch.cat([m(x[s : s + batch_size]).argmax(-1).cpu() for s in range(0, x.shape[0], batch_size)]))
         m.train(was)
     return torch.stack(out)
 
 
-def disagreements(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, adversarial: dict[str, torch.Tensor] | None = None,
-                  *, batch_size: int = 1000) -> dict[str, dict[str, torch.Tensor]]:
+def disagreements(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    adversarial: dict[str, torch.Tensor] | None = None,
+    *,
+    batch_size: int = 1000,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Seed 000's Figs 3-4: pairwise disagreements on clean data and on each adversarial set.
 
     Args:
@@ -141,8 +161,12 @@ def disagreements(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
             raise InputError(f"adversarial[{name!r}] has shape {tuple(xs.shape)} but x has {tuple(x.shape)}")
         p = predictions(models, xs, batch_size=batch_size)
         yc = y.cpu()
-        out[name] = {"disagree": disagreement_counts(p), "same_wrong": same_wrong_counts(p, yc),
-                     "accuracy": (p == yc[None]).float().mean(-1), "n": torch.tensor(x.shape[0])}
+        out[name] = {
+            "disagree": disagreement_counts(p),
+            "same_wrong": same_wrong_counts(p, yc),
+            "accuracy": (p == yc[None]).float().mean(-1),
+            "n": torch.tensor(x.shape[0]),
+        }
     return out
 
 

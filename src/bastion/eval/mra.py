@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,9 +36,9 @@ from torch import nn
 from bastion import attacks as attacks_mod
 from bastion.attacks.base import Attack, Cost
 from bastion.data.base import ImageDataset
-from bastion.defenses.randomized import Population
 from bastion.errors import ConfigError
 from bastion.eval.accuracy import predict
+from bastion.models.random import Population
 
 
 def _members(population: Population | Sequence[nn.Module]) -> list[nn.Module]:
@@ -126,6 +127,47 @@ def craft_on_assigned(
     return x_adv, cost
 
 
+def _check_int(name: str, value: Any, what: str, *, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name}={value!r} must be {what}")
+
+
+@dataclass
+class _Repeats:
+    """Per-repeat numbers of seed 001's protocol: the MRA, the accuracy of one random
+    classifying draw, of the crafting submodel, and (with more than one member) the mean of
+    the other submodels; ``per_member`` sums each submodel's accuracy."""
+
+    per_member: torch.Tensor
+    mra: list[float] = field(default_factory=list)
+    one_draw: list[float] = field(default_factory=list)
+    same: list[float] = field(default_factory=list)
+    cross: list[float] = field(default_factory=list)
+
+    def add(self, correct: torch.Tensor, craft: torch.Tensor, classify: torch.Tensor) -> None:
+        m, n = correct.shape
+        cols = torch.arange(n)
+        self.mra.append(mra_from_correct(correct))
+        self.per_member += correct.float().mean(1)
+        self.one_draw.append(float(correct[classify, cols].float().mean()))
+        self.same.append(float(correct[craft, cols].float().mean()))
+        if m > 1:
+            others = (correct.float().sum(0) - correct[craft, cols].float()) / (m - 1)
+            self.cross.append(float(others.mean()))
+
+    def means(self, repeats: int) -> dict[str, Any]:
+        mras = torch.tensor(self.mra)
+        return {
+            "mra": float(mras.mean()),
+            "mra_std": float(mras.std(unbiased=False)) if repeats > 1 else 0.0,
+            "mra_per_repeat": self.mra,
+            "one_draw_accuracy": sum(self.one_draw) / repeats,
+            "same_member_accuracy": sum(self.same) / repeats,
+            "cross_member_accuracy": (sum(self.cross) / repeats) if self.cross else None,
+            "per_member_accuracy": (self.per_member / repeats).tolist(),
+        }
+
+
 def seed001_protocol(
     population: Population,
     data: ImageDataset,
@@ -156,19 +198,15 @@ def seed001_protocol(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ConfigError(f"repeats={repeats!r} must be an integer >= 1")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
+    _check_int("repeats", repeats, "an integer >= 1")
+    _check_int("batch_size", batch_size, "an integer >= 1")
     members = _members(population)
     M, N = len(members), len(data)
     dev = _device(population, device)
-    for m in members:
-        m.to(dev)
-    y = data.y
-    clean = member_correct(members, data.x, y, batch_size=batch_size, device=dev)
-    per_repeat, one_draw, same, cross = [], [], [], []
-    per_member = torch.zeros(M)
+    members = [m.to(dev) for m in members]
+    x, y = data.x, data.y
+    clean = member_correct(members, x, y, batch_size=batch_size, device=dev)
+    acc = _Repeats(torch.zeros(M))
     grads, t0 = 0, time.perf_counter()
     bar = tqdm(total=repeats * M, desc=f"seed001 {attack.name}", disable=None if progress else True, leave=False)
     for r in range(repeats):
@@ -179,27 +217,12 @@ def seed001_protocol(
         x_adv, cost = craft_on_assigned(members, data.x, y, craft, attack, generator=atk_gen, batch_size=batch_size,
                                         device=dev, on_member=lambda: bar.update(1))
         grads += cost.gradients
-        correct = member_correct(members, x_adv, y, batch_size=batch_size, device=dev)  # (M, N)
-        per_repeat.append(mra_from_correct(correct))
-        per_member += correct.float().mean(1)
-        cols = torch.arange(N)
-        one_draw.append(float(correct[classify, cols].float().mean()))
-        same.append(float(correct[craft, cols].float().mean()))
-        if M > 1:
-            others = (correct.float().sum(0) - correct[craft, cols].float()) / (M - 1)
-            cross.append(float(others.mean()))
+        acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify)  # (M, N)
     bar.close()
-    mras = torch.tensor(per_repeat)
     return {
         "protocol": "seed001",
-        "mra": float(mras.mean()),
-        "mra_std": float(mras.std(unbiased=False)) if repeats > 1 else 0.0,
-        "mra_per_repeat": per_repeat,
+        **acc.means(repeats),
         "clean_mra": mra_from_correct(clean),
-        "one_draw_accuracy": sum(one_draw) / repeats,
-        "same_member_accuracy": sum(same) / repeats,
-        "cross_member_accuracy": (sum(cross) / repeats) if cross else None,
-        "per_member_accuracy": (per_member / repeats).tolist(),
         "n": N, "members": M, "repeats": repeats, "seed": seed,
         "attack": _attack_info(attack),
         "gradients": grads / max(N * repeats, 1),
@@ -238,26 +261,19 @@ def expected_output_attack(
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"k={k!r} (queries per point) must be an integer >= 1")
-    if eot is not None and (not isinstance(eot, int) or isinstance(eot, bool) or eot < 1):
-        raise ConfigError(f"eot={eot!r} must be None or an integer >= 1")
+    _check_int("k", k, "an integer >= 1 (queries per point)")
+    if eot is not None:
+        _check_int("eot", eot, "None or an integer >= 1")
     dev = _device(population, device)
     population.to(dev).eval()
     target: nn.Module = population.expected() if eot is None else population
     atk = attack if eot is None else attacks_mod.eot(attack, eot)
     N = len(data)
-    x_adv = data.x.clone()
-    grads, t0 = 0, time.perf_counter()
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
-    bar = tqdm(total=(N + batch_size - 1) // batch_size, desc=f"expected {attack.name}",
-               disable=None if progress else True, leave=False)
-    for s in range(0, N, batch_size):
-        res = atk(target, data.x[s:s + batch_size].to(dev), data.y[s:s + batch_size].to(dev), generator=gen)
-        x_adv[s:s + batch_size] = res.x_adv.detach().cpu()
-        grads += res.cost.gradients
-        bar.update(1)
-    bar.close()
+    t0 = time.perf_counter()
+    with tqdm(total=(N + batch_size - 1) // batch_size, desc=f"expected {attack.name}",
+              disable=None if progress else True, leave=False) as bar:
+        x_adv, grads = _craft_batches(atk, target, data, batch_size, torch.Generator(device=dev).manual_seed(int(seed)),
+                                      dev, on_batch=lambda: bar.update(1))
     adv_votes = query_correct(population, x_adv, data.y, k=k, seed=seed, batch_size=batch_size, device=dev)
     clean_votes = query_correct(population, data.x, data.y, k=k, seed=seed + 1, batch_size=batch_size, device=dev)
     return {
@@ -271,6 +287,20 @@ def expected_output_attack(
         "gradients": grads / max(N, 1),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _craft_batches(attack: Attack, target: nn.Module, data: ImageDataset, batch_size: int, gen: torch.Generator,
+                   dev: torch.device, on_batch: Callable[[], None]) -> tuple[torch.Tensor, int]:
+    """``attack`` on ``target`` over ``data`` in batches: the adversarial points (on the CPU)
+    and the gradient evaluations spent."""
+    x_adv = data.x.clone()
+    grads = 0
+    for s in range(0, len(data), batch_size):
+        res = attack(target, data.x[s:s + batch_size].to(dev), data.y[s:s + batch_size].to(dev), generator=gen)
+        x_adv[s:s + batch_size] = res.x_adv.detach().cpu()
+        grads += res.cost.gradients
+        on_batch()
+    return x_adv, grads
 
 
 @torch.no_grad()

@@ -8,8 +8,9 @@ rebuilt without rerunning anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from bastion.data.base import ImageDataset
 from bastion.errors import ConfigError
 from bastion.eval.accuracy import predict
 from bastion.models.base import as_classifier
+from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL
 
 
 @dataclass
@@ -63,8 +65,11 @@ class RobustReport:
         lines.append("attack".ljust(width) + "".join(h.rjust(max(len(h), 8) + 2) for h in head))
         for lab in labels:
             cells = []
-            for (n, e), h in zip(cols, head):
-                v = next((r["robust_accuracy"] for r in self.rows if r["label"] == lab and r["norm"] == n and r["eps"] == e), None)
+            for (n, e), h in zip(cols, head, strict=True):
+                v = next(
+                    (r["robust_accuracy"] for r in self.rows if r["label"] == lab and r["norm"] == n and r["eps"] == e),
+                    None,
+                )
                 cells.append(("-" if v is None else f"{100 * v:.2f}%").rjust(max(len(h), 8) + 2))
             lines.append(lab.ljust(width) + "".join(cells))
         return "\n".join(lines)
@@ -103,56 +108,69 @@ def evaluate(
     clf.check_inputs(data.x[:1], name=f"{data.name} data")
     pred = predict(clf, data.x, batch_size=batch_size, device=dev)
     clean = (pred == data.y)
-    report = RobustReport(n=len(data), clean_accuracy=float(clean.float().mean()) if len(data) else float("nan"))
+    report = RobustReport(n=len(data), clean_accuracy=_mean(clean, len(data)))
     robust_by_budget: dict[tuple[str, float], torch.Tensor] = {}
     count_by_budget: dict[tuple[str, float], int] = {}
     total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)
     bar = tqdm(total=total, desc="attacks", disable=None if progress else True, leave=False, unit="batch")
     for attack in attacks:
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        robust = torch.zeros(len(data), dtype=torch.bool)
-        grads = fwds = 0
-        secs = 0.0
         bar.set_description(f"{attack_label(attack)} eps={attack.eps:g}")
-        for i in range(0, len(data), batch_size):
-            xb = data.x[i : i + batch_size].to(dev)
-            yb = data.y[i : i + batch_size].to(dev)
-            res = attack(clf, xb, yb, generator=gen)
-            robust[i : i + batch_size] = res.robust.cpu()
-            grads += res.cost.gradients
-            fwds += res.cost.forwards
-            secs += res.cost.seconds
-            bar.update(1)
+        robust, grads, fwds, secs = _attack_all(clf, data, attack, batch_size, dev, seed, bar)
         key = (attack.norm, float(attack.eps))
         robust_by_budget[key] = robust_by_budget.get(key, torch.ones(len(data), dtype=torch.bool)) & robust
         count_by_budget[key] = count_by_budget.get(key, 0) + 1
         report.rows.append(
-            {
-                "attack": attack.name,
-                "label": attack_label(attack),
-                "norm": attack.norm,
-                "eps": float(attack.eps),
-                "params": attack.params,
-                "robust_accuracy": float(robust.float().mean()) if len(data) else float("nan"),
-                "gradients": grads,
-                "forwards": fwds,
-                "seconds": secs,
-            }
+            _row(attack.name, attack_label(attack), attack.norm, float(attack.eps), attack.params,
+                 _mean(robust, len(data)), grads, fwds, secs)
         )
     bar.close()
     for key, robust in robust_by_budget.items():
         if count_by_budget[key] > 1:
             report.rows.append(
-                {
-                    "attack": "worst-case",
-                    "label": "worst case",
-                    "norm": key[0],
-                    "eps": key[1],
-                    "params": {},
-                    "robust_accuracy": float(robust.float().mean()) if len(data) else float("nan"),
-                    "gradients": 0,
-                    "forwards": 0,
-                    "seconds": 0.0,
-                }
+                _row(WORST_CASE_ATTACK, WORST_CASE_LABEL, key[0], key[1], {}, _mean(robust, len(data)), 0, 0, 0.0)
             )
     return report
+
+
+def _mean(mask: torch.Tensor, n: int) -> float:
+    """The fraction of true entries of the ``(n,)`` bool ``mask`` (NaN when ``n`` is 0)."""
+    return float(mask.float().mean()) if n else float("nan")
+
+
+def _attack_all(
+    clf: nn.Module, data: ImageDataset, attack: Attack, batch_size: int, dev: torch.device, seed: int, bar: Any
+) -> tuple[torch.Tensor, int, int, float]:
+    """Run ``attack`` on every point of ``data`` in batches, its random starts seeded with
+    ``seed``: the ``(N,)`` bool robust mask, gradients, forward passes and seconds spent."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    robust = torch.zeros(len(data), dtype=torch.bool)
+    grads = fwds = 0
+    secs = 0.0
+    for i in range(0, len(data), batch_size):
+        xb = data.x[i : i + batch_size].to(dev)
+        yb = data.y[i : i + batch_size].to(dev)
+        res = attack(clf, xb, yb, generator=gen)
+        robust[i : i + batch_size] = res.robust.cpu()
+        grads += res.cost.gradients
+        fwds += res.cost.forwards
+        secs += res.cost.seconds
+        bar.update(1)
+    return robust, grads, fwds, secs
+
+
+def _row(
+    attack: str, label: str, norm: str, eps: float, params: dict[str, Any], robust_accuracy: float,
+    gradients: int, forwards: int, seconds: float,
+) -> dict[str, Any]:
+    """One row of :attr:`RobustReport.rows`."""
+    return {
+        "attack": attack,
+        "label": label,
+        "norm": norm,
+        "eps": eps,
+        "params": params,
+        "robust_accuracy": robust_accuracy,
+        "gradients": gradients,
+        "forwards": forwards,
+        "seconds": seconds,
+    }

@@ -7,11 +7,12 @@ Adversarial Robustness" (arXiv:1902.06705, section 5 and the checklist), and the
 AutoAttack (Croce & Hein 2020, arXiv:2003.01690) reports; :data:`CHECKS` gives each one's
 one-line explanation for reports. A flag with ``passed=False`` is a warning sign, not a proof.
 
-Rows are dicts with at least ``attack``, ``attack_label``, ``eps``, ``norm``,
-``robust_accuracy``, ``clean_accuracy``, ``n``, ``attack_params`` (dict) and ``extra`` (dict;
-``extra["kind"]`` is ``"transfer"`` or ``"score"`` for transfer / score-based attacks); an
-optional ``robust`` per-sample mask (as :meth:`bastion.results.db.ResultsDB.evaluations`
-returns) is used when the data is the evaluation set in the same order.
+Rows are :class:`~bastion.results.rows.EvaluationRow` (as
+:meth:`bastion.results.db.ResultsDB.evaluations` returns them); the checks read ``attack``,
+``attack_label``, ``eps``, ``norm``, ``robust_accuracy``, ``n``, ``attack_params`` and ``extra``
+(``extra["kind"]`` is ``"transfer"`` or ``"score"`` for transfer / score-based attacks).
+Per-budget aggregate rows (:func:`bastion.results.worst_case.is_worst_case`) are no attack of
+their own and are left out.
 """
 
 from __future__ import annotations
@@ -31,19 +32,22 @@ from torch import nn
 from bastion import attacks
 from bastion.attacks.base import Attack
 from bastion.errors import ConfigError
-from bastion.eval.accuracy import majority_correct
+from bastion.eval.judge import majority_correct
 from bastion.models.base import as_classifier
+from bastion.results.rows import EvaluationRow
+from bastion.results.worst_case import WORST_CASE_ATTACK
 
 #: check name -> one-line explanation (shown next to the flag in reports)
 CHECKS: dict[str, str] = {
-    "iterative-beats-single-step": "Iterative attacks must be at least as strong as single-step ones at the same budget; "
-    "otherwise the gradients are locally misleading (Carlini et al. 2019, 5.5).",
-    "monotone-in-eps": "Robust accuracy must not increase with the budget; otherwise the attack is failing at large budgets "
-    "(Carlini et al. 2019, 5.2).",
-    "near-chance-at-large-eps": "With an unreasonably large budget (eps 0.5 Linf on [0,1] images) the attack must reach "
-    "chance-level accuracy; otherwise it is not finding existing adversarial examples (Carlini et al. 2019, 5.2).",
-    "converged": "Five times the steps and more restarts must not lower robust accuracy by more than a point; otherwise "
-    "the attack had not converged (Carlini et al. 2019, 5.3; AutoAttack).",
+    "iterative-beats-single-step": "Iterative attacks must be at least as strong as single-step ones at the same "
+    "budget; otherwise the gradients are locally misleading (Carlini et al. 2019, 5.5).",
+    "monotone-in-eps": "Robust accuracy must not increase with the budget; otherwise the attack is failing at large "
+    "budgets (Carlini et al. 2019, 5.2).",
+    "near-chance-at-large-eps": "With an unreasonably large budget (eps 0.5 Linf on [0,1] images) the attack must "
+    "reach chance-level accuracy; otherwise it is not finding existing adversarial examples (Carlini et al. 2019, "
+    "5.2).",
+    "converged": "Five times the steps and more restarts must not lower robust accuracy by more than a point; "
+    "otherwise the attack had not converged (Carlini et al. 2019, 5.3; AutoAttack).",
     "white-box-beats-black-box": "Transfer and score-based attacks must not beat the white-box ones; otherwise the "
     "white-box gradients are masked (Carlini et al. 2019, 5.4; Athalye et al. 2018).",
     "gradients-not-vanishing": "Input gradients of the loss must not be zero on many points (shattered or saturated "
@@ -57,7 +61,7 @@ CHECKS: dict[str, str] = {
 #: attacks that take one gradient step (rfgsm counts when ``steps == 1``)
 SINGLE_STEP = frozenset({"fgsm", "ffgsm", "rfgsm"})
 #: evaluation-row pseudo-attacks that are no attack of their own
-_NOT_ATTACKS = frozenset({"worst-case", "clean", "none"})
+_NOT_ATTACKS = frozenset({WORST_CASE_ATTACK, "clean", "none"})
 #: the "unreasonably large" budget of the near-chance check, Linf on [0, 1] inputs
 LARGE_EPS_LINF = 0.5
 
@@ -76,10 +80,10 @@ class Flag:
 
 
 # ---------------------------------------------------------------------------- row helpers
-def _kind(row: dict[str, Any]) -> str:
+def _kind(row: EvaluationRow) -> str:
     """"single", "iterative", "transfer", "score" or "" (not an attack)."""
-    name = str(row.get("attack", ""))
-    extra = row.get("extra") or {}
+    name = row.attack
+    extra = row.extra or {}
     kind = extra.get("kind") if isinstance(extra, dict) else None
     if kind in ("transfer", "score"):
         return str(kind)
@@ -88,13 +92,13 @@ def _kind(row: dict[str, Any]) -> str:
     factory = attacks.ATTACKS.get(name).factory if name in attacks.ATTACKS.names() else None
     if factory is not None and getattr(factory, "gradient_free", False):
         return "score"
-    params = row.get("attack_params") or {}
+    params = row.attack_params or {}
     if name in SINGLE_STEP and int(params.get("steps", 1) or 1) <= 1:
         return "single"
     return "iterative"
 
 
-def _white_box(row: dict[str, Any]) -> bool:
+def _white_box(row: EvaluationRow) -> bool:
     return _kind(row) in ("single", "iterative")
 
 
@@ -149,7 +153,8 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         if queries is not None:
-            out.append(majority_correct(decide if callable(decide) else (lambda z: model(z).argmax(-1)), xb, yb, queries))
+            judge = decide if callable(decide) else (lambda z: model(z).argmax(-1))
+            out.append(majority_correct(judge, xb, yb, queries))
         else:
             out.append(model(xb).argmax(-1) == yb)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
@@ -171,9 +176,9 @@ def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.T
     return torch.cat(out)
 
 
-def _attack_from_row(row: dict[str, Any], **changes: Any) -> Attack | None:
+def _attack_from_row(row: EvaluationRow, **changes: Any) -> Attack | None:
     """The row's attack rebuilt from its registry name and parameters (None if it cannot be)."""
-    name = str(row.get("attack", ""))
+    name = row.attack
     if name not in attacks.ATTACKS.names():
         return None
     cls = attacks.ATTACKS.get(name).factory
@@ -181,10 +186,10 @@ def _attack_from_row(row: dict[str, Any], **changes: Any) -> Attack | None:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
     except TypeError:
         return None
-    params = {k: v for k, v in dict(row.get("attack_params") or {}).items() if k in known}
-    params["eps"] = float(row["eps"])
+    params = {k: v for k, v in dict(row.attack_params or {}).items() if k in known}
+    params["eps"] = float(row.eps)
     if "norm" in known:
-        params["norm"] = str(row.get("norm", params.get("norm", "linf")))
+        params["norm"] = str(row.norm)
     params.update({k: v for k, v in changes.items() if k in known})
     try:
         return attacks.create(name, **params)
@@ -235,40 +240,41 @@ def _verdict(name: str, seen: list[str], bad: list[str], *, not_applicable: str,
     return Flag(name, True, "; ".join(seen))
 
 
-def check_iterative_vs_single(rows: Sequence[dict[str, Any]]) -> Flag:
+def check_iterative_vs_single(rows: Sequence[EvaluationRow]) -> Flag:
     name = "iterative-beats-single-step"
     bad, seen = [], []
-    for e in sorted({_eps_key(r["eps"]) for r in rows}):
-        at = [r for r in rows if _eps_key(r["eps"]) == e]
+    for e in sorted({_eps_key(r.eps) for r in rows}):
+        at = [r for r in rows if _eps_key(r.eps) == e]
         single = [r for r in at if _kind(r) == "single"]
         it = [r for r in at if _kind(r) == "iterative"]
         if not single or not it:
             continue
-        s = min(single, key=lambda r: r["robust_accuracy"])
-        i = min(it, key=lambda r: r["robust_accuracy"])
-        seen.append(f"eps={e:g}: {i['attack_label']} {_pct(i['robust_accuracy'])} vs {s['attack_label']} {_pct(s['robust_accuracy'])}")
-        if i["robust_accuracy"] > s["robust_accuracy"] + _tol(i["n"], s["n"]) + 1e-6:
+        s = min(single, key=lambda r: r.robust_accuracy)
+        i = min(it, key=lambda r: r.robust_accuracy)
+        seen.append(f"eps={e:g}: {i.attack_label} {_pct(i.robust_accuracy)} vs "
+                    f"{s.attack_label} {_pct(s.robust_accuracy)}")
+        if i.robust_accuracy > s.robust_accuracy + _tol(i.n, s.n) + 1e-6:
             bad.append(seen[-1])
     return _verdict(name, seen, bad, not_applicable="no budget with both a single-step and an iterative attack",
                     failure="iterative weaker than single-step at ")
 
 
-def check_monotone(rows: Sequence[dict[str, Any]]) -> Flag:
+def check_monotone(rows: Sequence[EvaluationRow]) -> Flag:
     name = "monotone-in-eps"
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[EvaluationRow]] = {}
     for r in rows:
         if _kind(r):
-            groups.setdefault((str(r["attack_label"]), str(r["norm"])), []).append(r)
+            groups.setdefault((str(r.attack_label), str(r.norm)), []).append(r)
     bad, curves = [], 0
     for (label, _), rs in groups.items():
-        rs = sorted(rs, key=lambda r: float(r["eps"]))
+        rs = sorted(rs, key=lambda r: float(r.eps))
         if len(rs) < 2:
             continue
         curves += 1
         for a, b in itertools.pairwise(rs):
-            if b["robust_accuracy"] > a["robust_accuracy"] + _tol(a["n"], b["n"]) + 1e-6:
-                bad.append(f"{label}: {_pct(a['robust_accuracy'])} at eps={float(a['eps']):g} -> "
-                           f"{_pct(b['robust_accuracy'])} at eps={float(b['eps']):g}")
+            if b.robust_accuracy > a.robust_accuracy + _tol(a.n, b.n) + 1e-6:
+                bad.append(f"{label}: {_pct(a.robust_accuracy)} at eps={float(a.eps):g} -> "
+                           f"{_pct(b.robust_accuracy)} at eps={float(b.eps):g}")
     if not curves:
         return Flag(name, True, "not applicable: no attack evaluated at two budgets")
     if bad:
@@ -276,20 +282,20 @@ def check_monotone(rows: Sequence[dict[str, Any]]) -> Flag:
     return Flag(name, True, f"{curves} attack curve(s) non-increasing in eps")
 
 
-def check_black_box(rows: Sequence[dict[str, Any]]) -> Flag:
+def check_black_box(rows: Sequence[EvaluationRow]) -> Flag:
     name = "white-box-beats-black-box"
     bad, seen = [], []
-    for e in sorted({_eps_key(r["eps"]) for r in rows}):
-        at = [r for r in rows if _eps_key(r["eps"]) == e]
+    for e in sorted({_eps_key(r.eps) for r in rows}):
+        at = [r for r in rows if _eps_key(r.eps) == e]
         wb = [r for r in at if _white_box(r)]
         bb = [r for r in at if _kind(r) in ("transfer", "score")]
         if not wb or not bb:
             continue
-        w = min(wb, key=lambda r: r["robust_accuracy"])
-        b = min(bb, key=lambda r: r["robust_accuracy"])
-        seen.append(f"eps={e:g}: white-box {w['attack_label']} {_pct(w['robust_accuracy'])} vs "
-                    f"{b['attack_label']} {_pct(b['robust_accuracy'])}")
-        if b["robust_accuracy"] < w["robust_accuracy"] - _tol(w["n"], b["n"]) - 1e-6:
+        w = min(wb, key=lambda r: r.robust_accuracy)
+        b = min(bb, key=lambda r: r.robust_accuracy)
+        seen.append(f"eps={e:g}: white-box {w.attack_label} {_pct(w.robust_accuracy)} vs "
+                    f"{b.attack_label} {_pct(b.robust_accuracy)}")
+        if b.robust_accuracy < w.robust_accuracy - _tol(w.n, b.n) - 1e-6:
             bad.append(seen[-1])
     return _verdict(name, seen, bad, not_applicable="no transfer or score-based attack next to a white-box one",
                     failure="black-box stronger than white-box at ")
@@ -320,7 +326,8 @@ def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch
     return Flag(name, frac <= max_fraction, detail)
 
 
-def _noise(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator | None, bounds: tuple[float, float]) -> torch.Tensor:
+def _noise(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator | None,
+           bounds: tuple[float, float]) -> torch.Tensor:
     if norm == "linf":
         d = (torch.rand(x.shape, generator=gen, device=x.device) * 2 - 1) * eps
     else:
@@ -329,20 +336,20 @@ def _noise(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator | None, 
     return (x + d).clamp(*bounds)
 
 
-def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
+def check_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
                 batch_size: int, seed: int, queries: int | None = None) -> Flag:
     name = "noise-weaker-than-attack"
     gen = torch.Generator(device=x.device).manual_seed(seed)
     bounds = getattr(model, "bounds", (0.0, 1.0))
     bad, seen = [], []
-    for norm in sorted({str(r["norm"]) for r in rows if _white_box(r)}):
-        for e in sorted({_eps_key(r["eps"]) for r in rows if _white_box(r) and str(r["norm"]) == norm}):
-            wb = [r for r in rows if _white_box(r) and str(r["norm"]) == norm and _eps_key(r["eps"]) == e]
-            best = min(wb, key=lambda r: r["robust_accuracy"])
+    for norm in sorted({str(r.norm) for r in rows if _white_box(r)}):
+        for e in sorted({_eps_key(r.eps) for r in rows if _white_box(r) and str(r.norm) == norm}):
+            wb = [r for r in rows if _white_box(r) and str(r.norm) == norm and _eps_key(r.eps) == e]
+            best = min(wb, key=lambda r: r.robust_accuracy)
             xn = _noise(x, e, norm, gen, bounds)
             acc = float(_correct(model, xn, y, batch_size, queries).float().mean())
-            seen.append(f"{norm} eps={e:g}: noise {_pct(acc)} vs {best['attack_label']} {_pct(best['robust_accuracy'])}")
-            if acc < best["robust_accuracy"] - _tol(x.shape[0], best["n"]) - 1e-6:
+            seen.append(f"{norm} eps={e:g}: noise {_pct(acc)} vs {best.attack_label} {_pct(best.robust_accuracy)}")
+            if acc < best.robust_accuracy - _tol(x.shape[0], best.n) - 1e-6:
                 bad.append(seen[-1])
     return _verdict(name, seen, bad, not_applicable="no white-box attack rows",
                     failure="random noise stronger than the attack: ")
@@ -356,26 +363,27 @@ def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm:
     acc = float(_attack_robust(model, pgd, x, y, batch_size, seed, queries).float().mean())
     chance = 1.0 / max(num_classes, 1)
     limit = chance + 0.1
-    detail = f"pgd-{steps} at {norm} eps={eps:.3g}: {_pct(acc)} on {x.shape[0]} points (chance {_pct(chance)}, limit {_pct(limit)})"
+    detail = (f"pgd-{steps} at {norm} eps={eps:.3g}: {_pct(acc)} on {x.shape[0]} points "
+              f"(chance {_pct(chance)}, limit {_pct(limit)})")
     return Flag(name, acc <= limit, detail)
 
 
-def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
+def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
                     batch_size: int, seed: int, factor: int = 5, queries: int | None = None) -> Flag:
     """Re-run the strongest step-based white-box attack at the largest budget on ``x`` with its
     own parameters, then ``factor`` times the steps and one more restart (at least two) on the
     points it left robust; raise when the stronger attack breaks more than a point more (or two
     points of ``x``, when ``x`` is small)."""
     name = "converged"
-    cands = [r for r in rows if _kind(r) == "iterative" and "steps" in (r.get("attack_params") or {})]
+    cands = [r for r in rows if _kind(r) == "iterative" and "steps" in (r.attack_params or {})]
     if not cands:
         return Flag(name, True, "not applicable: no step-based white-box attack")
-    e_max = max(float(r["eps"]) for r in cands)
-    row = min((r for r in cands if _eps_key(r["eps"]) == _eps_key(e_max)), key=lambda r: r["robust_accuracy"])
-    params = row["attack_params"]
+    e_max = max(float(r.eps) for r in cands)
+    row = min((r for r in cands if _eps_key(r.eps) == _eps_key(e_max)), key=lambda r: r.robust_accuracy)
+    params = row.attack_params
     base = _attack_from_row(row)
     if base is None:
-        return Flag(name, True, f"not applicable: cannot rebuild {row['attack_label']}")
+        return Flag(name, True, f"not applicable: cannot rebuild {row.attack_label}")
     changes: dict[str, Any] = {"steps": int(params["steps"]) * factor}
     if hasattr(base, "restarts"):
         changes["restarts"] = max(2, int(base.restarts) + 1)
@@ -389,40 +397,40 @@ def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Se
     acc0, acc1 = float(r0.float().mean()), float(r1.float().mean())
     drop = acc0 - acc1
     desc = ", ".join(f"{k}={v}" for k, v in changes.items() if hasattr(base, k))
-    detail = (f"{row['attack_label']} at eps={e_max:g}: {_pct(acc0)} -> {_pct(acc1)} with {desc} "
+    detail = (f"{row.attack_label} at eps={e_max:g}: {_pct(acc0)} -> {_pct(acc1)} with {desc} "
               f"on {x.shape[0]} points (drop {100 * drop:.1f} points)")
     return Flag(name, drop <= _tol(x.shape[0]) + 1e-6, detail)
 
 
-def check_fixed_randomness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[dict[str, Any]], *,
+def check_fixed_randomness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
                            norm: str, num_classes: int, batch_size: int, seed: int) -> Flag:
     """PGD on the model with its randomness fixed (``model.frozen(seed)``) must break far more
     points than the random model's reported number: frozen accuracy at most the reported one
     minus 10 points, or at most chance + 5 points."""
     name = "breaks-when-randomness-fixed"
-    wb = [r for r in rows if _white_box(r) and str(r["norm"]) == norm] or [r for r in rows if _white_box(r)]
+    wb = [r for r in rows if _white_box(r) and str(r.norm) == norm] or [r for r in rows if _white_box(r)]
     if not wb:
         return Flag(name, True, "not applicable: no white-box attack rows")
-    e_max = max(float(r["eps"]) for r in wb)
-    row = min((r for r in wb if _eps_key(r["eps"]) == _eps_key(e_max)), key=lambda r: r["robust_accuracy"])
-    steps = int((row.get("attack_params") or {}).get("steps", 20) or 20)
-    pgd = attacks.create("pgd", eps=e_max, norm=str(row["norm"]), steps=max(steps, 10))
+    e_max = max(float(r.eps) for r in wb)
+    row = min((r for r in wb if _eps_key(r.eps) == _eps_key(e_max)), key=lambda r: r.robust_accuracy)
+    steps = int((row.attack_params or {}).get("steps", 20) or 20)
+    pgd = attacks.create("pgd", eps=e_max, norm=str(row.norm), steps=max(steps, 10))
     with _frozen(model, seed) as fm:
         robust = _attack_robust(fm, pgd, x, y, batch_size, seed)
         # judged on the frozen model itself (its own, deterministic answer)
         acc = float(robust.float().mean())
-    reported = float(row["robust_accuracy"])
+    reported = float(row.robust_accuracy)
     chance = 1.0 / max(num_classes, 1)
     ok = acc <= reported - 0.10 or acc <= chance + 0.05
     detail = (f"pgd-{max(steps, 10)} with the randomness fixed at eps={e_max:g}: {_pct(acc)} on {x.shape[0]} points vs "
-              f"{_pct(reported)} reported by {row['attack_label']} on the random model")
+              f"{_pct(reported)} reported by {row.attack_label} on the random model")
     return Flag(name, ok, detail)
 
 
 def run_checks(
     model: nn.Module,
     data: Any,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[EvaluationRow],
     *,
     norm: str = "linf",
     random: bool = False,
@@ -457,7 +465,7 @@ def run_checks(
         raise ConfigError(f"norm={norm!r} must be 'linf' or 'l2'")
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 1:
         raise ConfigError(f"n_points={n_points!r} must be an integer >= 1")
-    rows = [dict(r) for r in rows if str(r.get("attack", "")) not in _NOT_ATTACKS]
+    rows = [r for r in rows if r.attack not in _NOT_ATTACKS]
     dev = _device(model, device)
     clf = as_classifier(model)
     was_training = clf.training
@@ -467,22 +475,30 @@ def run_checks(
     rand = _is_random(model, random)
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
         raise ConfigError(f"queries={queries!r} must be an integer >= 1")
-    k = queries if rand else None
-    flags: list[Flag] = []
     try:
-        flags.append(check_iterative_vs_single(rows))
-        flags.append(check_monotone(rows))
-        flags.append(check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
-                                     queries=k))
-        flags.append(check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=k))
-        flags.append(check_black_box(rows))
-        flags.append(check_gradients(clf, x, y, batch_size=batch_size))
-        flags.append(check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=k))
-        if rand:
-            flags.append(check_fixed_randomness(model, x, y, rows, norm=norm, num_classes=num_classes,
-                                                batch_size=batch_size, seed=seed))
+        return _all_checks(model, clf, x, y, rows, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
+                           queries=queries if rand else None)
     finally:
         clf.train(was_training)
+
+
+def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
+                norm: str, num_classes: int, batch_size: int, seed: int, queries: int | None) -> list[Flag]:
+    """Every check in :data:`CHECKS` order (``clf``: ``model`` as a classifier in eval mode;
+    ``queries`` None for a deterministic model, which skips the fixed-randomness check)."""
+    flags = [
+        check_iterative_vs_single(rows),
+        check_monotone(rows),
+        check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
+                        queries=queries),
+        check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),
+        check_black_box(rows),
+        check_gradients(clf, x, y, batch_size=batch_size),
+        check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),
+    ]
+    if queries is not None:
+        flags.append(check_fixed_randomness(model, x, y, rows, norm=norm, num_classes=num_classes,
+                                            batch_size=batch_size, seed=seed))
     return flags
 
 

@@ -17,8 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from bastion import defenses
 from bastion.config import to_dict
 from bastion.harness.config import HarnessConfig, ModelEntry, stable_hash
+from bastion.models.random import as_random
+from bastion.train.checkpoint import load_model
 
 #: TrainConfig fields that do not change the trained weights
 _NOT_DETERMINING = ("device", "eval_batch_size")
@@ -26,10 +32,8 @@ _NOT_DETERMINING = ("device", "eval_batch_size")
 
 def defense_params(m: ModelEntry) -> dict[str, Any]:
     """The defense's full parameters (its seed defaults overridden by ``m.params``)."""
-    if m.defense == "none":
+    if defenses.is_none(m.defense):
         return {}
-    from bastion import defenses
-
     d = defenses.create(m.defense, **m.params)
     desc = d.describe()
     desc.pop("defense", None)
@@ -79,4 +83,14 @@ def is_cached(out_dir: str | Path, key: str) -> bool:
     return (model_dir(out_dir, key) / "final" / "meta.json").is_file()
 
 
-__all__ = ["all_keys", "defense_params", "is_cached", "model_dir", "model_key", "model_recipe"]
+def load_cached(out_dir: str | Path, key: str, device: torch.device | str = "cpu", *,
+                evaluate: bool = False) -> nn.Module:
+    """The cached model ``key`` (eval mode). With ``evaluate``, a classifier whose forward pass
+    is random (e.g. a noisy front end) comes back as a
+    :class:`~bastion.models.random.StochasticClassifier`, so that the protocols treat it as the
+    random defense it is."""
+    model, _ = load_model(model_dir(out_dir, key) / "final", device=device)
+    return as_random(model.eval()) if evaluate else model.eval()
+
+
+__all__ = ["all_keys", "defense_params", "is_cached", "load_cached", "model_dir", "model_key", "model_recipe"]

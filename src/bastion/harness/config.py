@@ -22,7 +22,6 @@ finished rows and a changed config gets new ones.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from bastion import attacks, defenses, models
+from bastion import data as data_mod
 from bastion.config import from_dict, load_toml, option, to_dict
 from bastion.errors import ConfigError
-
-PROTOCOLS = ("paper", "adaptive")
-NORMS = ("linf", "l2")
-#: keys of a config file that mark it as a harness config (an old single-experiment config has none)
-HARNESS_KEYS = ("models", "attacks", "dataset", "evaluation", "training")
+from bastion.eval.settings import PROTOCOLS, EvaluationSection
+from bastion.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -51,8 +49,6 @@ class DatasetSection:
     eval_samples: int = option(1000, "evaluate on the first N points of eval_split (0: all)")
 
     def __post_init__(self) -> None:
-        from bastion import data as data_mod
-
         data_mod.DATASETS.get(self.name)
         if self.eval_split not in data_mod.SPLITS:
             raise ConfigError(f"dataset.eval_split={self.eval_split!r} is not one of 'train', 'test'")
@@ -71,7 +67,8 @@ class ModelEntry:
     id: str = option("", "unique name of the model in this config (used by `base` and in tables)")
     arch: str = option("lenet5", "model registry name (see `bastion list models`)")
     options: dict[str, Any] = option({}, "architecture options, e.g. {extra_skip = 4}")
-    init: str | None = option(None, "weight initialisation (xavier-normal, kaiming-uniform, kaiming-normal, orthogonal)")
+    init: str | None = option(None, "weight initialisation (xavier-normal, kaiming-uniform, kaiming-normal, "
+                                    "orthogonal)")
     seed: int = option(0, "seed of the initial weights and of training (overrides training.seed)")
     defense: str = option("none", "defense registry name (see `bastion list defenses`) or 'none'")
     params: dict[str, Any] = option({}, "defense hyper-parameters (the seed's defaults otherwise)")
@@ -83,17 +80,16 @@ class ModelEntry:
     label: str | None = option(None, "display name in tables (default: id)")
 
     def __post_init__(self) -> None:
-        from bastion import defenses, models
-
         if not self.id or not isinstance(self.id, str):
             raise ConfigError(f"id={self.id!r} must be a non-empty string")
         models.MODELS.get(self.arch)
-        if self.defense != "none":
+        if not defenses.is_none(self.defense):
             entry = defenses.DEFENSES.get(self.defense)
             defenses.create(self.defense, **self.params)  # validates the parameters now
             if self.base is not None and not issubclass(entry.factory, defenses.ModelDefense):
                 raise ConfigError(
-                    f"base={self.base!r} (model {self.id!r}): only model-building defenses (sap, multi-sap, ...) wrap a "
+                    f"base={self.base!r} (model {self.id!r}): only model-building defenses (sap, multi-sap, ...) "
+                    f"wrap a "
                     f"trained model; {self.defense!r} is a training objective"
                 )
         elif self.params:
@@ -118,8 +114,6 @@ class AttackEntry:
     params: dict[str, Any] = option({}, "attack hyper-parameters, e.g. {steps = 40, alpha = 0.01}")
 
     def __post_init__(self) -> None:
-        from bastion import attacks
-
         attacks.ATTACKS.get(self.name)
         if not self.eps:
             raise ConfigError(f"eps=[] ({self.name}) must list at least one budget")
@@ -133,50 +127,6 @@ class AttackEntry:
             attacks.create(self.name, eps=float(self.eps[0]), **self.params)
         except ConfigError as e:
             raise ConfigError(f"params ({self.name}): {e}") from None
-
-
-@dataclass(frozen=True)
-class EvaluationSection:
-    """How every model is evaluated."""
-
-    protocols: list[str] = option(list(PROTOCOLS), "protocols to run: paper (the seed's threat model) and/or adaptive")
-    norm: str = option("linf", "threat model: linf or l2")
-    batch_size: int = option(500, "points per attack call")
-    seed: int = option(0, "seed of the attacks' and the random defenses' randomness")
-    queries: int = option(5, "k: a random defense's point is robust only if right in a majority of k independent queries")
-    eot_samples: int = option(10, "adaptive: gradient draws per step (EOT) for defenses whose expectation is random")
-    expectation_draws: int = option(10, "adaptive: draws averaged by the expected output of a random (non-population) defense")
-    autoattack: bool = option(True, "adaptive: add AutoAttack (standard; 'rand' for random defenses)")
-    autoattack_params: dict[str, Any] = option({}, "AutoAttack hyper-parameters, e.g. {steps = 20, n_queries = 500}")
-    sanity: bool = option(True, "run the sanity checks after each (model, protocol)")
-    artifacts: bool = option(True, "store a gallery of adversarial examples and a loss landscape per model")
-    gallery_samples: int = option(8, "examples in each model's gallery")
-    report: bool = option(True, "write the Markdown + HTML report at the end")
-
-    def __post_init__(self) -> None:
-        if not self.protocols:
-            raise ConfigError("evaluation.protocols=[] must name at least one of 'paper', 'adaptive'")
-        for p in self.protocols:
-            if p not in PROTOCOLS:
-                raise ConfigError(f"evaluation.protocols: {p!r} is not one of 'paper', 'adaptive'")
-        if self.norm not in NORMS:
-            raise ConfigError(f"evaluation.norm={self.norm!r} is not one of 'linf', 'l2'")
-        for name in ("batch_size", "queries", "eot_samples", "expectation_draws", "gallery_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"evaluation.{name}={v!r} must be an integer >= 1")
-        if self.seed < 0:
-            raise ConfigError(f"evaluation.seed={self.seed!r} must be >= 0")
-        if self.autoattack_params:
-            from bastion import attacks
-
-            bad = {k for k in self.autoattack_params if k in ("eps", "norm", "version")}
-            if bad:
-                raise ConfigError(f"evaluation.autoattack_params: {sorted(bad)} are set by the harness")
-            try:
-                attacks.create("autoattack", eps=0.1, **self.autoattack_params)
-            except ConfigError as e:
-                raise ConfigError(f"evaluation.autoattack_params: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -202,14 +152,11 @@ class HarnessConfig:
         for i, m in enumerate(self.models):
             if m.id in ids[:i]:
                 raise ConfigError(f"models[{i}].id={m.id!r} is used twice; ids must be unique")
-            if m.base is not None:
-                if m.base not in ids[:i]:
-                    known = ", ".join(repr(x) for x in ids[:i]) or "none"
-                    raise ConfigError(f"models[{m.id}].base={m.base!r} must be the id of a model listed before it; known: {known}")
-            if m.surrogate is not None and m.surrogate not in ids[:i]:
-                known = ", ".join(repr(x) for x in ids[:i]) or "none"
-                raise ConfigError(f"models[{m.id}].surrogate={m.surrogate!r} must be the id of a model listed before it; "
-                                  f"known: {known}")
+            known = ", ".join(repr(x) for x in ids[:i]) or "none"
+            for what, ref in (("base", m.base), ("surrogate", m.surrogate)):
+                if ref is not None and ref not in ids[:i]:
+                    raise ConfigError(f"models[{m.id}].{what}={ref!r} must be the id of a model listed before it; "
+                                      f"known: {known}")
         for m in self.models:
             self.train_config(m)  # every model's training config is valid
 
@@ -220,11 +167,9 @@ class HarnessConfig:
                 return m
         raise ConfigError(f"no model with id {model_id!r}; ids: {', '.join(m.id for m in self.models)}")
 
-    def train_config(self, m: ModelEntry) -> Any:
+    def train_config(self, m: ModelEntry) -> TrainConfig:
         """The :class:`~bastion.train.TrainConfig` of model ``m``: [training], then its overrides,
         its seed and the run's device."""
-        from bastion.train.config import TrainConfig
-
         raw = {**self.training, **m.train, "seed": m.seed, "device": self.device}
         return from_dict(TrainConfig, raw, where=f"models[{m.id}].train.")
 
@@ -297,21 +242,11 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
-def is_harness_file(path: str | Path) -> bool:
-    """True when the TOML at ``path`` is a harness config (has ``[[models]]`` etc.)."""
-    raw = load_toml(path)
-    return any(k in raw for k in HARNESS_KEYS)
-
-
 def load_harness_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HarnessConfig:
     """Load and validate a harness config (default: the packaged quick config)."""
     raw = load_toml(path or default_config_path())
     raw = apply_overrides(raw, dict(overrides or {}))
     return from_dict(HarnessConfig, raw)
-
-
-def replace(cfg: HarnessConfig, **changes: Any) -> HarnessConfig:
-    return dataclasses.replace(cfg, **changes)
 
 
 __all__ = [
@@ -324,7 +259,6 @@ __all__ = [
     "apply_overrides",
     "config_hash",
     "default_config_path",
-    "is_harness_file",
     "load_harness_config",
     "plain",
     "stable_hash",

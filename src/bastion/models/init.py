@@ -3,7 +3,7 @@ from xavier-normal, kaiming-uniform, kaiming-normal and orthogonal initialisatio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -12,14 +12,14 @@ their first linear layer from ``input_size``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from bastion.errors import ConfigError
-from bastion.models import register
 from bastion.models.defaults import MNIST
+from bastion.models.registry import register
 
 
 def flatten_size(

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from bastion.errors import ConfigError
-from bastion.models import register
 from bastion.models.defaults import CIFAR10
+from bastion.models.registry import register
 
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
@@ -130,7 +130,9 @@ class InvertedResidual(nn.Module):
         if cfg.expanded != in_ch:
             layers.append(ConvBNAct(in_ch, cfg.expanded, 1, activation=cfg.activation))
         layers.append(
-            ConvBNAct(cfg.expanded, cfg.expanded, cfg.kernel, stride=stride, groups=cfg.expanded, activation=cfg.activation)
+            ConvBNAct(
+                cfg.expanded, cfg.expanded, cfg.kernel, stride=stride, groups=cfg.expanded, activation=cfg.activation
+            )
         )
         if cfg.se:
             layers.append(SqueezeExcite(cfg.expanded, make_divisible(cfg.expanded / 4, 8)))

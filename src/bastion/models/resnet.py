@@ -17,14 +17,14 @@ what common CIFAR re-implementations use.
 
 from __future__ import annotations
 
-from typing import Sequence, Type, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bastion.errors import ConfigError
-from bastion.models import register
 from bastion.models.defaults import CIFAR10
+from bastion.models.registry import register
 
 _CIFAR = {**CIFAR10, "fixed_size": False}
 
@@ -105,7 +105,7 @@ class Bottleneck(nn.Module):
         return self.relu3(out + self.shortcut(x))
 
 
-Block = Union[Type[BasicBlock], Type[Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):
@@ -149,52 +149,20 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(num_blocks) != len(widths) or not num_blocks:
-            raise ConfigError(f"num_blocks={tuple(num_blocks)!r} and widths={tuple(widths)!r} must have one entry per stage")
+            raise ConfigError(
+                f"num_blocks={tuple(num_blocks)!r} and widths={tuple(widths)!r} must have one entry per stage"
+            )
         stem = widths[0] if stem_width is None else stem_width
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU()
-
-        # (in_channels, out_channels, stride) of every block, in forward order.
-        shapes: list[tuple[int, int, int]] = []
-        stages: list[nn.Module] = []
-        in_planes = stem
-        for s, (n, width) in enumerate(zip(num_blocks, widths)):
-            layers: list[nn.Module] = []
-            for b in range(n):
-                stride = 2 if (s > 0 and b == 0) else 1
-                layers.append(block(in_planes, width, stride))
-                out_planes = width * block.expansion
-                shapes.append((in_planes, out_planes, stride))
-                in_planes = out_planes
-            stages.append(nn.Sequential(*layers))
+        stages, shapes = _stages(block, num_blocks, widths, stem)
         self.stages = nn.ModuleList(stages)
-
-        spans: list[tuple[int, int]] = []
-        projections: list[nn.Module] = []
-        if extra_skip is not None:
-            if (
-                not isinstance(extra_skip, int)
-                or isinstance(extra_skip, bool)
-                or extra_skip <= 0
-                or extra_skip % block.depth
-            ):
-                raise ConfigError(
-                    f"extra_skip={extra_skip!r} must be a positive multiple of {block.depth} "
-                    f"(conv layers per {block.__name__}) or None"
-                )
-            per_group = extra_skip // block.depth
-            for start in range(0, len(shapes) - per_group + 1, per_group):
-                end = start + per_group - 1
-                stride = 1
-                for _, _, st in shapes[start : end + 1]:
-                    stride *= st
-                spans.append((start, end))
-                projections.append(_projection(shapes[start][0], shapes[end][1], stride))
+        spans, projections = _extra_skips(block, shapes, extra_skip)
         self.extra_skip = extra_skip
         self.extra_skip_spans: tuple[tuple[int, int], ...] = tuple(spans)
         self.extra_skips = nn.ModuleList(projections)
-
+        in_planes = shapes[-1][1] if shapes else stem
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = in_planes
         self.fc = nn.Linear(in_planes, num_classes)
@@ -212,7 +180,7 @@ class ResNet(nn.Module):
         group_input = out
         idx = 0
         for stage in self.stages:
-            for block in stage:  # type: ignore[union-attr,attr-defined]
+            for block in stage:  # type: ignore[attr-defined]
                 if idx in starts:
                     group_input = out
                 out = block(out)
@@ -227,6 +195,49 @@ class ResNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"extra_skip={self.extra_skip}, extra_skip_spans={self.extra_skip_spans}" if self.extra_skip else ""
+
+
+def _stages(block: Block, num_blocks: Sequence[int], widths: Sequence[int],
+            stem: int) -> tuple[list[nn.Module], list[tuple[int, int, int]]]:
+    """The residual stages (built in forward order) and the ``(in_channels, out_channels,
+    stride)`` of every block; the first block of every stage after the first has stride 2."""
+    shapes: list[tuple[int, int, int]] = []
+    stages: list[nn.Module] = []
+    in_planes = stem
+    for s, (n, width) in enumerate(zip(num_blocks, widths, strict=True)):
+        layers: list[nn.Module] = []
+        for b in range(n):
+            stride = 2 if (s > 0 and b == 0) else 1
+            layers.append(block(in_planes, width, stride))
+            out_planes = width * block.expansion
+            shapes.append((in_planes, out_planes, stride))
+            in_planes = out_planes
+        stages.append(nn.Sequential(*layers))
+    return stages, shapes
+
+
+def _extra_skips(block: Block, shapes: Sequence[tuple[int, int, int]],
+                 extra_skip: int | None) -> tuple[list[tuple[int, int]], list[nn.Module]]:
+    """``(spans, projections)`` of the extra skip connections every ``extra_skip`` conv layers
+    (see :class:`ResNet`); none when ``extra_skip`` is ``None``."""
+    spans: list[tuple[int, int]] = []
+    projections: list[nn.Module] = []
+    if extra_skip is None:
+        return spans, projections
+    if not isinstance(extra_skip, int) or isinstance(extra_skip, bool) or extra_skip <= 0 or extra_skip % block.depth:
+        raise ConfigError(
+            f"extra_skip={extra_skip!r} must be a positive multiple of {block.depth} "
+            f"(conv layers per {block.__name__}) or None"
+        )
+    per_group = extra_skip // block.depth
+    for start in range(0, len(shapes) - per_group + 1, per_group):
+        end = start + per_group - 1
+        stride = 1
+        for _, _, st in shapes[start : end + 1]:
+            stride *= st
+        spans.append((start, end))
+        projections.append(_projection(shapes[start][0], shapes[end][1], stride))
+    return spans, projections
 
 
 @register(
@@ -252,7 +263,8 @@ def resnet18(
     ):
         raise ConfigError(f"extra_skip={extra_skip!r} is not one of None, 4, 6")
     return ResNet(
-        BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), num_classes=num_classes, in_channels=in_channels, extra_skip=extra_skip
+        BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), num_classes=num_classes, in_channels=in_channels,
+        extra_skip=extra_skip,
     )
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bastion.models import register
 from bastion.models.defaults import CIFAR10, MNIST
 from bastion.models.lenet import flatten_size
+from bastion.models.registry import register
 
 _MNIST = {**MNIST, "fixed_size": True}
 _CIFAR = {**CIFAR10, "fixed_size": True}

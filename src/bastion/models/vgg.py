@@ -15,17 +15,17 @@ average pooling and one linear layer. With five max-pools the input must be at l
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bastion.errors import ConfigError
-from bastion.models import register
 from bastion.models.defaults import CIFAR10
+from bastion.models.registry import register
 
 #: channel widths per conv layer; "M" is a 2x2 max-pool (Simonyan & Zisserman 2015, Table 1).
-CONFIGS: dict[str, list[Union[int, str]]] = {
+CONFIGS: dict[str, list[int | str]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],  # VGG-11
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],  # VGG-13
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],  # VGG-16
@@ -50,7 +50,7 @@ class VGG(nn.Module):
 
     def __init__(
         self,
-        config: Sequence[Union[int, str]],
+        config: Sequence[int | str],
         *,
         num_classes: int = 10,
         in_channels: int = 3,

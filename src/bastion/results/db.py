@@ -17,30 +17,36 @@ One file (default ``runs/results.sqlite``) holds four tables:
     one row per trained model: its cache key, defense and parameters, epochs, seconds per
     epoch, checkpoint path.
 
-Every write is one transaction (SQLite's journal makes it all-or-nothing, so a killed process
-leaves the database as it was before the write or after it). Reports are rebuilt from this file
-alone.
+Writes take, and reads return, the typed rows of :mod:`bastion.results.rows` (one class per
+table). Every write is one transaction (SQLite's journal makes it all-or-nothing, so a killed
+process leaves the database as it was before the write or after it). Reports
+(:mod:`bastion.report`) are rebuilt from this file alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bastion.errors import ConfigError
+from bastion.results.rows import ArtifactRow, EvaluationRow, FlagRow, TrainingRow
+from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL
 
 SCHEMA_VERSION = 1
 
-_SCHEMA = """
+#: the tables (an f-string: ``{{}}`` is ``{}``; the comments are part of the schema SQLite stores, keep the text)
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY,
@@ -49,8 +55,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     dataset TEXT NOT NULL,
     model_key TEXT NOT NULL,        -- cache key of the trained model (hash of what determines it)
     defense TEXT NOT NULL,          -- display name of the defended model (e.g. "pgd-at", "none")
-    protocol TEXT NOT NULL,         -- "paper" | "adaptive" | "plain"
-    attack TEXT NOT NULL,           -- registry name ("worst-case" for the per-budget worst case)
+    protocol TEXT NOT NULL,         -- "paper" | "adaptive"
+    attack TEXT NOT NULL,           -- registry name ("{WORST_CASE_ATTACK}" for the per-budget {WORST_CASE_LABEL})
     attack_label TEXT NOT NULL,     -- row label, e.g. "pgd-40", "eot-pgd-40x10"
     attack_params TEXT NOT NULL,    -- JSON
     norm TEXT NOT NULL,
@@ -62,7 +68,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     gradients INTEGER NOT NULL DEFAULT 0,
     forwards INTEGER NOT NULL DEFAULT 0,
     seconds REAL NOT NULL DEFAULT 0,
-    extra TEXT NOT NULL DEFAULT '{}', -- JSON: anything else (queries k, eot draws, ...)
+    extra TEXT NOT NULL DEFAULT '{{}}', -- JSON: anything else (queries k, eot draws, ...)
     versions TEXT NOT NULL,         -- JSON: bastion, torch, python
     created REAL NOT NULL,
     UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)
@@ -104,6 +110,20 @@ CREATE TABLE IF NOT EXISTS trainings (
 """
 
 
+_R = TypeVar("_R")
+
+
+def _json(obj: Any) -> str:
+    """The encoding of every JSON column but ``versions``."""
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _typed(cls: type[_R], record: dict[str, Any]) -> _R:
+    """A typed row from a decoded database record (the ``id`` column dropped)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in record.items() if k in names})
+
+
 def versions() -> dict[str, str]:
     """Library versions stored with every row."""
     from bastion import __version__
@@ -130,11 +150,11 @@ class ResultsDB:
     """The results database at ``path`` (created on first use).
 
     >>> db = ResultsDB("runs/results.sqlite")
-    >>> db.add_evaluation(config_hash=h, experiment="quick", dataset="mnist", model_key=k,
-    ...                   defense="pgd-at", protocol="adaptive", attack="pgd", attack_label="pgd-40",
-    ...                   attack_params={"steps": 40}, norm="linf", eps=0.3, n=1000,
-    ...                   clean_accuracy=0.98, robust_accuracy=0.9, robust=mask)
-    >>> db.evaluations(config_hash=h)      # list of dicts, one per row
+    >>> db.add_evaluation(EvaluationRow(config_hash=h, experiment="quick", dataset="mnist", model_key=k,
+    ...     defense="pgd-at", protocol="adaptive", attack="pgd", attack_label="pgd-40",
+    ...     attack_params={"steps": 40}, norm="linf", eps=0.3, n=1000,
+    ...     clean_accuracy=0.98, robust_accuracy=0.9, robust=mask))
+    >>> db.evaluations(config_hash=h)      # list of EvaluationRow, in the order written
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -146,7 +166,8 @@ class ResultsDB:
             if row is None:
                 con.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
-                raise ConfigError(f"results database {str(self.path)!r} has schema {row[0]}, this Bastion writes {SCHEMA_VERSION}")
+                raise ConfigError(f"results database {str(self.path)!r} has schema {row[0]}, "
+                                  f"this Bastion writes {SCHEMA_VERSION}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -159,62 +180,65 @@ class ResultsDB:
                 yield con
 
     # ------------------------------------------------------------------ writes
-    def add_evaluation(
-        self, *, config_hash: str, experiment: str, dataset: str, model_key: str, defense: str, protocol: str,
-        attack: str, attack_label: str, attack_params: dict[str, Any], norm: str, eps: float, n: int,
-        clean_accuracy: float, robust_accuracy: float, robust: torch.Tensor | None = None,
-        gradients: int = 0, forwards: int = 0, seconds: float = 0.0, extra: dict[str, Any] | None = None,
-    ) -> None:
-        """Insert (or replace) one evaluation row. ``robust``: per-sample robust mask ``(n,)``."""
-        if robust is not None and robust.numel() != n:
-            raise ConfigError(f"robust has {robust.numel()} entries but n={n}")
+    def add_evaluation(self, row: EvaluationRow) -> None:
+        """Insert (or replace) one evaluation row. ``row.robust``: per-sample robust mask ``(n,)``.
+        ``created`` 0 stores the time of the write; empty ``versions`` the running versions."""
+        r = row
+        if r.robust is not None and r.robust.numel() != r.n:
+            raise ConfigError(f"robust has {r.robust.numel()} entries but n={r.n}")
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO evaluations (config_hash, experiment, dataset, model_key, defense, protocol, attack,"
-                " attack_label, attack_params, norm, eps, n, clean_accuracy, robust_accuracy, per_sample, gradients, forwards,"
-                " seconds, extra, versions, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (config_hash, experiment, dataset, model_key, defense, protocol, attack, attack_label,
-                 json.dumps(attack_params, sort_keys=True, default=str), norm, float(eps), int(n), float(clean_accuracy),
-                 float(robust_accuracy), pack_bits(robust) if robust is not None else None, int(gradients), int(forwards),
-                 float(seconds), json.dumps(extra or {}, sort_keys=True, default=str), json.dumps(versions()), time.time()),
+                "INSERT OR REPLACE INTO evaluations (config_hash, experiment, dataset, model_key, defense, protocol,"
+                " attack, attack_label, attack_params, norm, eps, n, clean_accuracy, robust_accuracy, per_sample,"
+                " gradients, forwards, seconds, extra, versions, created)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (r.config_hash, r.experiment, r.dataset, r.model_key, r.defense, r.protocol, r.attack, r.attack_label,
+                 _json(r.attack_params), r.norm, float(r.eps), int(r.n), float(r.clean_accuracy),
+                 float(r.robust_accuracy), pack_bits(r.robust) if r.robust is not None else None, int(r.gradients),
+                 int(r.forwards), float(r.seconds), _json(r.extra or {}), json.dumps(r.versions or versions()),
+                 r.created or time.time()),
             )
 
-    def add_flag(self, *, config_hash: str, model_key: str, defense: str, protocol: str, flag: str, passed: bool,
-                 detail: str) -> None:
-        """Insert (or replace) one sanity-check outcome."""
+    def add_flag(self, row: FlagRow) -> None:
+        """Insert (or replace) one sanity-check outcome (``created`` 0: the time of the write)."""
+        r = row
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO flags (config_hash, model_key, defense, protocol, flag, passed, detail, created)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (config_hash, model_key, defense, protocol, flag, int(bool(passed)), detail, time.time()),
+                "INSERT OR REPLACE INTO flags (config_hash, model_key, defense, protocol, flag, passed, detail,"
+                " created) VALUES (?,?,?,?,?,?,?,?)",
+                (r.config_hash, r.model_key, r.defense, r.protocol, r.flag, int(bool(r.passed)), r.detail,
+                 r.created or time.time()),
             )
 
-    def add_artifact(self, *, config_hash: str, model_key: str, kind: str, name: str, doc: dict[str, Any],
-                     tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Insert (or replace) one artifact: a JSON document and optional tensors."""
+    def add_artifact(self, row: ArtifactRow) -> None:
+        """Insert (or replace) one artifact: a JSON document and optional tensors (``created`` 0:
+        the time of the write)."""
+        r = row
         blob = None
-        if tensors:
-            blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        if r.tensors:
+            blob = st_save({k: v.detach().cpu().contiguous() for k, v in r.tensors.items()})
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO artifacts (config_hash, model_key, kind, name, doc, tensors, created) VALUES (?,?,?,?,?,?,?)",
-                (config_hash, model_key, kind, name, json.dumps(doc, sort_keys=True, default=str), blob, time.time()),
+                "INSERT OR REPLACE INTO artifacts (config_hash, model_key, kind, name, doc, tensors, created)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (r.config_hash, r.model_key, r.kind, r.name, _json(r.doc), blob, r.created or time.time()),
             )
 
-    def add_training(self, *, model_key: str, defense: str, params: dict[str, Any], epochs: int,
-                     epoch_seconds: float | None, total_seconds: float | None, path: str) -> None:
-        """Insert (or replace) the record of one trained model."""
+    def add_training(self, row: TrainingRow) -> None:
+        """Insert (or replace) the record of one trained model (``created`` 0: the time of the write)."""
+        r = row
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO trainings (model_key, defense, params, epochs, epoch_seconds, total_seconds, path, created)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (model_key, defense, json.dumps(params, sort_keys=True, default=str), int(epochs), epoch_seconds,
-                 total_seconds, path, time.time()),
+                "INSERT OR REPLACE INTO trainings (model_key, defense, params, epochs, epoch_seconds, total_seconds,"
+                " path, created) VALUES (?,?,?,?,?,?,?,?)",
+                (r.model_key, r.defense, _json(r.params), int(r.epochs), r.epoch_seconds, r.total_seconds, r.path,
+                 r.created or time.time()),
             )
 
     # ------------------------------------------------------------------ reads
     def _select(self, table: str, where: dict[str, Any], order: str) -> list[dict[str, Any]]:
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         for k, v in where.items():
             if v is None:
                 continue
@@ -230,46 +254,52 @@ class ResultsDB:
 
     def evaluations(self, *, config_hash: str | None = None, model_key: str | None = None,
                     defense: str | Sequence[str] | None = None, protocol: str | None = None,
-                    attack: str | None = None, experiment: str | None = None) -> list[dict[str, Any]]:
-        """Evaluation rows (dicts; JSON columns decoded, ``robust`` unpacked to a bool tensor or None)."""
+                    attack: str | None = None, experiment: str | None = None) -> list[EvaluationRow]:
+        """Evaluation rows in the order written (JSON columns decoded, ``robust`` unpacked to a
+        bool tensor or None). Filters left at None match everything."""
         rows = self._select("evaluations", {"config_hash": config_hash, "model_key": model_key, "defense": defense,
                                             "protocol": protocol, "attack": attack, "experiment": experiment}, "id")
+        out = []
         for r in rows:
             for k in ("attack_params", "extra", "versions"):
                 r[k] = json.loads(r[k])
             blob = r.pop("per_sample")
             r["robust"] = unpack_bits(blob, r["n"]) if blob is not None else None
-        return rows
+            out.append(_typed(EvaluationRow, r))
+        return out
 
     def flags(self, *, config_hash: str | None = None, model_key: str | None = None,
-              protocol: str | None = None) -> list[dict[str, Any]]:
+              protocol: str | None = None) -> list[FlagRow]:
+        """Sanity-check rows in the order written."""
         rows = self._select("flags", {"config_hash": config_hash, "model_key": model_key, "protocol": protocol}, "id")
         for r in rows:
             r["passed"] = bool(r["passed"])
-        return rows
+        return [_typed(FlagRow, r) for r in rows]
 
     def artifacts(self, *, config_hash: str | None = None, model_key: str | None = None,
-                  kind: str | None = None) -> list[dict[str, Any]]:
+                  kind: str | None = None) -> list[ArtifactRow]:
         """Artifact rows with ``doc`` decoded and ``tensors`` as a dict of tensors (or None)."""
         rows = self._select("artifacts", {"config_hash": config_hash, "model_key": model_key, "kind": kind}, "id")
         for r in rows:
             r["doc"] = json.loads(r["doc"])
             r["tensors"] = st_load(r["tensors"]) if r["tensors"] is not None else None
-        return rows
+        return [_typed(ArtifactRow, r) for r in rows]
 
-    def trainings(self, *, model_key: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def trainings(self, *, model_key: str | Sequence[str] | None = None) -> list[TrainingRow]:
+        """Training rows in the order written."""
         rows = self._select("trainings", {"model_key": model_key}, "id")
         for r in rows:
             r["params"] = json.loads(r["params"])
-        return rows
+        return [_typed(TrainingRow, r) for r in rows]
 
     def has_evaluation(self, *, config_hash: str, model_key: str, protocol: str, attack_label: str, norm: str,
                        eps: float) -> bool:
         """True when this exact evaluation is already stored (a resumed run skips it)."""
         with self._tx() as con:
             return con.execute(
-                "SELECT 1 FROM evaluations WHERE config_hash=? AND model_key=? AND protocol=? AND attack_label=? AND norm=?"
-                " AND eps=?", (config_hash, model_key, protocol, attack_label, norm, float(eps))).fetchone() is not None
+                "SELECT 1 FROM evaluations WHERE config_hash=? AND model_key=? AND protocol=? AND attack_label=?"
+                " AND norm=? AND eps=?", (config_hash, model_key, protocol, attack_label, norm, float(eps)),
+            ).fetchone() is not None
 
 
 __all__ = ["ResultsDB", "SCHEMA_VERSION", "pack_bits", "unpack_bits", "versions"]

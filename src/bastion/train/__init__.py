@@ -6,10 +6,10 @@
 
 from bastion.train.checkpoint import load_model, save_checkpoint
 from bastion.train.config import TrainConfig
-from bastion.train.objectives import OBJECTIVES, CrossEntropy, Objective
+from bastion.train.objectives import CrossEntropy, Objective
 from bastion.train.trainer import EpochRecord, TrainResult, train
 
 __all__ = [
-    "OBJECTIVES", "CrossEntropy", "EpochRecord", "Objective", "TrainConfig", "TrainResult",
+    "CrossEntropy", "EpochRecord", "Objective", "TrainConfig", "TrainResult",
     "load_model", "save_checkpoint", "train",
 ]

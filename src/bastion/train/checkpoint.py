@@ -13,6 +13,12 @@ naming the file and the problem.
 
 Directories are written to a temporary name and renamed into place, so a killed process leaves
 either the previous checkpoint or the new one, never half of one.
+
+Legacy keys: random models (:class:`~bastion.models.random.RandomClassifier`) used to carry
+placeholder normalisation buffers ``mean`` and ``std`` at the top level of their state dict
+(identity statistics, never used: their members normalise). Checkpoints written then still hold
+them; :func:`load_weights` drops exactly those two top-level keys when loading into a random
+model that has no such buffers, so old checkpoints load unchanged. Nothing else is dropped.
 """
 
 from __future__ import annotations
@@ -30,12 +36,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bastion.errors import BastionError, CheckpointError
+from bastion.models.base import Classifier
+from bastion.models.random import RandomClassifier
 from bastion.utils.io import atomic_write_json
 
 FORMAT = "bastion-checkpoint/1"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 META_FILE = "meta.json"
+#: top-level keys that random models' checkpoints written before the model contract moved to
+#: ``bastion.models`` hold (placeholder normalisation buffers) and that are dropped on loading
+LEGACY_RANDOM_KEYS = ("mean", "std")
 
 
 def sha256_file(path: Path) -> str:
@@ -136,7 +147,9 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not root.exists():
         raise CheckpointError(f"checkpoint {str(root)!r} does not exist")
     if root.is_file():
-        raise CheckpointError(f"checkpoint {str(root)!r} is a file; a checkpoint is a directory holding {META_FILE} and {MODEL_FILE}")
+        raise CheckpointError(
+            f"checkpoint {str(root)!r} is a file; a checkpoint is a directory holding {META_FILE} and {MODEL_FILE}"
+        )
     mp = root / META_FILE
     if not mp.is_file():
         raise CheckpointError(f"checkpoint {str(root)!r} has no {META_FILE}")
@@ -155,7 +168,9 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not fp.is_file():
             raise CheckpointError(f"checkpoint {str(root)!r} is missing {name}")
         if sha256_file(fp) != digest:
-            raise CheckpointError(f"{fp}: SHA-256 does not match {META_FILE} (file corrupted or tampered with); refusing to load")
+            raise CheckpointError(
+                f"{fp}: SHA-256 does not match {META_FILE} (file corrupted or tampered with); refusing to load"
+            )
     return meta
 
 
@@ -169,7 +184,7 @@ def _load_tensors(fp: Path) -> dict[str, torch.Tensor]:
 def load_weights(path: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
     """Load checkpoint ``path``'s weights into ``model`` (strict); return its metadata."""
     meta = read_meta(path)
-    state = _load_tensors(Path(path) / MODEL_FILE)
+    state = _without_legacy_keys(model, _load_tensors(Path(path) / MODEL_FILE))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -179,7 +194,18 @@ def load_weights(path: str | os.PathLike[str], model: nn.Module) -> dict[str, An
     return meta
 
 
-def load_model(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def _without_legacy_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the :data:`LEGACY_RANDOM_KEYS` when ``model`` is a random model that
+    has no such entries (see the module docstring); ``state`` itself otherwise."""
+    if not isinstance(model, RandomClassifier):
+        return state
+    own = model.state_dict()
+    drop = [k for k in LEGACY_RANDOM_KEYS if k in state and k not in own]
+    return {k: v for k, v in state.items() if k not in drop} if drop else state
+
+
+def load_model(path: str | os.PathLike[str], *,
+               device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the model stored in checkpoint ``path`` and load its weights.
 
     Returns ``(model, meta)``; the model is in eval mode on ``device``.

@@ -26,11 +26,21 @@ class TrainConfig:
     schedule: str = option("none", "learning-rate schedule per epoch: none, step or cosine")
     step_size: int = option(30, "step schedule: epochs between decays")
     gamma: float = option(0.1, "step schedule: decay factor")
-    augment: str = option("auto", "augmentation: crop-flip (random 32x32 crop of the 4-padded image + horizontal flip), none, or auto (crop-flip for 3x32x32 data)")
+    augment: str = option(
+        "auto",
+        "augmentation: crop-flip (random 32x32 crop of the 4-padded image + horizontal flip), none, "
+        "or auto (crop-flip for 3x32x32 data)",
+    )
     crop_padding: int = option(4, "crop-flip: zero padding before the random crop")
     val_fraction: float = option(0.0, "fraction of the training set held out for validation (0: none)")
-    patience: int = option(0, "early stopping: stop after this many epochs without a better validation accuracy (0: off; needs val_fraction > 0)")
-    seed: int = option(0, "seed for initial weights (when the trainer builds the model), shuffling, augmentation and dropout")
+    patience: int = option(
+        0,
+        "early stopping: stop after this many epochs without a better validation accuracy "
+        "(0: off; needs val_fraction > 0)",
+    )
+    seed: int = option(
+        0, "seed for initial weights (when the trainer builds the model), shuffling, augmentation and dropout"
+    )
     device: str = option("auto", "cpu, cuda, cuda:N, mps, or auto (cuda when available)")
     eval_batch_size: int = option(1000, "batch size for validation and test accuracy")
 

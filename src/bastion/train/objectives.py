@@ -2,23 +2,19 @@
 
 The trainer owns batching, optimisation, schedules, checkpoints and determinism; an objective
 only says what loss a batch gives. Adversarial training and the other training-time defenses
-are new objectives registered here (one file each), not copies of the loop.
+are objectives too, registered by name in :data:`bastion.defenses.DEFENSES` (one file each
+under ``defenses/``), not copies of the loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from bastion.registry import Registry
-
-#: name -> Objective class
-OBJECTIVES: Registry[Callable[..., "Objective"]] = Registry("objective")
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,6 @@ class Objective(ABC):
         return out
 
 
-@OBJECTIVES.register("ce", summary="Standard training: cross-entropy on the clean batch")
 @dataclass(frozen=True)
 class CrossEntropy(Objective):
     """Cross-entropy on the clean batch, optionally with label smoothing."""

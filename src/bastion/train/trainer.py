@@ -22,9 +22,10 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from bastion.config import to_dict
 from bastion.data.base import ImageDataset
 from bastion.errors import CheckpointError, ConfigError
-from bastion.eval.accuracy import accuracy
+from bastion.models.predict import accuracy
 from bastion.train.augment import crop_flip
 from bastion.train.checkpoint import (
     load_optimizer,
@@ -131,90 +132,151 @@ def train(
         train_set, val_set = train_set.split_off(config.val_fraction, seed=config.seed)
     augment = config.augment == "crop-flip" or (config.augment == "auto" and train_set.shape == (3, 32, 32))
     optimizer = make_optimizer(model, config)
-    run_meta = {
-        "model": dict(getattr(model, "spec", {}) or {}),
-        "config": to_dict(config),
-        "objective": objective.describe(),
-        "dataset": {"name": train_set.name, "train_size": len(train_set), "val_size": len(val_set) if val_set else 0},
-        **(meta or {}),
-    }
+    run_meta = _run_meta(model, train_set, val_set, config, objective, meta)
     out = Path(out_dir) if out_dir is not None else None
     result = TrainResult(model=model, out_dir=out)
-    start_epoch = 0
-    best_acc = -1.0
-    bad_epochs = 0
+    start_epoch, best_acc, bad_epochs = 0, -1.0, 0
     if out is not None and resume and (out / "latest.json").is_file():
         start_epoch, best_acc, bad_epochs = _resume(out, model, optimizer, run_meta, result)
         if result.stopped_early or start_epoch >= config.epochs:
             _finish(out, model, run_meta, result)
             return result
 
-    n = len(train_set)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        seed = _epoch_seed(config.seed, epoch)
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # dropout and any other randomness inside the model
-        lr = lr_at(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        objective.context.update(epoch=epoch, epochs=config.epochs, step=step, device=device)
-        objective.start_epoch(model, epoch)
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False, unit="batch"
+    loop = _Loop(model, train_set, val_set, config, objective, optimizer, device, augment, progress)
+    _fit(loop, result, start_epoch, best_acc, bad_epochs, out=out, run_meta=run_meta, callbacks=callbacks)
+    if out is not None:
+        _finish(out, model, run_meta, result)
+    elif result.best_epoch is not None and config.patience:
+        log.info(
+            "early stopping without out_dir: the last epoch's weights are kept (best was epoch %d)", result.best_epoch
         )
-        for b in bar:
-            idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
-            xb = train_set.x[idx]
-            if augment:
-                xb = crop_flip(xb, config.crop_padding, gen)
-            xb, yb = xb.to(device, non_blocking=True), train_set.y[idx].to(device, non_blocking=True)
-            loss, logits = objective(model, xb, yb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch + 1}, batch {b}; lower lr={config.lr}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            objective.after_step(model, step)
-            step += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(idx)
-            if b % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
-        bar.close()
-        extra = objective.end_epoch(model, epoch)
-        val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=device) if val_set else None
-        rec = EpochRecord(epoch + 1, lr, loss_sum / max(seen, 1), correct / max(seen, 1), val_acc, time.perf_counter() - t0, extra)
+    return result
+
+
+def _run_meta(
+    model: nn.Module, train_set: ImageDataset, val_set: ImageDataset | None, config: TrainConfig,
+    objective: Objective, meta: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The metadata of the run, stored in every checkpoint (a resumed run must match it)."""
+    return {
+        "model": dict(getattr(model, "spec", {}) or {}),
+        "config": to_dict(config),
+        "objective": objective.describe(),
+        "dataset": {"name": train_set.name, "train_size": len(train_set), "val_size": len(val_set) if val_set else 0},
+        **(meta or {}),
+    }
+
+
+@dataclass
+class _Loop:
+    """What the epochs of one :func:`train` call share."""
+
+    model: nn.Module
+    train_set: ImageDataset
+    val_set: ImageDataset | None
+    config: TrainConfig
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    augment: bool
+    progress: bool
+
+
+def _fit(
+    loop: _Loop, result: TrainResult, start_epoch: int, best_acc: float, bad_epochs: int, *,
+    out: Path | None, run_meta: dict[str, Any], callbacks: Sequence[Callable[[EpochRecord], None]],
+) -> None:
+    """The epochs from ``start_epoch`` on, with ``best_acc`` the best validation accuracy so far
+    (-1 for none) and ``bad_epochs`` the epochs since it: each is recorded in ``result``, saved
+    to ``out`` (unless ``None``) and passed to ``callbacks``, until the last epoch or an early stop."""
+    config = loop.config
+    step = start_epoch * math.ceil(len(loop.train_set) / config.batch_size)
+    for epoch in range(start_epoch, config.epochs):
+        rec, step = _run_epoch(loop, epoch, step)
         result.history.append(rec)
-        improved = val_acc is not None and val_acc > best_acc
-        if improved:
-            best_acc, bad_epochs, result.best_epoch = float(val_acc), 0, epoch + 1  # type: ignore[arg-type]
+        val_acc = rec.val_acc
+        if val_acc is not None and val_acc > best_acc:
+            best_acc, bad_epochs, result.best_epoch = float(val_acc), 0, epoch + 1
         elif val_acc is not None:
             bad_epochs += 1
-        stop = (bool(config.patience) and bad_epochs >= config.patience) or bool(extra.get("stop"))
+        stop = (bool(config.patience) and bad_epochs >= config.patience) or bool(rec.extra.get("stop"))
         result.stopped_early = stop
-        log.info(
-            "epoch %d/%d lr %.4g loss %.4f acc %.4f%s (%.1fs)",
-            rec.epoch, config.epochs, lr, rec.train_loss, rec.train_acc,
-            f" val {val_acc:.4f}" if val_acc is not None else "", rec.seconds,
-        )
+        _log_epoch(rec, config.epochs)
         if out is not None:
-            _save_epoch(out, model, optimizer, run_meta, result, best_acc, bad_epochs)
+            _save_epoch(out, loop.model, loop.optimizer, run_meta, result, best_acc, bad_epochs)
         for cb in callbacks:
             cb(rec)
         if stop:
             break
-    if out is not None:
-        _finish(out, model, run_meta, result)
-    elif result.best_epoch is not None and config.patience:
-        log.info("early stopping without out_dir: the last epoch's weights are kept (best was epoch %d)", result.best_epoch)
-    return result
+
+
+def _run_epoch(loop: _Loop, epoch: int, step: int) -> tuple[EpochRecord, int]:
+    """Train one epoch (0-based ``epoch``; ``step``: optimiser steps taken before it), its
+    randomness seeded from ``(config.seed, epoch)`` alone. Returns its record and the step count
+    after it."""
+    config, model = loop.config, loop.model
+    t0 = time.perf_counter()
+    seed = _epoch_seed(config.seed, epoch)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and any other randomness inside the model
+    lr = lr_at(config, epoch)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    loop.objective.context.update(epoch=epoch, epochs=config.epochs, step=step, device=loop.device)
+    loop.objective.start_epoch(model, epoch)
+    model.train()
+    perm = torch.randperm(len(loop.train_set), generator=gen)
+    loss_sum, correct, seen, step = _train_batches(loop, epoch, perm, gen, step)
+    extra = loop.objective.end_epoch(model, epoch)
+    val_set = loop.val_set
+    val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=loop.device) if val_set else None
+    seconds = time.perf_counter() - t0
+    rec = EpochRecord(epoch + 1, lr, loss_sum / max(seen, 1), correct / max(seen, 1), val_acc, seconds, extra)
+    return rec, step
+
+
+def _train_batches(
+    loop: _Loop, epoch: int, perm: torch.Tensor, gen: torch.Generator, step: int
+) -> tuple[float, int, int, int]:
+    """One pass over the training set in the order ``perm`` (augmentation drawn from ``gen``):
+    ``(loss summed over the points, points classified right, points seen, step count after)``."""
+    config, model, train_set = loop.config, loop.model, loop.train_set
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(
+        range(math.ceil(len(train_set) / config.batch_size)), desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=None if loop.progress else True, leave=False, unit="batch",
+    )
+    for b in bar:
+        idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
+        xb = train_set.x[idx]
+        if loop.augment:
+            xb = crop_flip(xb, config.crop_padding, gen)
+        xb, yb = xb.to(loop.device, non_blocking=True), train_set.y[idx].to(loop.device, non_blocking=True)
+        loss, logits = loop.objective(model, xb, yb)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {float(loss)} at epoch {epoch + 1}, batch {b}; lower lr={config.lr}"
+            )
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.optimizer.step()
+        loop.objective.after_step(model, step)
+        step += 1
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == yb).sum())
+        seen += len(idx)
+        if b % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    bar.close()
+    return loss_sum, correct, seen, step
+
+
+def _log_epoch(rec: EpochRecord, epochs: int) -> None:
+    log.info(
+        "epoch %d/%d lr %.4g loss %.4f acc %.4f%s (%.1fs)",
+        rec.epoch, epochs, rec.lr, rec.train_loss, rec.train_acc,
+        f" val {rec.val_acc:.4f}" if rec.val_acc is not None else "", rec.seconds,
+    )
 
 
 def _epoch_dir(out: Path, epoch: int) -> Path:

@@ -1,52 +1,56 @@
-"""Random and population defenses: one interface, three ways to run.
+"""Random and population classifiers: one interface, three ways to run.
 
-A randomised defense (SAP, a random-submodel population, a Multi-SAP vote, a bagging ensemble)
-is a :class:`Randomized` classifier. Whatever its randomness, it offers
+A random classifier (SAP, a random-submodel population, a Multi-SAP vote, a bagging ensemble,
+a classifier with a noisy front end) is a :class:`RandomClassifier`. Whatever its randomness,
+it offers
 
-* :meth:`Randomized.forward` -- **one random draw**: each sample of the batch gets its own
-  independent draw (one SAP mask, one randomly chosen submodel), with gradients. This is what
-  an attacker who queries the model once sees, and what EOT averages over.
-* :meth:`Randomized.expected_probs` -- **the expected output**: mean class probabilities over
-  ``n`` draws (or over every member of a population), differentiable. :meth:`expected` wraps it
-  as a classifier returning log-probabilities, so any attack can go through it (the adaptive
-  protocol's "attack the expectation").
-* :meth:`Randomized.vote` -- **the vote**: the majority class over ``n`` draws (or over all
-  members); ties go to the class with the highest mean probability. Deterministic for a
+* :meth:`RandomClassifier.forward` -- **one random draw**: each sample of the batch gets its
+  own independent draw (one SAP mask, one randomly chosen submodel), with gradients. This is
+  what an attacker who queries the model once sees, and what EOT averages over.
+* :meth:`RandomClassifier.expected_probs` -- **the expected output**: mean class probabilities
+  over ``n`` draws (or over every member of a population), differentiable. :meth:`expected`
+  wraps it as a classifier returning log-probabilities, so any attack can go through it (the
+  adaptive protocol's "attack the expectation").
+* :meth:`RandomClassifier.vote` -- **the vote**: the majority class over ``n`` draws (or over
+  all members); ties go to the class with the highest mean probability. Deterministic for a
   population of fixed members, random when the voters are random draws.
 
-:attr:`Randomized.decision` says which of the three the *deployed* system answers with
-(``"draw"`` for ULM/CLM, ``"vote"`` for Multi-SAP, ``"vote"`` or ``"mean"`` for bagging);
-:meth:`Randomized.decide` returns that answer, and :meth:`deployed` is a classifier view whose
-argmax is it. :meth:`frozen` fixes the randomness (the same draws on every call), which the
-sanity check "the attack succeeds once the randomness is fixed" needs.
+:attr:`RandomClassifier.decision` says which of the three the *deployed* system answers with
+(``"draw"`` for ULM/CLM, ``"vote"`` for Multi-SAP, ``"vote"`` or ``"mean"`` for bagging) and
+:meth:`RandomClassifier.decide` returns that answer. :meth:`RandomClassifier.frozen` fixes the
+randomness (the same draws on every call), which the sanity check "the attack succeeds once the
+randomness is fixed" needs. :attr:`RandomClassifier.random_expectation` says whether the
+expected output is itself estimated from random draws.
 
-Checkpoints: a randomised model's ``spec`` is ``{"randomized": KIND, "params": {...},
+A random classifier has no normalisation of its own: its members (ordinary
+:class:`~bastion.models.base.NormalizedClassifier`\\ s) normalise their inputs.
+
+Checkpoints: a random model's ``spec`` is ``{"randomized": KIND, "params": {...},
 "members": [member specs]}``; :func:`bastion.models.from_spec` rebuilds the empty structure
-through :data:`RANDOMIZED` and the usual checkpoint code loads its weights (members, masks and
-all) from one safetensors file.
+through :data:`bastion.models.components.RANDOM_KINDS` (which ``bastion.defenses`` fills) and the
+usual checkpoint code loads its weights (members, masks and all) from one safetensors file.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bastion.errors import ConfigError
-from bastion.models.base import Classifier
-from bastion.registry import Registry
+from bastion.models.base import Classifier, Declaration
+from bastion.models.standin import has_standin
 
 #: what the deployed system answers with
 DECISIONS = ("draw", "vote", "mean")
 
-#: kind -> builder(spec: dict) -> Randomized with untrained weights of the right shapes
-RANDOMIZED: Registry[Callable[[dict[str, Any]], "Randomized"]] = Registry("randomized model kind")
 
-
-class Randomized(Classifier):
+class RandomClassifier(Classifier):
     """Base of every random or population classifier (inputs in ``bounds``, logits out).
 
     Subclasses implement :meth:`draw` (logits of one independent draw per sample) and may
@@ -57,19 +61,20 @@ class Randomized(Classifier):
         template: a member classifier (gives channels, classes, input shape and bounds).
         decision: what the deployed system answers with (one of :data:`DECISIONS`).
         draws: default number of draws for :meth:`expected_probs` and :meth:`vote`.
-        kind: the :data:`RANDOMIZED` registry name (recorded in ``spec``).
+        kind: the :data:`~bastion.models.components.RANDOM_KINDS` name (recorded in ``spec``).
     """
 
     #: True when expected_probs/vote average over random draws (SAP, Multi-SAP) rather than
     #: over a fixed list of members (ULM, bagging): then the expectation is itself random
     random_expectation: bool = True
+    num_classes: int  # always known for a random classifier
 
     def __init__(self, template: Classifier, *, decision: str, draws: int, kind: str) -> None:
-        c = template.in_channels if template.in_channels > 0 else 1
-        super().__init__(
-            nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=template.num_classes,
-            input_shape=template.input_shape, bounds=template.bounds, stochastic=True, arch=kind,
-        )
+        if template.num_classes is None:
+            raise ConfigError(f"a {kind!r} random classifier needs members with a known number of classes; "
+                              f"{template.arch!r} does not say (build it with bastion.models.create)")
+        super().__init__(num_classes=template.num_classes, input_shape=template.input_shape,
+                         in_channels=template.in_channels, bounds=template.bounds, arch=kind, random=True)
         if decision not in DECISIONS:
             raise ConfigError(f"decision={decision!r} is not one of {', '.join(DECISIONS)}")
         if not isinstance(draws, int) or draws < 1:
@@ -78,6 +83,9 @@ class Randomized(Classifier):
         self.draws = draws
         self.kind = kind
         self._frozen_seed: int | None = None
+
+    def declaration(self) -> Declaration:
+        return Declaration(random=True, random_expectation=self.random_expectation, standins=has_standin(self))
 
     # ------------------------------------------------------------------ the three ways to run
     def draw(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,25 +128,17 @@ class Randomized(Classifier):
         return self.expected_probs(x).argmax(-1)
 
     # ------------------------------------------------------------------ classifier views
-    def expected(self, n: int | None = None) -> "ExpectedOutput":
+    def expected(self, n: int | None = None) -> ExpectedOutput:
         """A classifier whose logits are ``log expected_probs(x, n)`` (attack through this)."""
         return ExpectedOutput(self, self._n(n))
 
-    def voted(self, n: int | None = None) -> "VotedOutput":
+    def voted(self, n: int | None = None) -> VotedOutput:
         """A classifier whose argmax is :meth:`vote` (log of smoothed vote shares; no
         useful gradient: for evaluation, not for crafting)."""
         return VotedOutput(self, self._n(n))
 
-    def deployed(self) -> Classifier:
-        """A classifier view whose argmax is the deployed decision."""
-        if self.decision == "draw":
-            return self
-        if self.decision == "vote":
-            return self.voted()
-        return self.expected()
-
     @contextlib.contextmanager
-    def frozen(self, seed: int = 0) -> Iterator["Randomized"]:
+    def frozen(self, seed: int = 0) -> Iterator[RandomClassifier]:
         """Within the block, every forward uses the same random numbers (seeded by ``seed``),
         so the model is a deterministic function of its input."""
         old = self._frozen_seed
@@ -163,7 +163,7 @@ class Randomized(Classifier):
         return f"kind={self.kind!r}, decision={self.decision!r}, draws={self.draws}, num_classes={self.num_classes}"
 
 
-class Population(Randomized):
+class Population(RandomClassifier):
     """A finite population of member classifiers; one member drawn at random per sample
     (seed 001's ULM). :meth:`expected_probs` and :meth:`vote` are exact over all members."""
 
@@ -185,6 +185,9 @@ class Population(Randomized):
         self.members = nn.ModuleList(members)
         self.spec = {"randomized": kind, "params": {"decision": decision, **dict(params or {})},
                      "members": [dict(m.spec) for m in members]}
+
+    def declaration(self) -> Declaration:
+        return dataclasses.replace(super().declaration(), population=True)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -212,25 +215,14 @@ class Population(Randomized):
     def expected_probs(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
         return F.softmax(self.sample_logits(x, n), dim=-1).mean(0)
 
-    def expected(self, n: int | None = None) -> "ExpectedOutput":
+    def expected(self, n: int | None = None) -> ExpectedOutput:
         return ExpectedOutput(self, n)
 
-    def voted(self, n: int | None = None) -> "VotedOutput":
+    def voted(self, n: int | None = None) -> VotedOutput:
         return VotedOutput(self, n)
 
     def randomness(self) -> dict[str, Any]:
         return {**super().randomness(), "members": len(self.members)}
-
-
-@RANDOMIZED.register("ulm", summary="population of submodels, one drawn at random per query (seed 001)")
-def _build_population(spec: dict[str, Any]) -> Population:
-    return Population(build_members(spec), kind=spec["randomized"], **_population_kwargs(spec))
-
-
-def _population_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
-    params = dict(spec.get("params") or {})
-    decision = params.pop("decision", "draw")
-    return {"decision": decision, "params": params}
 
 
 def route(x: torch.Tensor, group: torch.Tensor, groups: int,
@@ -251,35 +243,22 @@ def route(x: torch.Tensor, group: torch.Tensor, groups: int,
     return out
 
 
-def build_members(spec: dict[str, Any]) -> list[Classifier]:
-    """Rebuild (untrained) member classifiers from a randomized spec's ``members``."""
-    from bastion import models
-
-    members = spec.get("members")
-    if not isinstance(members, list) or not members:
-        raise ConfigError(f"randomized spec {spec.get('randomized')!r} lists no members")
-    return [models.from_spec(dict(m)) for m in members]
-
-
 class _View(Classifier):
-    """A classifier view of a :class:`Randomized` model (inputs in its bounds, no
-    normalisation of its own); ``n`` is the number of draws the view averages."""
+    """A classifier view of a :class:`RandomClassifier` (inputs in its bounds, no
+    normalisation of its own); ``n`` is the number of draws the view averages. The view is
+    random when the model's expectation is (:attr:`RandomClassifier.random_expectation`)."""
 
-    def __init__(self, model: Randomized, n: int | None, what: str) -> None:
-        c = model.in_channels
-        super().__init__(
-            nn.Identity(), mean=[0.0] * c, std=[1.0] * c, num_classes=model.num_classes,
-            input_shape=model.input_shape, bounds=model.bounds, stochastic=model.random_expectation,
-            arch=f"{model.kind}:{what}",
-        )
+    def __init__(self, model: RandomClassifier, n: int | None, what: str) -> None:
+        super().__init__(num_classes=model.num_classes, input_shape=model.input_shape, in_channels=model.in_channels,
+                         bounds=model.bounds, arch=f"{model.kind}:{what}", random=model.random_expectation)
         self.model = model
         self.n = n
 
 
 class ExpectedOutput(_View):
-    """Classifier view of ``log expected_probs(x, n)`` of a :class:`Randomized` model."""
+    """Classifier view of ``log expected_probs(x, n)`` of a :class:`RandomClassifier`."""
 
-    def __init__(self, model: Randomized, n: int | None) -> None:
+    def __init__(self, model: RandomClassifier, n: int | None) -> None:
         super().__init__(model, n, "expected")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,11 +266,11 @@ class ExpectedOutput(_View):
 
 
 class VotedOutput(_View):
-    """Classifier view of a :class:`Randomized` model's vote: log of vote shares (smoothed by
-    a small multiple of the mean probabilities, which breaks ties as :meth:`Randomized.vote`
-    does). Carries no gradient."""
+    """Classifier view of a :class:`RandomClassifier`'s vote: log of vote shares (smoothed by
+    a small multiple of the mean probabilities, which breaks ties as
+    :meth:`RandomClassifier.vote` does). Carries no gradient."""
 
-    def __init__(self, model: Randomized, n: int | None) -> None:
+    def __init__(self, model: RandomClassifier, n: int | None) -> None:
         super().__init__(model, n, "vote")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,17 +293,17 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-class StochasticClassifier(Randomized):
+class StochasticClassifier(RandomClassifier):
     """A plain classifier whose own forward pass is random at evaluation time (``stochastic``,
     e.g. seed 004's denoiser, which adds Gaussian noise before its autoencoder), given the
-    :class:`Randomized` interface: a draw is one forward, the deployed decision is one draw, and
-    :meth:`expected` averages ``draws`` forwards. The harness evaluates such a model as it does
-    SAP: EOT through the expected output, AutoAttack ``rand``, majority-of-k queries, and the
-    check that the attack succeeds once the randomness is frozen.
+    :class:`RandomClassifier` interface: a draw is one forward, the deployed decision is one
+    draw, and :meth:`expected` averages ``draws`` forwards. The harness evaluates such a model
+    as it does SAP: EOT through the expected output, AutoAttack ``rand``, majority-of-k
+    queries, and the check that the attack succeeds once the randomness is frozen.
 
     Args:
         model: the stochastic classifier (its noise must come from torch's global generator,
-            so that :meth:`Randomized.frozen` fixes it).
+            so that :meth:`RandomClassifier.frozen` fixes it).
         draws: default number of forwards that :meth:`expected_probs` averages.
     """
 
@@ -342,20 +321,15 @@ class StochasticClassifier(Randomized):
         return {**super().randomness(), "model": getattr(self.model, "arch", type(self.model).__name__)}
 
 
-def as_randomized(model: nn.Module, *, draws: int = 10) -> nn.Module:
-    """``model`` itself if it is deterministic or already :class:`Randomized`; a
+def as_random(model: nn.Module, *, draws: int = 10) -> nn.Module:
+    """``model`` itself if it is deterministic or already a :class:`RandomClassifier`; a
     :class:`StochasticClassifier` around it if it is a classifier with a random forward pass."""
-    if isinstance(model, Randomized) or not getattr(model, "stochastic", False):
+    if isinstance(model, RandomClassifier) or not getattr(model, "stochastic", False):
         return model
     return StochasticClassifier(model, draws=draws)  # type: ignore[arg-type]
 
 
-def is_randomized(model: nn.Module) -> bool:
-    """True for any model whose output is random at evaluation time."""
-    return bool(getattr(model, "stochastic", False))
-
-
 __all__ = [
-    "DECISIONS", "ExpectedOutput", "Population", "RANDOMIZED", "Randomized", "StochasticClassifier", "VotedOutput",
-    "as_randomized", "build_members", "is_randomized", "route",
+    "DECISIONS", "ExpectedOutput", "Population", "RandomClassifier", "StochasticClassifier", "VotedOutput",
+    "as_random", "route",
 ]

@@ -1,8 +1,9 @@
 """Report artifacts: data a report shows that is not a number in a table.
 
-Each builder returns ``(doc, tensors)``, ready for
+Each builder returns ``(doc, tensors)``, the fields of an
+:class:`~bastion.results.rows.ArtifactRow` to store with
 :meth:`bastion.results.db.ResultsDB.add_artifact` (``doc``: JSON-serialisable dict; ``tensors``:
-dict of CPU tensors stored as safetensors). :mod:`bastion.results.report` draws them.
+dict of CPU tensors stored as safetensors). :mod:`bastion.report.figures` draws them.
 
 * :func:`gallery` (kind ``"gallery"``): clean and adversarial images, their perturbation, the
   true label and both predictions.
@@ -87,7 +88,8 @@ def gallery(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Ten
 
 def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, grid: int = 21,
               directions: str = "adversarial", reference: nn.Module | None = None,
-              eps_list: Sequence[float] | None = None, max_points: int = 128) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+              eps_list: Sequence[float] | None = None,
+              max_points: int = 128) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Seed 002's two loss landscapes for ``model``.
 
     The surface (Fig. 5) is taken around the first image of ``x``; the loss-vs-eps curves

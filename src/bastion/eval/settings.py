@@ -1,0 +1,77 @@
+"""How models are evaluated: the ``[evaluation]`` section of a harness config, typed.
+
+The harness reads the config once and hands this object to the protocols, the batch loop and
+the sanity checks as it is (no conversion to another settings class on the way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bastion import attacks
+from bastion.config import option
+from bastion.errors import ConfigError
+
+PAPER = "paper"
+ADAPTIVE = "adaptive"
+#: the protocols, in the order they run
+PROTOCOLS = (PAPER, ADAPTIVE)
+NORMS = ("linf", "l2")
+_POSITIVE = ("batch_size", "queries", "eot_samples", "expectation_draws", "gallery_samples")
+
+
+@dataclass(frozen=True)
+class EvaluationSection:
+    """How every model is evaluated."""
+
+    protocols: list[str] = option(list(PROTOCOLS), "protocols to run: paper (the seed's threat model) and/or adaptive")
+    norm: str = option("linf", "threat model: linf or l2")
+    batch_size: int = option(500, "points per attack call")
+    seed: int = option(0, "seed of the attacks' and the random defenses' randomness")
+    queries: int = option(5, "k: a random defense's point is robust only if right in a majority of k "
+                             "independent queries")
+    eot_samples: int = option(10, "adaptive: gradient draws per step (EOT) for defenses whose expectation is random")
+    expectation_draws: int = option(10, "adaptive: draws averaged by the expected output of a random "
+                                        "(non-population) defense")
+    autoattack: bool = option(True, "adaptive: add AutoAttack (standard; 'rand' for random defenses)")
+    autoattack_params: dict[str, Any] = option({}, "AutoAttack hyper-parameters, e.g. {steps = 20, n_queries = 500}")
+    sanity: bool = option(True, "run the sanity checks after each (model, protocol)")
+    artifacts: bool = option(True, "store a gallery of adversarial examples and a loss landscape per model")
+    gallery_samples: int = option(8, "examples in each model's gallery")
+    report: bool = option(True, "write the Markdown + HTML report at the end")
+
+    def __post_init__(self) -> None:
+        if not self.protocols:
+            raise ConfigError("evaluation.protocols=[] must name at least one of 'paper', 'adaptive'")
+        for p in self.protocols:
+            if p not in PROTOCOLS:
+                raise ConfigError(f"evaluation.protocols: {p!r} is not one of 'paper', 'adaptive'")
+        if self.norm not in NORMS:
+            raise ConfigError(f"evaluation.norm={self.norm!r} is not one of 'linf', 'l2'")
+        for name in _POSITIVE:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"evaluation.{name}={v!r} must be an integer >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"evaluation.seed={self.seed!r} must be >= 0")
+        self._check_autoattack_params()
+
+    def _check_autoattack_params(self) -> None:
+        if not self.autoattack_params:
+            return
+        bad = {k for k in self.autoattack_params if k in ("eps", "norm", "version")}
+        if bad:
+            raise ConfigError(f"evaluation.autoattack_params: {sorted(bad)} are set by the harness")
+        try:
+            attacks.create("autoattack", eps=0.1, **self.autoattack_params)
+        except ConfigError as e:
+            raise ConfigError(f"evaluation.autoattack_params: {e}") from None
+
+    def queries_for(self, protocol: str) -> int:
+        """The judge's k under ``protocol``: the paper protocols query the deployed decision
+        once, the adaptive protocol ``queries`` times."""
+        return self.queries if protocol == ADAPTIVE else 1
+
+
+__all__ = ["ADAPTIVE", "NORMS", "PAPER", "PROTOCOLS", "EvaluationSection"]
