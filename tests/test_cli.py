@@ -96,6 +96,20 @@ def test_bad_input_is_one_clear_line(trained, tmp_path, capsys, argv, needle):
     assert needle in _err_line(capsys)
 
 
+def test_train_config_reads_the_training_table(tmp_path, capsys):
+    """`bastion train --config` reads the harness's [training] section (one config dialect);
+    the old [train] table is refused with a line naming its new name."""
+    old = tmp_path / "old.toml"
+    old.write_text("[train]\nepochs = 1\n")
+    args = ["train", "--dataset", "digits", "--model", "lenet5", "--out", str(tmp_path / "o"), "-q"]
+    assert main([*args, "--config", str(old)]) == 2
+    assert "[training]" in _err_line(capsys)
+    new = tmp_path / "new.toml"
+    new.write_text("[training]\nlr = -1.0\n")  # a bad value in the table fails, naming the field
+    assert main([*args, "--config", str(new)]) == 2
+    assert "lr=-1" in _err_line(capsys)
+
+
 def test_train_with_a_defense_records_it(tmp_path, capsys):
     out = tmp_path / "fgsm-at"
     assert main(["train", "--dataset", "digits", "--model", "madry-mnist", "--epochs", "1", "--optimizer", "adam",

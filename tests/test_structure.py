@@ -174,3 +174,20 @@ def test_exit_status_and_json(tmp_path, capsys):
     assert [f["line"] for f in report["defense-names"]] == [1]
     assert cs.main(["--src", str(dirty), "--defense-names", "sap"]) == 1
     assert "bastion/m.py:1: compares with defense name(s) 'sap'" in capsys.readouterr().out
+
+
+def test_architecture_doc_names_only_files_that_exist():
+    """docs/architecture.md follows a row one file per step: every source path it names in
+    backticks (``harness/eval_job.py``, ``src/bastion/...``) must exist, so the page cannot
+    point a newcomer at a file that moved."""
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([\w./]+\.(?:py|toml|md))`", text))
+    assert len(named) >= 20, named  # the row's path names its files
+    missing = []
+    for rel in sorted(named):
+        candidates = [ROOT / rel, ROOT / "src" / "bastion" / rel]
+        if not any(p.is_file() for p in candidates):
+            missing.append(rel)
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"

@@ -25,6 +25,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bastion.eval.judge import is_random
     from bastion.eval.robust import evaluate
     from bastion.utils.io import atomic_write_json
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     spec = t.meta.get("model", {}) or {}
     name = spec.get("name") or spec.get("randomized", "?")
     print(report.table(title=f"{args.checkpoint}: {name} on {t.dataset} ({args.split})"))
-    if getattr(t.model, "stochastic", False):
+    if is_random(t.model):
         print("note: this model is random; the numbers above attack and judge single random draws. "
               "For the honest number (attacks through the expected output, EOT, majority of k queries) "
               "evaluate it with `bastion run` (adaptive protocol).", file=sys.stderr)

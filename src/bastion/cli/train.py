@@ -32,7 +32,7 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--dataset", required=True)
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True, help="run directory (checkpoints, final model)")
-    s.add_argument("--config", help="TOML file whose [train] table gives the defaults")
+    s.add_argument("--config", help="TOML file whose [training] table gives the defaults (a harness config works)")
     s.add_argument("--epochs", type=int)
     s.add_argument("--batch-size", dest="batch_size", type=int)
     s.add_argument("--optimizer", choices=["sgd", "adam"])
@@ -57,11 +57,14 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """``--config``'s [train] table, then the flags, then ``--set``."""
+    """``--config``'s [training] table (the harness's section), then the flags, then ``--set``."""
     from bastion.config import from_dict, load_toml
     from bastion.train.config import TrainConfig
 
-    raw: dict[str, Any] = load_toml(args.config).get("train", {}) if args.config else {}
+    table: dict[str, Any] = load_toml(args.config) if args.config else {}
+    if "train" in table:
+        raise ConfigError(f"--config {args.config}: the [train] table is now [training] (as in harness configs)")
+    raw: dict[str, Any] = dict(table.get("training", {}))
     for key in _FLAGS:
         v = getattr(args, key)
         if v is not None:

@@ -4,8 +4,10 @@ A deterministic model answers with its argmax, once. A random model (one that de
 ``random``: SAP, a random-submodel population, a Multi-SAP vote, a noisy front end) answers with
 its deployed decision (``model.decide``: one draw, a vote, or the mean), and a point counts as
 right only if that decision is right in a strict majority of ``queries`` independent queries
-(``queries = 1``: right in the one query). Every protocol, the clean accuracy and the sanity
-checks judge points through :func:`judge`, so "right in a majority of k" has one meaning.
+(``queries = 1``: right in the one query). Every threat model and the clean accuracy judge
+points through :func:`judge`; the sanity checks use :func:`majority_correct` batch by batch (the
+order in which they have always drawn their queries), so "right in a majority of k" has one
+implementation.
 """
 
 from __future__ import annotations

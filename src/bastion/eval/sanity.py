@@ -32,7 +32,7 @@ from torch import nn
 from bastion import attacks
 from bastion.attacks.base import Attack
 from bastion.errors import ConfigError
-from bastion.eval.judge import majority_correct
+from bastion.eval.judge import is_random, majority_correct
 from bastion.models.base import as_classifier
 from bastion.results.rows import EvaluationRow
 from bastion.results.worst_case import WORST_CASE_ATTACK
@@ -139,7 +139,7 @@ def _device(model: nn.Module, device: Any) -> torch.device:
 
 
 def _is_random(model: nn.Module, random: bool) -> bool:
-    return bool(random or getattr(model, "stochastic", False))
+    return bool(random or is_random(model))
 
 
 @torch.no_grad()
@@ -449,7 +449,7 @@ def run_checks(
             masks, when given).
         rows: evaluation rows of this model under one protocol (see the module docstring).
         norm: threat model of the large-budget and fixed-randomness checks.
-        random: the model is random (also inferred from ``model.stochastic``); adds the
+        random: the model is random (also inferred from what it declares, ``model.declaration()``); adds the
             fixed-randomness check.
         device: where to compute (default: the model's device). seed: RNG seed of the checks.
         n_points, batch_size: size of the extra computation.

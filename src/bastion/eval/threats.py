@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bastion import attacks as attacks_mod
 from bastion.attacks.base import Attack, Cost
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import judge
@@ -190,7 +191,7 @@ class Expectation(ThreatModel):
         if random_exp:
             a = self.attack.final_iterate()
             own_eot = a.name == "autoattack" or getattr(a, "gradient_free", False) or a.eot_samples > 1
-            self.attack = a if own_eot else a.replace(eot_samples=self.eot_samples)
+            self.attack = a if own_eot else attacks_mod.eot(a, self.eot_samples)
 
     def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Cost]:
         res = self.attack(self.target, x, y, generator=g)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from bastion.config import from_dict
 from bastion.harness.artifact_job import ArtifactJob
-from bastion.harness.config import HarnessConfig
+from bastion.harness.config import HarnessConfig, plain
 from bastion.harness.eval_job import EvalJob
 from bastion.harness.train_job import TrainJob
 
@@ -58,7 +58,7 @@ class InProcessExecutor:
 
 def to_plain(job: Job) -> dict[str, Any]:
     """A job as plain JSON-serialisable data (what a distributed executor sends)."""
-    return {"type": type(job).__name__, **asdict(job)}
+    return {"type": type(job).__name__, **asdict(job), "config": plain(job.config)}
 
 
 def from_plain(d: dict[str, Any]) -> Job:
