@@ -70,7 +70,7 @@ def _attack_and_save(args: argparse.Namespace, t: Target, attack: Attack, target
 
     import torch
 
-    from bastion.eval.robust import attack_label
+    from bastion.eval.threats import attack_label
     from bastion.utils.io import atomic_write
 
     ds, bs = t.data, args.batch_size

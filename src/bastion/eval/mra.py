@@ -106,7 +106,7 @@ def craft_on_assigned(
     craft: torch.Tensor,
     attack: Attack,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     batch_size: int,
     device: torch.device,
     on_member: Callable[[], None] | None = None,

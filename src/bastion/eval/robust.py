@@ -20,6 +20,8 @@ from bastion.attacks.base import Attack
 from bastion.data.base import ImageDataset
 from bastion.errors import ConfigError
 from bastion.eval.accuracy import predict
+from bastion.eval.loop import measure
+from bastion.eval.threats import EngineVerdict, attack_label
 from bastion.models.base import as_classifier
 from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL
 
@@ -75,12 +77,6 @@ class RobustReport:
         return "\n".join(lines)
 
 
-def attack_label(attack: Attack) -> str:
-    """Short row label: the registry name, with the step count for iterative attacks."""
-    steps = getattr(attack, "steps", None)
-    return f"{attack.name}-{steps}" if steps and attack.name not in ("fgsm",) else attack.name
-
-
 def evaluate(
     model: nn.Module,
     data: ImageDataset,
@@ -115,7 +111,9 @@ def evaluate(
     bar = tqdm(total=total, desc="attacks", disable=None if progress else True, leave=False, unit="batch")
     for attack in attacks:
         bar.set_description(f"{attack_label(attack)} eps={attack.eps:g}")
-        robust, grads, fwds, secs = _attack_all(clf, data, attack, batch_size, dev, seed, bar)
+        m = measure(EngineVerdict(clf, attack), data.x, data.y, batch_size=batch_size, seed=seed, device=dev,
+                    seed_global=False, on_batch=lambda: bar.update(1))
+        robust, grads, fwds, secs = m.robust, m.gradients, m.forwards, m.seconds
         key = (attack.norm, float(attack.eps))
         robust_by_budget[key] = robust_by_budget.get(key, torch.ones(len(data), dtype=torch.bool)) & robust
         count_by_budget[key] = count_by_budget.get(key, 0) + 1
@@ -135,27 +133,6 @@ def evaluate(
 def _mean(mask: torch.Tensor, n: int) -> float:
     """The fraction of true entries of the ``(n,)`` bool ``mask`` (NaN when ``n`` is 0)."""
     return float(mask.float().mean()) if n else float("nan")
-
-
-def _attack_all(
-    clf: nn.Module, data: ImageDataset, attack: Attack, batch_size: int, dev: torch.device, seed: int, bar: Any
-) -> tuple[torch.Tensor, int, int, float]:
-    """Run ``attack`` on every point of ``data`` in batches, its random starts seeded with
-    ``seed``: the ``(N,)`` bool robust mask, gradients, forward passes and seconds spent."""
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    robust = torch.zeros(len(data), dtype=torch.bool)
-    grads = fwds = 0
-    secs = 0.0
-    for i in range(0, len(data), batch_size):
-        xb = data.x[i : i + batch_size].to(dev)
-        yb = data.y[i : i + batch_size].to(dev)
-        res = attack(clf, xb, yb, generator=gen)
-        robust[i : i + batch_size] = res.robust.cpu()
-        grads += res.cost.gradients
-        fwds += res.cost.forwards
-        secs += res.cost.seconds
-        bar.update(1)
-    return robust, grads, fwds, secs
 
 
 def _row(

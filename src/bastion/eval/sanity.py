@@ -33,6 +33,8 @@ from bastion import attacks
 from bastion.attacks.base import Attack
 from bastion.errors import ConfigError
 from bastion.eval.judge import is_random, majority_correct
+from bastion.eval.loop import measure
+from bastion.eval.threats import EngineVerdict, ThreatModel, WhiteBox
 from bastion.models.base import as_classifier
 from bastion.results.rows import EvaluationRow
 from bastion.results.worst_case import WORST_CASE_ATTACK
@@ -165,15 +167,10 @@ def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.T
     """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches. With ``queries``
     (a random model) the attack runs to its final iterate (a lucky draw must not stop it) and a
     point is robust if the deployed decision is right in a majority of the queries."""
-    if queries is not None:
-        attack = attack.final_iterate()
-    gen = torch.Generator(device=x.device).manual_seed(seed) if x.device.type != "mps" else None
-    out = []
-    for i in range(0, x.shape[0], batch_size):
-        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-        res = attack(model, xb, yb, generator=gen)
-        out.append(~res.success if queries is None else _correct(model, res.x_adv, yb, batch_size, queries))
-    return torch.cat(out)
+    threat: ThreatModel = (EngineVerdict(model, attack, batch_size=batch_size) if queries is None
+                           else WhiteBox(model, attack.final_iterate(), queries=queries, batch_size=batch_size))
+    m = measure(threat, x, y, batch_size=batch_size, seed=seed, device=x.device, seed_global=False)
+    return m.robust.to(x.device)
 
 
 def _attack_from_row(row: EvaluationRow, **changes: Any) -> Attack | None:

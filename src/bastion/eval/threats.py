@@ -31,7 +31,6 @@ from bastion import attacks as attacks_mod
 from bastion.attacks.base import Attack, Cost
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import judge
-from bastion.eval.robust import attack_label
 
 
 @dataclass
@@ -43,6 +42,12 @@ class Outcome:
     robust: torch.Tensor
     cost: Cost | None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def attack_label(attack: Attack) -> str:
+    """Short row label: the registry name, with the step count for iterative attacks."""
+    steps = getattr(attack, "steps", None)
+    return f"{attack.name}-{steps}" if steps and attack.name not in ("fgsm",) else attack.name
 
 
 def row_label(attack: Attack, prefix: str = "") -> str:
@@ -77,10 +82,10 @@ class ThreatModel:
         """How this row was computed, for the report ("" for the plain white-box attack)."""
         return self.how
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Cost]:
+    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
         raise NotImplementedError
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> Outcome:
+    def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> Outcome:
         x_adv, cost = self.craft(x, y, g)
         return Outcome(judge(self.model, x_adv, y, queries=self.queries, batch_size=self.batch_size), cost)
 
@@ -96,7 +101,7 @@ class WhiteBox(ThreatModel):
     def describe(self) -> str:
         return self.note
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Cost]:
+    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
         res = self.attack(self.target if self.target is not None else self.model, x, y, generator=g)
         return res.x_adv, res.cost
 
@@ -105,6 +110,18 @@ class WhiteBox(ThreatModel):
         """White-box through the BPDA view (declared stand-ins replace non-differentiable parts
         in the backward pass; the forward pass is the deployed model's)."""
         return cls(model, attack, target=bpda_view(model), **kw)
+
+
+@dataclass
+class EngineVerdict(ThreatModel):
+    """The attack on the model itself, each point judged as the attack engine reports it at the
+    returned point (``AttackResult.robust``: one query of the model the attack ran on). What the
+    library's :func:`~bastion.eval.robust.evaluate` and the sanity checks' re-attacks of a
+    deterministic model measure."""
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> Outcome:
+        res = self.attack(self.model, x, y, generator=g)
+        return Outcome(res.robust, res.cost)
 
 
 @dataclass
@@ -120,7 +137,7 @@ class Transfer(ThreatModel):
             raise ValueError("Transfer needs a surrogate model")
         self.attack = self.attack.final_iterate()
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Cost]:
+    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
         res = self.attack(self.surrogate, x, y, generator=g)  # type: ignore[arg-type]
         return res.x_adv, res.cost
 
@@ -154,15 +171,16 @@ class SubmodelCrafting(ThreatModel):
     def __post_init__(self) -> None:
         self.attack = self.attack.final_iterate()  # each example is handed to another random submodel
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Cost]:
+    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
         raise NotImplementedError("SubmodelCrafting crafts and judges per point: use run()")
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> Outcome:
+    def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> Outcome:
         from bastion.eval.mra import craft_on_assigned, member_correct, mra_from_correct
 
         members = list(self.model.members)  # type: ignore[arg-type]
         m, n = len(members), len(x)
-        cpu = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=g, device=g.device)))
+        dev = g.device if g is not None else x.device
+        cpu = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=g, device=dev)))
         craft = torch.randint(m, (n,), generator=cpu)
         classify = torch.randint(m, (n,), generator=cpu)
         x_adv, cost = craft_on_assigned(members, x, y, craft, self.attack, generator=g, batch_size=max(n, 1),
@@ -193,12 +211,12 @@ class Expectation(ThreatModel):
             own_eot = a.name == "autoattack" or getattr(a, "gradient_free", False) or a.eot_samples > 1
             self.attack = a if own_eot else attacks_mod.eot(a, self.eot_samples)
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Cost]:
+    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
         res = self.attack(self.target, x, y, generator=g)
         return res.x_adv, res.cost
 
 
 __all__ = [
-    "AdaptiveTransfer", "Expectation", "Outcome", "PaperTransfer", "SubmodelCrafting", "ThreatModel", "Transfer",
-    "WhiteBox", "row_label",
+    "AdaptiveTransfer", "EngineVerdict", "Expectation", "Outcome", "PaperTransfer", "SubmodelCrafting", "ThreatModel",
+    "Transfer", "WhiteBox", "attack_label", "row_label",
 ]

@@ -102,7 +102,7 @@ class EvalJob:
         clean = judge(model, x.to(dev), y.to(dev), queries=k, batch_size=st.batch_size).cpu()
         clean_acc = float(clean.float().mean())
         for t in tqdm(todo, desc=f"{m.id} {self.protocol}", disable=None if self.progress else True, leave=False):
-            row = measure(t, x, y, settings=st, device=dev)
+            row = measure(t, x, y, batch_size=st.batch_size, seed=st.seed, device=dev)
             row.robust &= clean if not random else torch.ones_like(clean)
             db.add_evaluation(self._row(m, row, len(x), clean_acc, queries=k if random else 1, random=random))
             log.info("%s %s %s eps=%g: %.4f", m.id, self.protocol, row.label, row.eps, row.robust_accuracy)
