@@ -5,30 +5,18 @@ The databases are built here with ``sqlite3`` directly, with the schema of
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_results", ROOT / "scripts" / "compare_results.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-cr = _load_script()
+cr = load_script("compare_results")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -6,27 +6,15 @@ a throw-away tree and check that it is found, so that a broken check cannot pass
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, load_script
 
-
-def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_structure", ROOT / "scripts" / "check_structure.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-cs = _load_checker()
+cs = load_script("check_structure")
 
 
 @pytest.fixture(scope="module")
