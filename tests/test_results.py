@@ -160,3 +160,18 @@ def test_worst_case_accuracy_as_the_report_shows_it() -> None:
     no_mask = ev("square-1000", 0.1, None, attack="square", acc=0.7)
     assert worst_case_accuracy([a, no_mask]) == min(a.robust_accuracy, 0.7)  # masks missing: the minimum
     assert worst_case_accuracy([]) is None
+
+
+def test_robust_to_all_is_the_per_sample_conjunction() -> None:
+    """The one worst-case computation: a point is robust only if every attack left it robust;
+    the inputs are not modified, and no mask at all is an error rather than "all robust"."""
+    from bastion.results.worst_case import robust_to_all
+
+    a = torch.tensor([True, True, False, True])
+    b = torch.tensor([True, False, False, True])
+    c = torch.tensor([False, True, True, True])
+    assert robust_to_all([a]).tolist() == a.tolist() and robust_to_all([a]) is not a
+    assert robust_to_all([a, b, c]).tolist() == [False, False, False, True]
+    assert a.tolist() == [True, True, False, True]  # untouched
+    with pytest.raises(ValueError, match="at least one mask"):
+        robust_to_all([])

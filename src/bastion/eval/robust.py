@@ -23,7 +23,7 @@ from bastion.eval.accuracy import predict
 from bastion.eval.loop import measure
 from bastion.eval.threats import EngineVerdict, attack_label
 from bastion.models.base import as_classifier
-from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL
+from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL, robust_to_all
 
 
 @dataclass
@@ -105,8 +105,7 @@ def evaluate(
     pred = predict(clf, data.x, batch_size=batch_size, device=dev)
     clean = (pred == data.y)
     report = RobustReport(n=len(data), clean_accuracy=_mean(clean, len(data)))
-    robust_by_budget: dict[tuple[str, float], torch.Tensor] = {}
-    count_by_budget: dict[tuple[str, float], int] = {}
+    masks_by_budget: dict[tuple[str, float], list[torch.Tensor]] = {}
     total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)
     bar = tqdm(total=total, desc="attacks", disable=None if progress else True, leave=False, unit="batch")
     for attack in attacks:
@@ -115,15 +114,15 @@ def evaluate(
                     seed_global=False, on_batch=lambda: bar.update(1))
         robust, grads, fwds, secs = m.robust, m.gradients, m.forwards, m.seconds
         key = (attack.norm, float(attack.eps))
-        robust_by_budget[key] = robust_by_budget.get(key, torch.ones(len(data), dtype=torch.bool)) & robust
-        count_by_budget[key] = count_by_budget.get(key, 0) + 1
+        masks_by_budget.setdefault(key, []).append(robust)
         report.rows.append(
             _row(attack.name, attack_label(attack), attack.norm, float(attack.eps), attack.params,
                  _mean(robust, len(data)), grads, fwds, secs)
         )
     bar.close()
-    for key, robust in robust_by_budget.items():
-        if count_by_budget[key] > 1:
+    for key, masks in masks_by_budget.items():
+        if len(masks) > 1:
+            robust = robust_to_all(masks)
             report.rows.append(
                 _row(WORST_CASE_ATTACK, WORST_CASE_LABEL, key[0], key[1], {}, _mean(robust, len(data)), 0, 0, 0.0)
             )

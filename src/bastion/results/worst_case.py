@@ -15,7 +15,7 @@ computed from the stored rows, so it is right after a restart too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -35,18 +35,27 @@ def is_worst_case(row: EvaluationRow) -> bool:
     return row.attack == WORST_CASE_ATTACK
 
 
+def robust_to_all(masks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The per-sample conjunction of ``(N,)`` bool robust masks over the same points: a point is
+    robust only if no attack broke it. The one place the worst case is computed."""
+    out: torch.Tensor | None = None
+    for m in masks:
+        out = m.clone() if out is None else out & m
+    if out is None:
+        raise ValueError("robust_to_all needs at least one mask")
+    return out
+
+
 def worst_case_masks(rows: Sequence[EvaluationRow]) -> dict[float, torch.Tensor]:
     """Per budget ``eps`` (in order of first appearance), the per-sample conjunction of the
     ``robust`` masks of the attack rows at ``eps``; aggregate rows and rows without a mask are
     left out. The rows are those of one (run, model, protocol), so their masks cover the same
     points in the same order."""
-    out: dict[float, torch.Tensor] = {}
+    by_eps: dict[float, list[torch.Tensor]] = {}
     for r in rows:
-        if is_worst_case(r) or r.robust is None:
-            continue
-        e = float(r.eps)
-        out[e] = out[e] & r.robust if e in out else r.robust.clone()
-    return out
+        if not is_worst_case(r) and r.robust is not None:
+            by_eps.setdefault(float(r.eps), []).append(r.robust)
+    return {e: robust_to_all(masks) for e, masks in by_eps.items()}
 
 
 def worst_case_rows(rows: Sequence[EvaluationRow]) -> list[EvaluationRow]:
@@ -95,12 +104,12 @@ def worst_case_accuracy(rows: Sequence[EvaluationRow]) -> float | None:
         return None
     masks = [r.robust for r in att]
     if len(att) > 1 and len({int(r.n) for r in att}) == 1 and all(m is not None for m in masks):
-        both = torch.stack([m.bool() for m in masks if m is not None]).all(0)
+        both = robust_to_all(m.bool() for m in masks if m is not None)
         return float(both.float().mean())
     return min(float(r.robust_accuracy) for r in att)
 
 
 __all__ = [
-    "WORST_CASE_ATTACK", "WORST_CASE_LABEL", "WORST_CASE_METRIC", "is_worst_case", "worst_case_accuracy",
-    "worst_case_masks", "worst_case_rows",
+    "WORST_CASE_ATTACK", "WORST_CASE_LABEL", "WORST_CASE_METRIC", "is_worst_case", "robust_to_all",
+    "worst_case_accuracy", "worst_case_masks", "worst_case_rows",
 ]
