@@ -22,7 +22,7 @@ test: lint data
 # the gates: style and likely bugs, types, and the import layers (pyproject.toml configures all three;
 # scripts/check_structure.py runs inside the test suite, as tests/test_structure.py)
 lint: setup
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts examples
 	$(BIN)/mypy src/bastion
 	$(BIN)/lint-imports
 

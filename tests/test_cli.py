@@ -170,7 +170,7 @@ def test_an_old_experiment_config_is_one_clear_line(tmp_path, capsys):
 
 def test_help_lists_every_command_and_is_light():
     names = [c.NAME for c in COMMANDS]
-    assert names == ["list", "train", "pool", "eval", "attack", "run", "results", "report"]
+    assert names == ["list", "train", "pool", "eval", "attack", "audit", "run", "results", "report"]
     code = ("import sys; from bastion.cli import build_parser; build_parser(); "
             "print(sorted(m for m in sys.modules if m in ('torch', 'numpy')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -5,6 +5,7 @@
     bastion pool --dataset mnist --model lenet5 --members 5 --out DIR      (pool.py)
     bastion eval runs/lenet5 --attacks fgsm,pgd --eps 0.1,0.2,0.3          (eval_.py)
     bastion attack runs/lenet5 --attacks pgd --eps 0.3 --out adv/          (attack.py)
+    bastion audit --model net.py:build --weights net.pt --dataset mnist --eps 0.3  (audit.py: your model)
     bastion run [CONFIG] [--set dataset.eval_samples=200] [--out DIR]      (run.py: the harness)
     bastion results [--db PATH] [--format table|json|csv]                  (results.py)
     bastion report [--db PATH] [--config-hash H] --out DIR                 (report.py)
@@ -20,11 +21,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from bastion.cli import attack, eval_, list_, pool, report, results, run, train
+from bastion.cli import attack, audit, eval_, list_, pool, report, results, run, train
 from bastion.errors import BastionError
 
 #: the commands in the order ``--help`` lists them
-COMMANDS = (list_, train, pool, eval_, attack, run, results, report)
+COMMANDS = (list_, train, pool, eval_, attack, audit, run, results, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -113,3 +114,33 @@ def sha256_arrays(*arrays: object) -> str:
         arr = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def from_tensor_file(path: str | Path, *, num_classes: int | None = None) -> ImageDataset:
+    """An evaluation set from ``x`` (float ``(N, C, H, W)`` in ``[0, 1]``) and ``y`` (integer
+    labels) saved as ``.npz`` (read without pickle) or safetensors. Its name is the file's stem;
+    mean and std are those of ``x``."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data={str(p)!r} does not exist")
+    if p.suffix == ".npz":
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: torch.from_numpy(f[k]) for k in f.files}
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        arrays = load_file(str(p))
+    else:
+        raise ConfigError(f"data={str(p)!r}: use a .npz or .safetensors file holding x and y")
+    if "x" not in arrays or "y" not in arrays:
+        raise ConfigError(f"data={str(p)!r} holds {sorted(arrays)}; it needs arrays named 'x' and 'y'")
+    x, y = arrays["x"].float(), arrays["y"].long()
+    k = num_classes if num_classes is not None else int(y.max()) + 1 if len(y) else 2
+    c = x.shape[1] if x.dim() == 4 else 1
+    flat = x.transpose(0, 1).reshape(c, -1) if x.dim() == 4 else x.reshape(1, -1)
+    mean = tuple(float(v) for v in flat.mean(1))
+    std = tuple(max(float(v), 1e-6) for v in flat.std(1))
+    return ImageDataset(name=p.stem, split="test", x=x, y=y, classes=tuple(str(i) for i in range(k)),
+                        mean=mean, std=std, source=str(p))

@@ -58,6 +58,11 @@ CHECKS: dict[str, str] = {
     "the attack is worse than random search (Carlini et al. 2019, 5.2).",
     "breaks-when-randomness-fixed": "For a random defense, the attack must succeed once the randomness is fixed; "
     "otherwise the attack itself, not the randomness, is failing (Athalye et al. 2018, EOT).",
+    "undeclared-randomness": "Two forward passes on the same inputs must agree unless the model declares that it "
+    "is random; an undeclared random model is evaluated as random (EOT, majority of k) and flagged. Fix: declare "
+    "random=True (bastion.models.user.wrap) or put the model in eval mode.",
+    "outputs-look-like-probabilities": "Attacks need logits: probabilities saturate and hide the gradient (Carlini "
+    "et al. 2019). Fix: return logits, or declare output='probabilities' so their log is used.",
 }
 
 #: attacks that take one gradient step (rfgsm counts when ``steps == 1``)
