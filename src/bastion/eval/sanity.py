@@ -58,12 +58,19 @@ CHECKS: dict[str, str] = {
     "the attack is worse than random search (Carlini et al. 2019, 5.2).",
     "breaks-when-randomness-fixed": "For a random defense, the attack must succeed once the randomness is fixed; "
     "otherwise the attack itself, not the randomness, is failing (Athalye et al. 2018, EOT).",
+}
+
+#: checks an audit of a user's model runs before attacking (:func:`bastion.harness.audit.pre_checks`)
+PRE_CHECKS: dict[str, str] = {
     "undeclared-randomness": "Two forward passes on the same inputs must agree unless the model declares that it "
     "is random; an undeclared random model is evaluated as random (EOT, majority of k) and flagged. Fix: declare "
     "random=True (bastion.models.user.wrap) or put the model in eval mode.",
     "outputs-look-like-probabilities": "Attacks need logits: probabilities saturate and hide the gradient (Carlini "
     "et al. 2019). Fix: return logits, or declare output='probabilities' so their log is used.",
 }
+
+#: every flag's one-line explanation, for reports
+EXPLANATIONS: dict[str, str] = {**CHECKS, **PRE_CHECKS}
 
 #: attacks that take one gradient step (rfgsm counts when ``steps == 1``)
 SINGLE_STEP = frozenset({"fgsm", "ffgsm", "rfgsm"})
@@ -83,7 +90,7 @@ class Flag:
     detail: str
 
     def explanation(self) -> str:
-        return CHECKS.get(self.name, "")
+        return EXPLANATIONS.get(self.name, "")
 
 
 # ---------------------------------------------------------------------------- row helpers
@@ -504,4 +511,4 @@ def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tens
     return flags
 
 
-__all__ = ["CHECKS", "LARGE_EPS_LINF", "SINGLE_STEP", "Flag", "run_checks"]
+__all__ = ["CHECKS", "EXPLANATIONS", "LARGE_EPS_LINF", "PRE_CHECKS", "SINGLE_STEP", "Flag", "run_checks"]

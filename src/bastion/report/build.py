@@ -6,7 +6,7 @@ artifacts, and the trainings of the run's models (linked by ``model_key``) -- an
 * a summary: the per-budget aggregate robust accuracy per defense, protocols side by side;
 * robust accuracy against eps of every defense in one figure;
 * per defense: a table (clean, each attack, the per-budget aggregate, one column per protocol),
-  its sanity flags with their one-line explanations (:data:`bastion.eval.sanity.CHECKS`) and
+  its sanity flags with their one-line explanations (:data:`bastion.eval.sanity.EXPLANATIONS`) and
   robust accuracy against eps;
 * the gallery of adversarial examples, diversity heatmaps (artifacts of kind ``"diversity"``)
   and seed 002's loss landscapes (kind ``"landscape"``);
@@ -25,7 +25,7 @@ from typing import Any
 
 from bastion.defenses.registry import is_none
 from bastion.errors import ConfigError
-from bastion.eval.sanity import CHECKS
+from bastion.eval.sanity import EXPLANATIONS
 from bastion.eval.settings import PROTOCOLS
 from bastion.report import figures
 from bastion.report.model import Figure, FlagLine, FlagTable, Paragraph, Report, Section, Table
@@ -212,7 +212,7 @@ def defense_section(run: RunRows, key: str) -> Section:
     ])
     kflags = [f for f in run.flags if f.model_key == key]
     if kflags:
-        sec.blocks.append(FlagTable([FlagLine(f.protocol, f.flag, f.passed, f.detail, CHECKS.get(f.flag, ""))
+        sec.blocks.append(FlagTable([FlagLine(f.protocol, f.flag, f.passed, f.detail, EXPLANATIONS.get(f.flag, ""))
                                      for f in kflags]))
     sec.blocks.append(_defense_curve(run, key, mrows, ps, labels))
     return sec
