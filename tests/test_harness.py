@@ -210,9 +210,9 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
     torch.set_num_threads(1)
     cfg = hc.load_harness_config(_write(tmp_path))
     # -- a run killed after 5 evaluations (the 6th raises, as a SIGKILL would stop it)
-    from bastion.harness import eval_job
+    from bastion.harness import rows as harness_rows
 
-    real = eval_job.measure
+    real = harness_rows.measure
     calls: list[str] = []
 
     def dying(p, *a, **kw):
@@ -221,7 +221,7 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
         calls.append(p.label)
         return real(p, *a, **kw)
 
-    monkeypatch.setattr(eval_job, "measure", dying)
+    monkeypatch.setattr(harness_rows, "measure", dying)
     with pytest.raises(KeyboardInterrupt):
         runner.run(cfg, progress=False)
     db = ResultsDB(cfg.db_path)
@@ -229,7 +229,7 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
     done_before = {(r.model_key, r.protocol, r.attack_label, r.eps): r.created for r in db.evaluations()}
     # -- restarted: finishes, redoing no finished row and no training
     calls.clear()
-    monkeypatch.setattr(eval_job, "measure", lambda p, *a, **kw: (calls.append(p.label), real(p, *a, **kw))[1])
+    monkeypatch.setattr(harness_rows, "measure", lambda p, *a, **kw: (calls.append(p.label), real(p, *a, **kw))[1])
     s = runner.run(cfg, progress=False)
     assert s.trained == 0
     # 2 models x 2 protocols x 2 attacks x 2 eps = 16 rows; 5 were done before the kill

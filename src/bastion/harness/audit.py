@@ -30,17 +30,17 @@ from bastion import attacks as attacks_mod
 from bastion import report as report_mod
 from bastion.data.base import ImageDataset
 from bastion.errors import InputError
-from bastion.eval.judge import is_random, judge
-from bastion.eval.loop import measure
+from bastion.eval.judge import is_random
 from bastion.eval.protocols import Subject, plan
-from bastion.eval.sanity import Flag, run_checks
+from bastion.eval.sanity import Flag
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.harness.config import PROTOCOL_VERSION, stable_hash
+from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
 from bastion.models.base import Classifier
 from bastion.models.random import as_random
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow, FlagRow
-from bastion.results.worst_case import WORST_CASE_LABEL, worst_case_rows
+from bastion.results.worst_case import WORST_CASE_LABEL
 
 
 @dataclass
@@ -106,57 +106,25 @@ def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: s
     h = _fingerprint(model, data, {"eps": [float(e) for e in eps], "attacks": list(attacks), "norm": st.norm,
                                    "evaluation": {k: v for k, v in vars(st).items() if k != "report"}})
     db = ResultsDB(Path(out_dir) / "results.sqlite")
-    key = f"user-{h}"
-    _evaluate(db, model, data, attack_list, st, dev, h, key, name)
-    rows = db.evaluations(config_hash=h, model_key=key, protocol=ADAPTIVE)
-    for row in worst_case_rows(rows):
-        if not db.has_evaluation(config_hash=h, model_key=key, protocol=ADAPTIVE, attack_label=WORST_CASE_LABEL,
-                                 norm=st.norm, eps=row.eps):
-            db.add_evaluation(row)
-    _store_flags(db, model, data, st, dev, h, key, name, pre)
-    return _result(db, h, key, Path(out_dir), name, report)
+    key = RowKey(config_hash=h, experiment=name, dataset=data.name, model_key=f"user-{h}", name=name,
+                 defense="user", protocol=ADAPTIVE, norm=st.norm)
+    todo = pending(db, key, plan(ADAPTIVE, Subject(model), attack_list, st))
+    if todo:
+        measure_rows(db, key, model, todo, data, st, dev)
+    store_worst_case(db, key)
+    if needs_flags(db, key):
+        store_flags(db, key, model, data, st, dev, before=pre)
+    return _result(db, key, Path(out_dir), report)
 
 
-def _evaluate(db: ResultsDB, model: nn.Module, data: ImageDataset, attack_list: list[Any],
-              st: EvaluationSection, dev: torch.device, h: str, key: str, name: str) -> None:
-    threats = plan(ADAPTIVE, Subject(model), attack_list, st)
-    todo = [t for t in threats if not db.has_evaluation(config_hash=h, model_key=key, protocol=ADAPTIVE,
-                                                        attack_label=t.label, norm=st.norm, eps=float(t.attack.eps))]
-    if not todo:
-        return
-    random = is_random(model)
-    torch.manual_seed(st.seed)
-    clean = judge(model, data.x.to(dev), data.y.to(dev), queries=st.queries, batch_size=st.batch_size).cpu()
-    for t in todo:
-        m = measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev)
-        robust = m.robust & clean if not random else m.robust
-        db.add_evaluation(EvaluationRow(
-            config_hash=h, experiment=name, dataset=data.name, model_key=key, defense=name, protocol=ADAPTIVE,
-            attack=m.attack, attack_label=m.label, attack_params=m.params, norm=st.norm, eps=m.eps, n=len(data),
-            clean_accuracy=float(clean.float().mean()), robust_accuracy=float(robust.float().mean()), robust=robust,
-            gradients=m.gradients, forwards=m.forwards, seconds=m.seconds,
-            extra={**m.extra, "defense": "user", "queries": st.queries if random else 1, "random": random}))
-
-
-def _store_flags(db: ResultsDB, model: nn.Module, data: ImageDataset, st: EvaluationSection, dev: torch.device,
-                 h: str, key: str, name: str, pre: list[Flag]) -> None:
-    if db.flags(config_hash=h, model_key=key, protocol=ADAPTIVE):
-        return
-    rows = db.evaluations(config_hash=h, model_key=key, protocol=ADAPTIVE)
-    flags = pre + (run_checks(model, data, rows, norm=st.norm, random=is_random(model), device=dev, seed=st.seed,
-                              queries=st.queries) if st.sanity else [])
-    for f in flags:
-        db.add_flag(FlagRow(config_hash=h, model_key=key, defense=name, protocol=ADAPTIVE, flag=f.name,
-                            passed=bool(f.passed), detail=str(f.detail)))
-
-
-def _result(db: ResultsDB, h: str, key: str, out_dir: Path, name: str, report: bool) -> AuditResult:
-    rows = db.evaluations(config_hash=h, model_key=key, protocol=ADAPTIVE)
-    res = AuditResult(config_hash=h, rows=rows, flags=db.flags(config_hash=h, model_key=key), db_path=db.path,
+def _result(db: ResultsDB, key: RowKey, out_dir: Path, report: bool) -> AuditResult:
+    h = key.config_hash
+    rows = key.rows(db)
+    res = AuditResult(config_hash=h, rows=rows, flags=db.flags(config_hash=h, model_key=key.model_key), db_path=db.path,
                       table=report_mod.table(db, h),
                       worst_case={r.eps: r.robust_accuracy for r in rows if r.attack_label == WORST_CASE_LABEL})
     if report:
-        res.report = report_mod.write_report(db, h, out_dir / "report", title=name)
+        res.report = report_mod.write_report(db, h, out_dir / "report", title=key.name)
     return res
 
 

@@ -1,0 +1,117 @@
+"""Rows of one (run, model, protocol) into the results database: the steps an
+:class:`~bastion.harness.eval_job.EvalJob` and an audit (:mod:`bastion.harness.audit`) share.
+
+:func:`pending` lists the threat models whose rows are not stored yet, :func:`measure_rows`
+measures them and stores each row as soon as it is done, :func:`store_worst_case` adds the
+per-budget worst case and :func:`store_flags` the sanity checks. Each step skips what the
+database already holds, so a killed run, started again, redoes nothing it finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bastion.data.base import ImageDataset
+from bastion.eval.bpda import bpda_view
+from bastion.eval.judge import is_random, judge
+from bastion.eval.loop import Measurement, measure
+from bastion.eval.sanity import Flag, run_checks
+from bastion.eval.settings import ADAPTIVE, EvaluationSection
+from bastion.eval.threats import ThreatModel
+from bastion.results.db import ResultsDB
+from bastion.results.rows import EvaluationRow, FlagRow
+from bastion.results.worst_case import WORST_CASE_LABEL, worst_case_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """What every row of one (run, model, protocol) carries: ``name`` is the model's display
+    name (the rows' ``defense`` column), ``defense`` its registry name (``extra["defense"]``)."""
+
+    config_hash: str
+    experiment: str
+    dataset: str
+    model_key: str
+    name: str
+    defense: str
+    protocol: str
+    norm: str
+
+    def stored(self, db: ResultsDB, label: str, eps: float) -> bool:
+        return db.has_evaluation(config_hash=self.config_hash, model_key=self.model_key, protocol=self.protocol,
+                                 attack_label=label, norm=self.norm, eps=float(eps))
+
+    def rows(self, db: ResultsDB) -> list[EvaluationRow]:
+        return db.evaluations(config_hash=self.config_hash, model_key=self.model_key, protocol=self.protocol)
+
+    def row(self, m: Measurement, n: int, clean_acc: float, *, queries: int, random: bool) -> EvaluationRow:
+        return EvaluationRow(
+            config_hash=self.config_hash, experiment=self.experiment, dataset=self.dataset, model_key=self.model_key,
+            defense=self.name, protocol=self.protocol, attack=m.attack, attack_label=m.label, attack_params=m.params,
+            norm=self.norm, eps=m.eps, n=n, clean_accuracy=clean_acc, robust_accuracy=m.robust_accuracy,
+            robust=m.robust, gradients=m.gradients, forwards=m.forwards, seconds=m.seconds,
+            extra={**m.extra, "defense": self.defense, "queries": queries, "random": random})
+
+
+def pending(db: ResultsDB, key: RowKey, threats: Sequence[ThreatModel]) -> list[ThreatModel]:
+    """The threat models whose rows the database does not hold yet."""
+    return [t for t in threats if not key.stored(db, t.label, float(t.attack.eps))]
+
+
+def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[ThreatModel], data: ImageDataset,
+                 st: EvaluationSection, dev: torch.device, *, progress: bool = False) -> int:
+    """Measure every row of ``todo`` and store each as soon as it is done. A deterministic
+    model's point counts as robust only if it was classified right to begin with; a random
+    model's robustness is judged by the majority of ``queries`` alone."""
+    x, y = data.x, data.y
+    random = is_random(model)
+    k = st.queries_for(key.protocol)
+    torch.manual_seed(st.seed)
+    clean = judge(model, x.to(dev), y.to(dev), queries=k, batch_size=st.batch_size).cpu()
+    clean_acc = float(clean.float().mean())
+    for t in tqdm(todo, desc=f"{key.name} {key.protocol}", disable=None if progress else True, leave=False):
+        row = measure(t, x, y, batch_size=st.batch_size, seed=st.seed, device=dev)
+        row.robust &= clean if not random else torch.ones_like(clean)
+        db.add_evaluation(key.row(row, len(x), clean_acc, queries=k if random else 1, random=random))
+        log.info("%s %s %s eps=%g: %.4f", key.name, key.protocol, row.label, row.eps, row.robust_accuracy)
+    return len(todo)
+
+
+def store_worst_case(db: ResultsDB, key: RowKey) -> None:
+    """The per-budget worst case, from the stored rows (right after a restart too)."""
+    for row in worst_case_rows(key.rows(db)):
+        if not key.stored(db, WORST_CASE_LABEL, row.eps):
+            db.add_evaluation(row)
+
+
+def needs_flags(db: ResultsDB, key: RowKey) -> bool:
+    """True when the database holds no flag of this (run, model, protocol) yet."""
+    return not db.flags(config_hash=key.config_hash, model_key=key.model_key, protocol=key.protocol)
+
+
+def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
+                dev: torch.device, *, before: Sequence[Flag] = ()) -> tuple[int, int]:
+    """Store the flags ``before`` (checks run before attacking) and, with ``st.sanity``, the
+    sanity checks on the stored rows; returns (checks run, flags raised)."""
+    random = is_random(model)
+    if key.protocol == ADAPTIVE and not random:
+        model = bpda_view(model)  # check the model the adaptive attacks actually went through
+    flags = list(before)
+    if st.sanity:
+        flags += run_checks(model, data, key.rows(db), norm=st.norm, random=random, device=dev, seed=st.seed,
+                            queries=st.queries_for(key.protocol))
+    for f in flags:
+        db.add_flag(FlagRow(config_hash=key.config_hash, model_key=key.model_key, defense=key.name,
+                            protocol=key.protocol, flag=f.name, passed=bool(f.passed), detail=str(f.detail)))
+    return len(flags), sum(not f.passed for f in flags)
+
+
+__all__ = ["RowKey", "measure_rows", "needs_flags", "pending", "store_flags", "store_worst_case"]
