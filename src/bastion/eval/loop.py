@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bastion.eval.threats import ThreatModel
+from bastion.results.batches import BatchLog, BatchState, capture_rng, restore_rng
 
 
 @dataclass
@@ -52,21 +53,42 @@ def _row_extra(threat: ThreatModel, sums: dict[str, Any], n: int) -> dict[str, A
     return extra
 
 
+def _resume(log: BatchLog | None, gen: torch.Generator | None, device: torch.device, robust: torch.Tensor,
+            step: int) -> tuple[int, dict[str, Any]]:
+    """Skip the batches ``log`` holds (their outcomes into ``robust``, their random states
+    restored); returns the first point to measure and the running totals."""
+    done = []
+    for b in log.finished() if log is not None else []:
+        if b.stop != min(b.start + step, len(robust)):
+            break  # kept with another batch size: measured again from here
+        robust[b.start : b.stop] = b.robust
+        done.append(b)
+    if not done:
+        return 0, {}
+    restore_rng(done[-1].rng, gen, device)
+    return done[-1].stop, dict(done[-1].totals)
+
+
 def measure(threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, seed: int,
             device: torch.device, seed_global: bool = True,
-            on_batch: Callable[[], object] | None = None) -> Measurement:
+            on_batch: Callable[[], object] | None = None, log: BatchLog | None = None) -> Measurement:
     """Run ``threat`` over ``x`` in batches of ``batch_size``: the attack's random starts draw
     from a generator seeded ``seed`` (none on MPS), and with ``seed_global`` the global RNG (the
-    random defenses' draws) is seeded ``seed`` too. ``robust`` comes back on the CPU."""
+    random defenses' draws) is seeded ``seed`` too. ``robust`` comes back on the CPU.
+
+    With a :class:`~bastion.results.batches.BatchLog`, every finished batch is kept and a
+    measurement started again goes on after the last one kept, with the random states it left:
+    the outcomes are those of an uninterrupted run."""
     gen = torch.Generator(device=device).manual_seed(seed) if device.type != "mps" else None
     if seed_global:
         torch.manual_seed(seed)  # the random defenses' draws
     robust = torch.zeros(len(x), dtype=torch.bool)
-    grads = fwds = 0
-    sums: dict[str, Any] = {}
-    t0 = time.perf_counter()
     step = batch_size
-    for i in range(0, len(x), step):
+    first, totals = _resume(log, gen, device, robust, step)
+    sums: dict[str, Any] = totals.get("sums", {})
+    grads, fwds, before = totals.get("gradients", 0), totals.get("forwards", 0), totals.get("seconds", 0.0)
+    t0 = time.perf_counter()
+    for i in range(first, len(x), step):
         out = threat.run(x[i : i + step].to(device), y[i : i + step].to(device), gen)
         for key, v in out.extra.items():
             sums[key] = sums.get(key, 0.0) + v if key.endswith("_sum") else v
@@ -74,11 +96,16 @@ def measure(threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, *, batch_size
         if out.cost is not None:
             grads += int(out.cost.gradients)
             fwds += int(out.cost.forwards)
+        if log is not None:
+            elapsed = before + time.perf_counter() - t0
+            log.save(BatchState(i, min(i + step, len(x)), robust[i : i + step].clone(),
+                                {"sums": sums, "gradients": grads, "forwards": fwds, "seconds": elapsed},
+                                capture_rng(gen, device)))
         if on_batch is not None:
             on_batch()
     a = threat.attack
     return Measurement(attack=a.name, label=threat.label, params=a.params, eps=float(a.eps), robust=robust,
-                       gradients=grads, forwards=fwds, seconds=time.perf_counter() - t0,
+                       gradients=grads, forwards=fwds, seconds=before + time.perf_counter() - t0,
                        extra=_row_extra(threat, sums, len(x)))
 
 

@@ -4,7 +4,9 @@
 :func:`pending` lists the threat models whose rows are not stored yet, :func:`measure_rows`
 measures them and stores each row as soon as it is done, :func:`store_worst_case` adds the
 per-budget worst case and :func:`store_flags` the sanity checks. Each step skips what the
-database already holds, so a killed run, started again, redoes nothing it finished.
+database already holds, so a killed run, started again, redoes nothing it finished; inside a
+row, the finished batches are kept (:mod:`bastion.results.batches`), so a killed row goes on
+from its last finished batch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bastion.eval.loop import Measurement, measure
 from bastion.eval.sanity import Flag, run_checks
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.eval.threats import ThreatModel
+from bastion.results.batches import BatchLog
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow, FlagRow
 from bastion.results.worst_case import WORST_CASE_LABEL, worst_case_rows
@@ -48,6 +51,10 @@ class RowKey:
     def stored(self, db: ResultsDB, label: str, eps: float) -> bool:
         return db.has_evaluation(config_hash=self.config_hash, model_key=self.model_key, protocol=self.protocol,
                                  attack_label=label, norm=self.norm, eps=float(eps))
+
+    def batches(self, db: ResultsDB, label: str, eps: float, n: int) -> BatchLog:
+        """The finished batches of the row (``label``, ``eps``) still being measured."""
+        return BatchLog(db.path, (self.config_hash, self.model_key, self.protocol, label, self.norm, eps), n)
 
     def rows(self, db: ResultsDB) -> list[EvaluationRow]:
         return db.evaluations(config_hash=self.config_hash, model_key=self.model_key, protocol=self.protocol)
@@ -78,9 +85,11 @@ def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[Th
     clean = judge(model, x.to(dev), y.to(dev), queries=k, batch_size=st.batch_size).cpu()
     clean_acc = float(clean.float().mean())
     for t in tqdm(todo, desc=f"{key.name} {key.protocol}", disable=None if progress else True, leave=False):
-        row = measure(t, x, y, batch_size=st.batch_size, seed=st.seed, device=dev)
+        batches = key.batches(db, t.label, float(t.attack.eps), len(x))
+        row = measure(t, x, y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches)
         row.robust &= clean if not random else torch.ones_like(clean)
         db.add_evaluation(key.row(row, len(x), clean_acc, queries=k if random else 1, random=random))
+        batches.clear()
         log.info("%s %s %s eps=%g: %.4f", key.name, key.protocol, row.label, row.eps, row.robust_accuracy)
     return len(todo)
 
