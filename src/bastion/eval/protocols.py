@@ -69,12 +69,13 @@ def autoattacks(eps_list: Sequence[float], settings: EvaluationSection, random: 
 
 
 def plan(protocol: str, subject: Subject, attack_list: Sequence[Attack],
-         settings: EvaluationSection) -> list[ThreatModel]:
-    """The threat models (one per row) of ``protocol`` for ``subject``."""
+         settings: EvaluationSection, budgets: Sequence[float] | None = None) -> list[ThreatModel]:
+    """The threat models (one per row) of ``protocol`` for ``subject``; ``budgets`` (AutoAttack's,
+    adaptive only) default to the budgets of ``attack_list``."""
     if protocol == PAPER:
         return [paper(subject, a, settings) for a in attack_list]
     if protocol == ADAPTIVE:
-        return adaptive_plan(subject, attack_list, settings)
+        return adaptive_plan(subject, attack_list, settings, budgets)
     raise ValueError(f"protocol={protocol!r} is not one of 'paper', 'adaptive'")
 
 
@@ -103,10 +104,12 @@ def adaptive(subject: Subject, attack: Attack, settings: EvaluationSection) -> T
                        expectation_draws=settings.expectation_draws, eot_samples=settings.eot_samples)
 
 
-def adaptive_plan(subject: Subject, attack_list: Sequence[Attack], settings: EvaluationSection) -> list[ThreatModel]:
-    """Every adaptive row: each attack, AutoAttack per budget, and the transfer rows."""
-    budgets = sorted({float(a.eps) for a in attack_list})
-    extra = autoattacks(budgets, settings, is_random(subject.model)) if settings.autoattack else []
+def adaptive_plan(subject: Subject, attack_list: Sequence[Attack], settings: EvaluationSection,
+                  budgets: Sequence[float] | None = None) -> list[ThreatModel]:
+    """Every adaptive row: each attack, AutoAttack per budget (``budgets``, by default those of
+    ``attack_list``), and the transfer rows."""
+    eps = sorted({float(e) for e in budgets} if budgets is not None else {float(a.eps) for a in attack_list})
+    extra = autoattacks(eps, settings, is_random(subject.model)) if settings.autoattack else []
     rows = [adaptive(subject, a, settings) for a in [*attack_list, *extra]]
     if subject.surrogate is not None:
         # an adaptive attacker knows the base network (or the paper's surrogate) too: the

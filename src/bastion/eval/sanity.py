@@ -67,6 +67,9 @@ PRE_CHECKS: dict[str, str] = {
     "random=True (bastion.models.user.wrap) or put the model in eval mode.",
     "outputs-look-like-probabilities": "Attacks need logits: probabilities saturate and hide the gradient (Carlini "
     "et al. 2019). Fix: return logits, or declare output='probabilities' so their log is used.",
+    "model-changes-between-calls": "A forward pass must not change the model: batch-norm statistics updated by a "
+    "module left in train mode, a counter, or outputs that depend on the batch make every number depend on the "
+    "order of calls. Fix: keep batch norm and dropout in eval mode and no state in forward().",
 }
 
 #: every flag's one-line explanation, for reports

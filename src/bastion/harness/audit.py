@@ -29,7 +29,7 @@ from torch import nn
 from bastion import attacks as attacks_mod
 from bastion import report as report_mod
 from bastion.data.base import ImageDataset
-from bastion.errors import InputError
+from bastion.errors import ConfigError, InputError
 from bastion.eval.judge import is_random
 from bastion.eval.protocols import Subject, plan
 from bastion.eval.sanity import Flag
@@ -56,16 +56,50 @@ class AuditResult:
     worst_case: dict[float, float] = field(default_factory=dict)
 
 
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], model: nn.Module) -> str | None:
+    """The first parameter or buffer that differs from ``before`` (``None`` if none)."""
+    after = model.state_dict()
+    for k, v in before.items():
+        if k not in after or after[k].shape != v.shape or not torch.equal(after[k], v):
+            return k
+    return next((k for k in after if k not in before), None)
+
+
+def _state_flag(model: nn.Module, before: dict[str, torch.Tensor], x: torch.Tensor, a: torch.Tensor,
+                random: bool) -> Flag:
+    """A model that changes between calls: state written by the forward pass (batch-norm
+    statistics of a module left in train mode, counters), a module that puts itself back in
+    train mode, or (deterministic models) a point's output that depends on its batch."""
+    what = None
+    if (key := _changed(before, model)) is not None:
+        what = f"the forward pass changed {key!r}"
+    elif (mod := next((n or type(m).__name__ for n, m in model.named_modules() if m.training), None)) is not None:
+        what = f"module {mod!r} is in train mode after model.eval() and a forward pass"
+    elif not random and not torch.allclose(model(x[:1]), a[:1], rtol=1e-4, atol=1e-4 * float(a.abs().max())):
+        what = "a point's output depends on the other points of its batch"
+    if what is None:
+        return Flag("model-changes-between-calls", True, "no state changed by forward passes; eval mode holds")
+    return Flag("model-changes-between-calls", False,
+                f"{what}: the numbers depend on the order of calls; put batch norm / dropout in eval mode and keep "
+                "no state in forward()")
+
+
 @torch.no_grad()
 def pre_checks(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list[Flag]]:
     """Checks before attacking, on a few points: the model to evaluate (a model whose repeated
     forward passes differ, without declaring it, is wrapped as random) and the flags raised."""
     model.eval()
+    before = _state(model)
     a, b = model(x), model(x)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise InputError("the model returns non-finite outputs (nan or inf) on clean inputs; fix the model first")
-    flags = []
     undeclared = not is_random(model) and not torch.equal(a, b)
+    flags = [_state_flag(model, before, x, a, is_random(model) or undeclared)]
+    model.load_state_dict(before)  # evaluate the model as it was handed over
     if undeclared:
         if not isinstance(model, Classifier):
             raise InputError("the model's forward passes differ; wrap it with bastion.models.user.wrap(random=True)")
@@ -103,12 +137,14 @@ def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: s
         model.check_inputs(data.x[:1], name=f"{data.name} data")
     model, pre = pre_checks(model, data.x[:16].to(dev))
     attack_list = [attacks_mod.create(a, eps=float(e), norm=st.norm) for a in attacks for e in eps]
+    if not attack_list and not st.autoattack:
+        raise ConfigError("attacks=[] with autoattack off: nothing to run; name an attack or turn AutoAttack on")
     h = _fingerprint(model, data, {"eps": [float(e) for e in eps], "attacks": list(attacks), "norm": st.norm,
                                    "evaluation": {k: v for k, v in vars(st).items() if k != "report"}})
     db = ResultsDB(Path(out_dir) / "results.sqlite")
     key = RowKey(config_hash=h, experiment=name, dataset=data.name, model_key=f"user-{h}", name=name,
                  defense="user", protocol=ADAPTIVE, norm=st.norm)
-    todo = pending(db, key, plan(ADAPTIVE, Subject(model), attack_list, st))
+    todo = pending(db, key, plan(ADAPTIVE, Subject(model), attack_list, st, budgets=eps))
     if todo:
         measure_rows(db, key, model, todo, data, st, dev)
     store_worst_case(db, key)
