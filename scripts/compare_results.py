@@ -7,7 +7,10 @@ Rows are matched by their natural keys and compared column by column:
 
 * ``evaluations`` by ``(config_hash, model_key, protocol, attack_label, norm, eps)``: every column
   but ``id``, ``created``, ``seconds`` and ``versions``; ``attack_params`` and ``extra`` as parsed
-  JSON; ``per_sample`` byte for byte, saying how many per-sample outcomes differ.
+  JSON; ``per_sample`` byte for byte, saying how many per-sample outcomes differ. The interval
+  columns (``ci_low``, ``ci_high``, ``clean_ci_low``, ``clean_ci_high``) are derived from
+  ``n``, the accuracies and ``per_sample``: compared like any column when both databases have
+  them, and left out (with a note, not a difference) when one was made before they existed.
 * ``flags`` by ``(config_hash, model_key, protocol, flag)``: every column but ``id`` and
   ``created`` (``passed``, ``detail``, ``defense``).
 * ``artifacts`` by ``(config_hash, model_key, kind, name)``: ``doc`` as parsed JSON and the
@@ -16,7 +19,7 @@ Rows are matched by their natural keys and compared column by column:
 * ``trainings`` by ``model_key``: every column but ``id``, ``created``, the times and ``path``
   (``params`` as parsed JSON, ``epochs``, ``defense``).
 
-A row on one side only is a difference; so is a column one side lacks. Floats must be equal
+A row on one side only is a difference; so is a column one side lacks (but a derived one). Floats must be equal
 exactly (the runs are deterministic). ``--config-hash`` (repeatable) restricts the comparison to
 those configs' rows, and the trainings to the models those rows name. Exit status: 0 identical,
 1 different, 2 a database could not be read.
@@ -52,6 +55,7 @@ class Table:
     json_columns: frozenset[str] = frozenset()
     bits_column: str | None = None  # packed per-sample bits, with the count in column ``n``
     tensors_column: str | None = None  # safetensors bytes
+    derived: frozenset[str] = frozenset()  # computed from the other columns: may be absent on one side
 
 
 TABLES = (
@@ -61,6 +65,7 @@ TABLES = (
         frozenset({"id", "created", "seconds", "versions"}),
         json_columns=frozenset({"attack_params", "extra"}),
         bits_column="per_sample",
+        derived=frozenset({"ci_low", "ci_high", "clean_ci_low", "clean_ci_high"}),
     ),
     Table("flags", ("config_hash", "model_key", "protocol", "flag"), frozenset({"id", "created"})),
     Table(
@@ -85,12 +90,14 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 @dataclass
 class TableReport:
-    """The outcome for one table: row counts and one line per difference."""
+    """The outcome for one table: row counts, one line per difference, and notes that are not
+    differences (derived columns one side lacks)."""
 
     name: str
     rows_a: int = 0
     rows_b: int = 0
     differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ reading
@@ -210,6 +217,8 @@ def row_differences(spec: Table, a: dict[str, Any], b: dict[str, Any]) -> list[s
     """What differs between two rows with the same key (one string per column)."""
     out = []
     for col in sorted((set(a) | set(b)) - spec.ignored - set(spec.key)):
+        if (col not in b or col not in a) and col in spec.derived:
+            continue  # derived from compared columns; noted once per table by compare_table
         if col not in b or col not in a:
             out.append(f"{col}: column only in {'A' if col in a else 'B'}")
         elif col == spec.bits_column:
@@ -233,6 +242,12 @@ def _key_text(spec: Table, key: tuple[Any, ...]) -> str:
 def compare_table(spec: Table, rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> TableReport:
     """Match the rows of one table by key and list every difference."""
     report = TableReport(spec.name, len(rows_a), len(rows_b))
+    cols_a = set().union(*rows_a) if rows_a else set()
+    cols_b = set().union(*rows_b) if rows_b else set()
+    for side, here, there in (("A", cols_a, cols_b), ("B", cols_b, cols_a)):
+        only = sorted((here - there) & spec.derived) if rows_a and rows_b else []
+        if only:
+            report.notes.append(f"derived column(s) {', '.join(only)} only in {side}: not compared")
     by_a = {tuple(r.get(k) for k in spec.key): r for r in rows_a}
     by_b = {tuple(r.get(k) for k in spec.key): r for r in rows_b}
     for side, rows, keyed in (("A", rows_a, by_a), ("B", rows_b, by_b)):
@@ -281,6 +296,7 @@ def render(reports: list[TableReport]) -> str:
     lines = []
     for r in reports:
         lines.append(f"{r.name}: {r.rows_a} rows in A, {r.rows_b} in B, {len(r.differences)} difference(s)")
+        lines += [f"  note: {n}" for n in r.notes]
         lines += [f"  {d}" for d in r.differences]
     total = sum(len(r.differences) for r in reports)
     lines.append("IDENTICAL" if total == 0 else f"DIFFERENT: {total} difference(s)")

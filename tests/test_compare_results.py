@@ -1,7 +1,8 @@
 """``scripts/compare_results.py``: two results databases compared row by row.
 
 The databases are built here with ``sqlite3`` directly, with the schema of
-``bastion.results.db`` (a copy, checked against the package's own below)."""
+``bastion.results.db`` (a copy, checked against the package's own below), or, for a database
+made before the interval columns existed, with the schema of that time (``OLD_SCHEMA``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from _scripts import load_script
 
 cr = load_script("compare_results")
 
-SCHEMA = """
+OLD_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY, config_hash TEXT NOT NULL, experiment TEXT NOT NULL, dataset TEXT NOT NULL,
@@ -44,6 +45,13 @@ CREATE TABLE IF NOT EXISTS trainings (
     epochs INTEGER NOT NULL, epoch_seconds REAL, total_seconds REAL, path TEXT NOT NULL, created REAL NOT NULL
 );
 """
+#: today's schema: the derived interval columns appended to ``evaluations``
+SCHEMA = OLD_SCHEMA.replace(
+    "created REAL NOT NULL,\n    UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)",
+    "created REAL NOT NULL, ci_low REAL, ci_high REAL, clean_ci_low REAL, clean_ci_high REAL,\n"
+    "    UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)",
+)
+assert SCHEMA != OLD_SCHEMA
 
 ROBUST = [True, False, True, True, False, False, True, False, True, True]  # 10 points: 2 bytes packed
 
@@ -81,9 +89,9 @@ def _insert(con, table, row):
     con.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
 
 
-def _database(path: Path, evaluations=(), flags=(), artifacts=(), trainings=()):
+def _database(path: Path, evaluations=(), flags=(), artifacts=(), trainings=(), schema=SCHEMA):
     con = sqlite3.connect(path)
-    con.executescript(SCHEMA)
+    con.executescript(schema)
     for table, rows in (("evaluations", evaluations), ("flags", flags), ("artifacts", artifacts),
                         ("trainings", trainings)):
         for row in rows:
@@ -228,3 +236,56 @@ def test_missing_table_and_missing_file(base, tmp_path, capsys):
     assert "table only in A" in _differences(base, partial)
     assert cr.main([str(base), str(tmp_path / "absent.sqlite")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _as_row(record):
+    """The typed row of a hand-made ``evaluations`` record (what Bastion would have written)."""
+    import torch
+
+    from bastion.results import EvaluationRow
+
+    n = record["n"]
+    bits = np.unpackbits(np.frombuffer(record["per_sample"], dtype=np.uint8))[:n].astype(bool)
+    return EvaluationRow(
+        config_hash=record["config_hash"], experiment=record["experiment"], dataset=record["dataset"],
+        model_key=record["model_key"], defense=record["defense"], protocol=record["protocol"],
+        attack=record["attack"], attack_label=record["attack_label"],
+        attack_params=json.loads(record["attack_params"]), norm=record["norm"], eps=record["eps"], n=n,
+        clean_accuracy=record["clean_accuracy"], robust_accuracy=record["robust_accuracy"],
+        robust=torch.from_numpy(bits), gradients=record["gradients"], forwards=record["forwards"],
+        seconds=record["seconds"], extra=json.loads(record["extra"]), created=record["created"],
+    )
+
+
+def test_a_database_made_before_the_interval_columns_compares_identical(tmp_path, capsys):
+    """The same rows in a database of the old schema (no interval columns), in one written by
+    today's ``ResultsDB``, and in the old one after ``ResultsDB`` migrated it: all IDENTICAL; a
+    changed interval between two databases that both have the columns is a difference."""
+    from bastion.results import FlagRow, ResultsDB
+
+    flipped = [not b for b in ROBUST]
+    records = [_evaluation(), _evaluation(eps=0.1, robust_accuracy=0.4, per_sample=np.packbits(flipped).tobytes()),
+               _evaluation(config_hash="c2", clean_accuracy=0.7)]
+    old = _database(tmp_path / "old.sqlite", evaluations=records, flags=[_flag()], schema=OLD_SCHEMA)
+    new = ResultsDB(tmp_path / "new.sqlite")
+    for rec in records:
+        new.add_evaluation(_as_row(rec))
+    new.add_flag(FlagRow("c1", "m1", "none", "paper", "converged", True, "pgd-200 within a point"))
+    assert cr.main([str(old), str(new.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("IDENTICAL")
+    assert "note: derived column(s) ci_high, ci_low, clean_ci_high, clean_ci_low only in B: not compared" in out
+    migrated = tmp_path / "migrated.sqlite"
+    shutil.copy(old, migrated)
+    ResultsDB(migrated)  # adds and fills the interval columns
+    assert cr.main([str(old), str(migrated)]) == 0
+    capsys.readouterr()
+    assert cr.main([str(migrated), str(new.path)]) == 0  # both have the columns: compared, and equal
+    out = capsys.readouterr().out
+    assert out.strip().endswith("IDENTICAL") and "note:" not in out
+    con = sqlite3.connect(migrated)
+    con.execute("UPDATE evaluations SET ci_low = ci_low + 1e-12 WHERE eps = 0.1")
+    con.commit()
+    con.close()
+    diffs = _differences(migrated, new.path)
+    assert len(diffs) == 1 and "eps=0.1) ci_low: " in diffs[0]

@@ -189,6 +189,32 @@ def test_report_from_a_path_and_the_text_table(report_db: tuple[ResultsDB, str, 
     assert lines[-1].split()[-1] == "1"  # the "converged" flag raised for the undefended model
 
 
+def test_tables_show_the_intervals(report_db: tuple[ResultsDB, str, Path]) -> None:
+    """Every accuracy of the text table and of the report's tables carries its 95% Clopper-Pearson
+    interval: the cells are those of the rows' own intervals, the aggregate's from its mask."""
+    from bastion.results import worst_case_estimate
+    from bastion.results.intervals import format_interval
+
+    db, h, tmp = report_db
+    rows = db.evaluations(config_hash=h, model_key="k-pgdat", protocol="adaptive")
+    pgd = next(r for r in rows if r.attack_label == "pgd-40" and r.eps == 0.1)
+    assert pgd.robust_interval is not None and pgd.clean_interval is not None
+    cell = format_interval(pgd.robust_accuracy, pgd.robust_interval)
+    clean = format_interval(pgd.clean_accuracy, pgd.clean_interval)
+    assert "[" in cell and clean.startswith("98.0 [")
+    line = next(ln for ln in table(db, h, defense="pgd-at", protocol="adaptive").splitlines() if " pgd-40 " in ln)
+    assert cell in line and f" {100 * pgd.clean_accuracy:.1f} " in line and clean not in line
+    at = [r for r in rows if r.eps == 0.1]
+    worst = worst_case_estimate(at)
+    assert worst is not None and worst.interval is not None
+    md, _ = write_report(db, h, tmp / "intervals")
+    text = md.read_text()
+    paper = next(r for r in db.evaluations(config_hash=h, model_key="k-pgdat", protocol="paper")
+                 if r.attack_label == "pgd-40" and r.eps == 0.1)
+    assert f"| pgd-40 | Linf 0.1 | {format_interval(paper.robust_accuracy, paper.robust_interval)} | {cell} |" in text
+    assert f" | {cell} |" in text and f" | {worst} |" in text and "Clopper-Pearson" in text
+
+
 def test_report_renders_in_chromium(report_db: tuple[ResultsDB, str, Path]) -> None:
     db, h, tmp = report_db
     _, page = write_report(db, h, tmp / "chromium")

@@ -175,3 +175,126 @@ def test_robust_to_all_is_the_per_sample_conjunction() -> None:
     assert a.tolist() == [True, True, False, True]  # untouched
     with pytest.raises(ValueError, match="at least one mask"):
         robust_to_all([])
+
+
+# ---------------------------------------------------------------------------- intervals in the database
+def _stored_intervals(db: ResultsDB) -> dict[tuple[str, float], tuple]:
+    """The interval columns as SQLite holds them, per (attack label, eps)."""
+    con = sqlite3.connect(db.path)
+    try:
+        return {(r[0], r[1]): tuple(r[2:]) for r in con.execute(
+            "SELECT attack_label, eps, ci_low, ci_high, clean_ci_low, clean_ci_high FROM evaluations")}
+    finally:
+        con.close()
+
+
+def test_rows_carry_intervals_and_the_database_stores_them(tmp_path: Path) -> None:
+    from bastion.results.intervals import clopper_pearson
+
+    db = ResultsDB(tmp_path / "r.sqlite")
+    rows = [ev("fgsm", 0.1, mask("11110110")), ev("pgd-40", 0.1, mask("10111110")),
+            ev("square-1000", 0.1, None, attack="square", acc=0.25, n=12),  # no mask: 3 of 12 points
+            ev("odd", 0.1, None, attack="odd", acc=0.25, n=13)]              # 3.25 of 13: no count, no interval
+    for r in [*rows, *worst_case_rows(rows[:2])]:
+        db.add_evaluation(r)
+    assert rows[0].robust_count == 6 and rows[0].robust_interval == clopper_pearson(6, 8)
+    assert rows[0].clean_interval == clopper_pearson(7, 8)  # clean 0.875 of 8 points
+    assert rows[2].robust_count == 3 and rows[2].robust_interval == clopper_pearson(3, 12)
+    assert rows[3].robust_interval is None and rows[3].clean_interval is None  # 0.875 * 13 is no count either
+    stored = _stored_intervals(db)
+    wc = stored[(WORST_CASE_LABEL, 0.1)]
+    assert wc == (*clopper_pearson(5, 8), *clopper_pearson(7, 8))  # the conjunction 10110110
+    for r in db.evaluations():
+        lo_hi = stored[(r.attack_label, r.eps)]
+        assert lo_hi[:2] == (r.robust_interval or (None, None)) and lo_hi[2:] == (r.clean_interval or (None, None))
+    assert stored[("odd", 0.1)] == (None, None, None, None)
+    # a row without a computable interval does not make every later open rewrite the file
+    from bastion.results.db import _stale
+
+    con = sqlite3.connect(db.path)
+    con.row_factory = sqlite3.Row
+    assert _stale(con) == ([], [])
+    con.close()
+
+
+def test_a_mask_and_an_accuracy_that_disagree_are_refused(tmp_path: Path) -> None:
+    db = ResultsDB(tmp_path / "r.sqlite")
+    with pytest.raises(ConfigError, match=r"robust_accuracy=0\.5 disagrees with robust: 6 of n=8"):
+        db.add_evaluation(ev("fgsm", 0.1, mask("11110110"), acc=0.5))
+    assert db.evaluations() == []
+
+
+#: the evaluations table as Bastion created it before the interval columns (by hand, on purpose)
+OLD_EVALUATIONS = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+CREATE TABLE evaluations (
+    id INTEGER PRIMARY KEY, config_hash TEXT NOT NULL, experiment TEXT NOT NULL, dataset TEXT NOT NULL,
+    model_key TEXT NOT NULL, defense TEXT NOT NULL, protocol TEXT NOT NULL, attack TEXT NOT NULL,
+    attack_label TEXT NOT NULL, attack_params TEXT NOT NULL, norm TEXT NOT NULL, eps REAL NOT NULL,
+    n INTEGER NOT NULL, clean_accuracy REAL NOT NULL, robust_accuracy REAL NOT NULL, per_sample BLOB,
+    gradients INTEGER NOT NULL DEFAULT 0, forwards INTEGER NOT NULL DEFAULT 0, seconds REAL NOT NULL DEFAULT 0,
+    extra TEXT NOT NULL DEFAULT '{}', versions TEXT NOT NULL, created REAL NOT NULL,
+    UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)
+);
+"""
+_OLD_INSERT = ("INSERT INTO evaluations (config_hash, experiment, dataset, model_key, defense, protocol, attack,"
+               " attack_label, attack_params, norm, eps, n, clean_accuracy, robust_accuracy, per_sample, versions,"
+               " created) VALUES ('h', 'quick', 'mnist', 'k', 'pgd-at', 'adaptive', ?, ?, '{}', 'linf', ?, ?, ?, ?, ?,"
+               " '{}', 1.0)")
+
+
+def test_an_old_database_is_migrated_and_filled_from_its_blobs(tmp_path: Path) -> None:
+    """A database made before the interval columns opens: the columns are added and filled from
+    the stored per-sample outcomes (from ``robust_accuracy * n`` for a row without them), rows
+    read back as before, and a row an older Bastion writes later is filled on the next open."""
+    from bastion.results.db import INTERVAL_COLUMNS, pack_bits
+    from bastion.results.intervals import clopper_pearson
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(OLD_EVALUATIONS)
+    con.execute(_OLD_INSERT, ("pgd", "pgd-40", 0.1, 8, 0.875, 0.75, pack_bits(mask("11011101"))))
+    con.execute(_OLD_INSERT, ("square", "square-1000", 0.1, 12, 0.75, 0.25, None))
+    con.commit()
+    con.close()
+    db = ResultsDB(path)
+    con = sqlite3.connect(path)
+    cols = [r[1] for r in con.execute("PRAGMA table_info(evaluations)")]
+    con.close()
+    assert cols[-4:] == list(INTERVAL_COLUMNS)
+    stored = _stored_intervals(db)
+    assert stored[("pgd-40", 0.1)] == (*clopper_pearson(6, 8), *clopper_pearson(7, 8))
+    assert stored[("square-1000", 0.1)] == (*clopper_pearson(3, 12), *clopper_pearson(9, 12))
+    got = db.evaluations()
+    assert [r.attack_label for r in got] == ["pgd-40", "square-1000"] and torch.equal(got[0].robust, mask("11011101"))
+    assert got[0].robust_interval == stored[("pgd-40", 0.1)][:2]
+    # an older Bastion writes a row into the migrated file (no interval); the next open fills it
+    con = sqlite3.connect(path)
+    con.execute(_OLD_INSERT, ("fgsm", "fgsm", 0.2, 8, 0.875, 0.125, pack_bits(mask("00000001"))))
+    con.commit()
+    con.close()
+    assert _stored_intervals(db)[("fgsm", 0.2)] == (None,) * 4
+    db2 = ResultsDB(path)
+    assert _stored_intervals(db2)[("fgsm", 0.2)] == (*clopper_pearson(1, 8), *clopper_pearson(7, 8))
+    # migrating again changes nothing; new rows are written with their intervals
+    before = _stored_intervals(db2)
+    ResultsDB(path).add_evaluation(ev("fgsm", 0.3, mask("10000000")))
+    after = _stored_intervals(ResultsDB(path))
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert after[("fgsm", 0.3)] == (*clopper_pearson(1, 8), *clopper_pearson(7, 8))
+
+
+def test_worst_case_estimate_carries_the_interval() -> None:
+    from bastion.results import worst_case_estimate
+    from bastion.results.intervals import clopper_pearson
+
+    a, b = ev("fgsm", 0.1, mask("11110110")), ev("pgd-40", 0.1, mask("10111110"))
+    est = worst_case_estimate([a, b])
+    assert est is not None and est.accuracy == 5 / 8 and est.interval == clopper_pearson(5, 8)
+    stored = worst_case_rows([a, b])[0]
+    assert worst_case_estimate([a, b, stored]) == est and stored.robust_interval == clopper_pearson(5, 8)
+    no_mask = ev("square-1000", 0.1, None, attack="square", acc=0.25)
+    low = worst_case_estimate([a, no_mask])
+    assert low is not None and low.accuracy == 0.25 and low.interval == clopper_pearson(2, 8)
+    assert worst_case_estimate([]) is None

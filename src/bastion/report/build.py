@@ -12,7 +12,9 @@ artifacts, and the trainings of the run's models (linked by ``model_key``) -- an
   and seed 002's loss landscapes (kind ``"landscape"``);
 * training cost (seconds per epoch, as a ratio to the undefended model's).
 
-The per-budget aggregate is :func:`bastion.results.worst_case.worst_case_accuracy`.
+Every accuracy in the tables carries its 95% Clopper-Pearson interval over the evaluated points
+(:mod:`bastion.results.intervals`). The per-budget aggregate is
+:func:`bastion.results.worst_case.worst_case_estimate`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,15 @@ from bastion.eval.settings import PROTOCOLS
 from bastion.report import figures
 from bastion.report.model import Figure, FlagLine, FlagTable, Paragraph, Report, Section, Table
 from bastion.results.db import ResultsDB
+from bastion.results.intervals import LEVEL, Estimate
 from bastion.results.rows import ArtifactRow, EvaluationRow, FlagRow, TrainingRow
-from bastion.results.worst_case import WORST_CASE_LABEL, WORST_CASE_METRIC, is_worst_case, worst_case_accuracy
+from bastion.results.worst_case import (
+    WORST_CASE_LABEL,
+    WORST_CASE_METRIC,
+    is_worst_case,
+    worst_case_accuracy,
+    worst_case_estimate,
+)
 
 #: protocol column order
 PROTOCOL_ORDER = PROTOCOLS
@@ -75,8 +84,22 @@ def read_run(db: ResultsDB, config_hash: str) -> RunRows:
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _fmt(v: float | None) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+def _fmt(v: Estimate | None) -> str:
+    """An accuracy with its interval, ``"18.0 [14.7, 21.7]"`` (``"–"``: none)."""
+    return "–" if v is None or math.isnan(v.accuracy) else str(v)
+
+
+def _robust(r: EvaluationRow | None) -> Estimate | None:
+    return None if r is None else Estimate(float(r.robust_accuracy), r.robust_interval)
+
+
+def _clean(r: EvaluationRow | None) -> Estimate | None:
+    return None if r is None else Estimate(float(r.clean_accuracy), r.clean_interval)
+
+
+#: what every table of accuracies says about its cells
+_CELLS = (f"Cells: accuracy in % and its {100 * LEVEL:.0f}% Clopper-Pearson interval over the evaluated points "
+          "[low, high], bounds rounded outwards.")
 
 
 def _eps_label(norm: str, eps: float) -> str:
@@ -127,11 +150,11 @@ def _summary_line(run: RunRows, key: str, protocols: list[str], budgets: list[tu
     line = [run.display[key]]
     for p in protocols:
         pr = [r for r in mrows if r.protocol == p]
-        line.append(_fmt(pr[0].clean_accuracy) if pr else "–")
+        line.append(_fmt(_clean(pr[0])) if pr else "–")
     for norm, eps in budgets:
         for p in protocols:
             at = [r for r in _at(mrows, norm, eps) if r.protocol == p]
-            line.append(_fmt(worst_case_accuracy(at)) if at else "–")
+            line.append(_fmt(worst_case_estimate(at)) if at else "–")
     return line
 
 
@@ -146,7 +169,7 @@ def summary_section(run: RunRows) -> Section:
     n_raised = sum(1 for f in run.flags if not f.passed)
     return Section("Summary", [
         Paragraph(f"{WORST_CASE_METRIC.capitalize()} (%) over every attack at each budget, on {dataset}; "
-                  f"a point counts as robust only if no attack broke it. Protocols side by side."),
+                  f"a point counts as robust only if no attack broke it. Protocols side by side. {_CELLS}"),
         Table(head, body),
         Paragraph(f"Sanity checks: {len(run.flags)} run, {n_raised} raised (a raised flag is a warning sign of "
                   f"gradient masking or of an attack that did not work)."),
@@ -173,16 +196,16 @@ def curves_section(run: RunRows) -> Section:
 # ---------------------------------------------------------------------------- per defense
 def _defense_table(mrows: list[EvaluationRow], ps: list[str], labels: list[str]) -> Table:
     """Clean accuracy, then per budget each attack's robust accuracy and the aggregate."""
-    body = [["clean", "–", *[_fmt(next((r.clean_accuracy for r in mrows if r.protocol == p), None)) for p in ps]]]
+    body = [["clean", "–", *[_fmt(_clean(next((r for r in mrows if r.protocol == p), None))) for p in ps]]]
     for norm, eps in _budgets(mrows):
         at = _at(mrows, norm, eps)
         for lab in labels:
-            cells = [_fmt(next((r.robust_accuracy for r in at if r.protocol == p and r.attack_label == lab), None))
+            cells = [_fmt(_robust(next((r for r in at if r.protocol == p and r.attack_label == lab), None)))
                      for p in ps]
             if any(c != "–" for c in cells):
                 body.append([lab, _eps_label(norm, eps), *cells])
         body.append([WORST_CASE_LABEL, _eps_label(norm, eps),
-                     *[_fmt(worst_case_accuracy([r for r in at if r.protocol == p])) for p in ps]])
+                     *[_fmt(worst_case_estimate([r for r in at if r.protocol == p])) for p in ps]])
     return Table(["attack", "budget", *ps], body)
 
 
@@ -207,7 +230,7 @@ def defense_section(run: RunRows, key: str) -> Section:
     mrows = run.of(key)
     ps, labels = _protocols(mrows), _attack_labels(mrows)
     sec = Section(f"Defense: {run.display[key]}", [
-        Paragraph(f"model key {key}; n = {max(int(r.n) for r in mrows)} test points; robust accuracy in %."),
+        Paragraph(f"model key {key}; n = {max(int(r.n) for r in mrows)} test points. {_CELLS}"),
         _defense_table(mrows, ps, labels),
     ])
     kflags = [f for f in run.flags if f.model_key == key]

@@ -1,7 +1,11 @@
 """The text table of a run (what ``bastion run`` prints and ``bastion results`` shows).
 
-One line per (defense, protocol, attack): clean accuracy, robust accuracy (%) per budget, and,
-on the per-budget aggregate's line, the number of raised sanity flags of that (model, protocol).
+One line per (defense, protocol, attack): clean accuracy, robust accuracy (%) per budget with
+its 95% Clopper-Pearson interval over the evaluated points (``"18.0 [14.7, 21.7]"``, bounds
+rounded outwards), and, on the per-budget aggregate's line, the number of raised sanity flags of
+that (model, protocol). The clean accuracy, the same on every line of a (model, protocol), is
+shown without its interval to keep the lines short; the report, ``--format csv|json`` and the
+RobustBench export carry it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.results.db import ResultsDB
+from bastion.results.intervals import format_interval
 from bastion.results.rows import EvaluationRow, FlagRow
 from bastion.results.worst_case import WORST_CASE_LABEL
 
@@ -35,9 +40,9 @@ def _groups(rows: Sequence[EvaluationRow]) -> tuple[dict[_Key, dict[str, Any]], 
     for r in rows:
         key = (r.defense, r.protocol, r.attack_label)
         if key not in groups:
-            groups[key] = {"clean": r.clean_accuracy, "cells": {}, "model_key": r.model_key}
+            groups[key] = {"clean": f"{100 * r.clean_accuracy:.1f}", "cells": {}, "model_key": r.model_key}
             order.append(key)
-        groups[key]["cells"][(r.norm, r.eps)] = r.robust_accuracy
+        groups[key]["cells"][(r.norm, r.eps)] = format_interval(r.robust_accuracy, r.robust_interval)
     first: dict[tuple[str, str], int] = {}
     for i, k in enumerate(order):
         first.setdefault(k[:2], i)
@@ -57,10 +62,10 @@ def format_table(rows: Sequence[EvaluationRow], flags: Sequence[FlagRow] = ()) -
     body = []
     for k in order:
         g = groups[k]
-        cells = [("-" if g["cells"].get(c) is None else f"{100 * g['cells'][c]:.1f}") for c in eps_cols]
+        cells = [g["cells"].get(c, "-") for c in eps_cols]
         nflag = raised.get((g["model_key"], k[1]), 0)
         flag_cell = str(nflag) if k[2] == WORST_CASE_LABEL else ""
-        body.append([k[0], k[1], k[2], f"{100 * g['clean']:.1f}", *cells, flag_cell])
+        body.append([k[0], k[1], k[2], g["clean"], *cells, flag_cell])
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths, strict=True)))

@@ -4,7 +4,8 @@ One file (default ``runs/results.sqlite``) holds four tables:
 
 ``evaluations``
     one row per (run, model, protocol, attack, eps): clean and robust accuracy, the per-sample
-    outcome (robust bits, packed), the cost, the attack's parameters, library versions and time.
+    outcome (robust bits, packed), the cost, the attack's parameters, library versions and time,
+    and the 95% Clopper-Pearson intervals of both accuracies (:mod:`bastion.results.intervals`).
     Unique on ``(config_hash, model_key, protocol, attack_label, norm, eps)``: writing the same
     evaluation twice replaces it, so a resumed run never holds a result twice.
 ``flags``
@@ -16,6 +17,11 @@ One file (default ``runs/results.sqlite``) holds four tables:
 ``trainings``
     one row per trained model: its cache key, defense and parameters, epochs, seconds per
     epoch, checkpoint path.
+
+The interval columns are derived: computed from the row when it is written, and, in a database
+made before they existed (or written by such a Bastion), added with ``ALTER TABLE`` and filled
+from the stored per-sample outcomes when the database is opened (:data:`INTERVAL_COLUMNS`).
+Adding them keeps the schema version: an older Bastion still reads and writes the file.
 
 Writes take, and reads return, the typed rows of :mod:`bastion.results.rows` (one class per
 table). Every write is one transaction (SQLite's journal makes it all-or-nothing, so a killed
@@ -40,6 +46,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bastion.errors import ConfigError
+from bastion.results.intervals import clopper_pearson, count_of
 from bastion.results.rows import ArtifactRow, EvaluationRow, FlagRow, TrainingRow
 from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL
 
@@ -71,6 +78,10 @@ CREATE TABLE IF NOT EXISTS evaluations (
     extra TEXT NOT NULL DEFAULT '{{}}', -- JSON: anything else (queries k, eot draws, ...)
     versions TEXT NOT NULL,         -- JSON: bastion, torch, python
     created REAL NOT NULL,
+    ci_low REAL,                    -- 95% Clopper-Pearson interval of robust_accuracy over the n points
+    ci_high REAL,                   -- (derived from per_sample; NULL when the row has no count)
+    clean_ci_low REAL,              -- the same for clean_accuracy (NULL when it is not a count of n)
+    clean_ci_high REAL,
     UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)
 );
 CREATE TABLE IF NOT EXISTS flags (
@@ -110,6 +121,12 @@ CREATE TABLE IF NOT EXISTS trainings (
 """
 
 
+#: the derived interval columns of ``evaluations``, in schema order (added to an older database on open)
+INTERVAL_COLUMNS = ("ci_low", "ci_high", "clean_ci_low", "clean_ci_high")
+
+#: how far a row's ``robust_accuracy`` may be from the mean of its mask (a float32 mean is within 1e-7)
+_MASK_TOLERANCE = 1e-6
+
 _R = TypeVar("_R")
 
 
@@ -122,6 +139,60 @@ def _typed(cls: type[_R], record: dict[str, Any]) -> _R:
     """A typed row from a decoded database record (the ``id`` column dropped)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def _intervals(robust_count: int | None, n: int, clean_accuracy: float) -> tuple[float | None, ...]:
+    """The values of :data:`INTERVAL_COLUMNS` for a row of ``n`` points (None: no interval)."""
+    robust = clopper_pearson(robust_count, n) if robust_count is not None and n >= 1 else None
+    k_clean = count_of(float(clean_accuracy), n)
+    clean = clopper_pearson(k_clean, n) if k_clean is not None else None
+    return (*(robust or (None, None)), *(clean or (None, None)))
+
+
+def _row_intervals(row: EvaluationRow) -> tuple[float | None, ...]:
+    """The interval columns of ``row``; raises :class:`ConfigError` when its robust accuracy is
+    not the mean of its mask (the stored interval would not describe the stored number)."""
+    k = row.robust_count
+    if row.robust is not None and k is not None and row.n >= 1 \
+            and abs(float(row.robust_accuracy) - k / row.n) > _MASK_TOLERANCE:
+        raise ConfigError(f"robust_accuracy={row.robust_accuracy!r} disagrees with robust: {k} of n={row.n} "
+                          f"points robust ({k / row.n!r})")
+    return _intervals(k, int(row.n), float(row.clean_accuracy))
+
+
+def _stale(con: sqlite3.Connection) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """What :func:`_migrate` has to do: the interval columns ``evaluations`` lacks, or else the
+    ``(values..., id)`` updates of the rows whose stored intervals are NULL but can be computed."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(evaluations)")}
+    missing = [c for c in INTERVAL_COLUMNS if c not in have]
+    if missing:
+        return missing, []
+    updates = []
+    for r in con.execute(f"SELECT id, n, clean_accuracy, robust_accuracy, per_sample, {', '.join(INTERVAL_COLUMNS)}"
+                         " FROM evaluations WHERE ci_low IS NULL OR clean_ci_low IS NULL"):
+        n = int(r["n"])
+        k = int(unpack_bits(r["per_sample"], n).sum()) if r["per_sample"] is not None \
+            else count_of(float(r["robust_accuracy"]), n)
+        values = _intervals(k, n, float(r["clean_accuracy"]))
+        if values != tuple(r[c] for c in INTERVAL_COLUMNS):
+            updates.append((*values, r["id"]))
+    return [], updates
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Add the interval columns an older ``evaluations`` table lacks, and fill every row whose
+    intervals are NULL (a row of an older database, or one written by an older Bastion) from its
+    per-sample outcomes (``robust_accuracy * n`` without them). Idempotent; one transaction, and
+    none at all (no write lock) when there is nothing to do."""
+    missing, updates = _stale(con)
+    if not missing and not updates:
+        return
+    con.execute("BEGIN IMMEDIATE")  # another process may be migrating the same file: look again under the lock
+    missing, _ = _stale(con)
+    for c in missing:
+        con.execute(f"ALTER TABLE evaluations ADD COLUMN {c} REAL")
+    _, updates = _stale(con)
+    con.executemany(f"UPDATE evaluations SET {', '.join(f'{c}=?' for c in INTERVAL_COLUMNS)} WHERE id=?", updates)
 
 
 def versions() -> dict[str, str]:
@@ -168,6 +239,8 @@ class ResultsDB:
             elif int(row[0]) != SCHEMA_VERSION:
                 raise ConfigError(f"results database {str(self.path)!r} has schema {row[0]}, "
                                   f"this Bastion writes {SCHEMA_VERSION}")
+        with self._tx() as con:
+            _migrate(con)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -182,21 +255,24 @@ class ResultsDB:
     # ------------------------------------------------------------------ writes
     def add_evaluation(self, row: EvaluationRow) -> None:
         """Insert (or replace) one evaluation row. ``row.robust``: per-sample robust mask ``(n,)``.
-        ``created`` 0 stores the time of the write; empty ``versions`` the running versions."""
+        ``created`` 0 stores the time of the write; empty ``versions`` the running versions; the
+        interval columns are computed from the row. Raises :class:`ConfigError` when the mask does
+        not have ``n`` entries or ``robust_accuracy`` is not its mean."""
         r = row
         if r.robust is not None and r.robust.numel() != r.n:
             raise ConfigError(f"robust has {r.robust.numel()} entries but n={r.n}")
+        cis = _row_intervals(r)
         with self._tx() as con:
             con.execute(
                 "INSERT OR REPLACE INTO evaluations (config_hash, experiment, dataset, model_key, defense, protocol,"
                 " attack, attack_label, attack_params, norm, eps, n, clean_accuracy, robust_accuracy, per_sample,"
-                " gradients, forwards, seconds, extra, versions, created)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f" gradients, forwards, seconds, extra, versions, created, {', '.join(INTERVAL_COLUMNS)})"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.config_hash, r.experiment, r.dataset, r.model_key, r.defense, r.protocol, r.attack, r.attack_label,
                  _json(r.attack_params), r.norm, float(r.eps), int(r.n), float(r.clean_accuracy),
                  float(r.robust_accuracy), pack_bits(r.robust) if r.robust is not None else None, int(r.gradients),
                  int(r.forwards), float(r.seconds), _json(r.extra or {}), json.dumps(r.versions or versions()),
-                 r.created or time.time()),
+                 r.created or time.time(), *cis),
             )
 
     def add_flag(self, row: FlagRow) -> None:
@@ -302,4 +378,4 @@ class ResultsDB:
             ).fetchone() is not None
 
 
-__all__ = ["ResultsDB", "SCHEMA_VERSION", "pack_bits", "unpack_bits", "versions"]
+__all__ = ["INTERVAL_COLUMNS", "ResultsDB", "SCHEMA_VERSION", "pack_bits", "unpack_bits", "versions"]

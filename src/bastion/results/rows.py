@@ -4,7 +4,8 @@ The fields are the tables' columns (less the ``id`` key), with the JSON columns 
 dicts and the binary ones to tensors:
 
 * :class:`EvaluationRow`: one (run, model, protocol, attack, budget) evaluation and its
-  per-sample robust mask ``robust`` (a ``(n,)`` bool tensor, or None);
+  per-sample robust mask ``robust`` (a ``(n,)`` bool tensor, or None); its 95% Clopper-Pearson
+  intervals (``robust_interval``, ``clean_interval``) are derived from the counts, not fields;
 * :class:`FlagRow`: one sanity check of one (run, model, protocol);
 * :class:`ArtifactRow`: one report artifact, a JSON ``doc`` and optional named tensors;
 * :class:`TrainingRow`: one trained model.
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from bastion.results.intervals import Interval, clopper_pearson, count_of
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -77,6 +80,28 @@ class EvaluationRow(_Row):
     extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
+
+    @property
+    def robust_count(self) -> int | None:
+        """How many of the ``n`` points are robust: the mask's count, else ``robust_accuracy * n``
+        when that is a whole number (None otherwise)."""
+        if self.robust is not None:
+            return int(self.robust.sum())
+        return count_of(float(self.robust_accuracy), int(self.n))
+
+    @property
+    def robust_interval(self) -> Interval | None:
+        """The 95% Clopper-Pearson interval ``(low, high)`` of the robust accuracy over the ``n``
+        points (:mod:`bastion.results.intervals`); None without a count or points."""
+        k = self.robust_count
+        return clopper_pearson(k, int(self.n)) if k is not None and self.n >= 1 else None
+
+    @property
+    def clean_interval(self) -> Interval | None:
+        """The 95% Clopper-Pearson interval of the clean accuracy over the ``n`` points; None when
+        ``clean_accuracy * n`` is not a whole number."""
+        k = count_of(float(self.clean_accuracy), int(self.n))
+        return clopper_pearson(k, int(self.n)) if k is not None else None
 
 
 @dataclass(frozen=True, eq=False)

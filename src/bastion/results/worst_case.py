@@ -9,8 +9,12 @@ computed from the stored rows, so it is right after a restart too.
 * :func:`is_worst_case`: is a row such an aggregate (and no attack of its own)?
 * :func:`worst_case_masks`: per budget, the conjunction of the masks.
 * :func:`worst_case_rows`: the aggregate rows the harness stores.
-* :func:`worst_case_accuracy`: the worst-case robust accuracy of some rows at one budget, as the
-  report shows it (the stored aggregate when there is one).
+* :func:`worst_case_estimate`: the worst-case robust accuracy of some rows at one budget and its
+  95% Clopper-Pearson interval, as the report shows them (the stored aggregate when there is
+  one); :func:`worst_case_accuracy`: the accuracy alone.
+
+A stored aggregate row is an :class:`~bastion.results.rows.EvaluationRow` like any other, so it
+carries its interval (``robust_interval``) and the database stores it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from bastion.errors import ConfigError
+from bastion.results.intervals import Estimate, clopper_pearson
 from bastion.results.rows import EvaluationRow
 
 #: ``attack`` of a stored worst-case row (no registered attack has this name)
@@ -91,25 +96,34 @@ def worst_case_rows(rows: Sequence[EvaluationRow]) -> list[EvaluationRow]:
     ]
 
 
-def worst_case_accuracy(rows: Sequence[EvaluationRow]) -> float | None:
-    """Worst-case robust accuracy of the rows at one budget: a stored aggregate row's when there
-    is one; else the per-sample conjunction of the attack rows' masks when there are several, all
-    with masks on the same number of points; else the smallest robust accuracy (None without
-    attack rows)."""
+def worst_case_estimate(rows: Sequence[EvaluationRow]) -> Estimate | None:
+    """Worst-case robust accuracy of the rows at one budget, with its 95% interval: a stored
+    aggregate row's when there is one; else the per-sample conjunction of the attack rows' masks
+    when there are several, all with masks on the same number of points; else the smallest
+    robust accuracy and that row's interval (None without attack rows). Without masks the true
+    worst case may lie below the smallest row, so that interval describes that attack alone."""
     stored = [r for r in rows if is_worst_case(r)]
     if stored:
-        return float(stored[0].robust_accuracy)
+        return Estimate(float(stored[0].robust_accuracy), stored[0].robust_interval)
     att = [r for r in rows if not is_worst_case(r)]
     if not att:
         return None
     masks = [r.robust for r in att]
     if len(att) > 1 and len({int(r.n) for r in att}) == 1 and all(m is not None for m in masks):
         both = robust_to_all(m.bool() for m in masks if m is not None)
-        return float(both.float().mean())
-    return min(float(r.robust_accuracy) for r in att)
+        n = int(both.numel())
+        return Estimate(float(both.float().mean()), clopper_pearson(int(both.sum()), n) if n else None)
+    lowest = min(att, key=lambda r: float(r.robust_accuracy))
+    return Estimate(float(lowest.robust_accuracy), lowest.robust_interval)
+
+
+def worst_case_accuracy(rows: Sequence[EvaluationRow]) -> float | None:
+    """The accuracy of :func:`worst_case_estimate` (None without attack rows)."""
+    est = worst_case_estimate(rows)
+    return None if est is None else est.accuracy
 
 
 __all__ = [
     "WORST_CASE_ATTACK", "WORST_CASE_LABEL", "WORST_CASE_METRIC", "is_worst_case", "robust_to_all",
-    "worst_case_accuracy", "worst_case_masks", "worst_case_rows",
+    "worst_case_accuracy", "worst_case_estimate", "worst_case_masks", "worst_case_rows",
 ]
