@@ -7,7 +7,7 @@
     bastion attack runs/lenet5 --attacks pgd --eps 0.3 --out adv/          (attack.py)
     bastion audit --model net.py:build --weights net.pt --dataset mnist --eps 0.3  (audit.py: your model)
     bastion run [CONFIG] [--set dataset.eval_samples=200] [--out DIR]      (run.py: the harness)
-    bastion results [--db PATH] [--format table|json|csv]                  (results.py)
+    bastion results [--db PATH] [--format table|json|csv|robustbench]      (results.py)
     bastion report [--db PATH] [--config-hash H] --out DIR                 (report.py)
 
 Every error a user can cause ends the command with one line ``bastion: error: ...`` and exit

@@ -7,6 +7,8 @@
 * :func:`write_report` writes ``report.md`` (figures as PNG files under ``figures/`` next to it)
   and one self-contained ``report.html``;
 * :func:`table`: the text table of a run (:mod:`bastion.report.table`);
+* :func:`write_robustbench`: RobustBench-style JSON, one file per (model, threat model, eps)
+  (:mod:`bastion.report.robustbench`);
 * :mod:`bastion.report.artifacts`: the data of the figures that are not numbers (gallery,
   landscape, diversity), computed by the harness and stored as artifacts.
 """
@@ -20,6 +22,7 @@ from bastion.report.build import build_report
 from bastion.report.html import render_html
 from bastion.report.markdown import FIGURE_DIR, render_markdown
 from bastion.report.model import Report
+from bastion.report.robustbench import write_robustbench
 from bastion.report.table import format_table, table
 from bastion.results.db import ResultsDB
 from bastion.utils.io import atomic_write, atomic_write_text
@@ -51,4 +54,5 @@ def write_report(db: str | Path | ResultsDB, config_hash: str, out_dir: str | Pa
     return md_path, html_path
 
 
-__all__ = ["Report", "build_report", "format_table", "render_html", "render_markdown", "table", "write_report"]
+__all__ = ["Report", "build_report", "format_table", "render_html", "render_markdown", "table", "write_report",
+           "write_robustbench"]
