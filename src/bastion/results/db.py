@@ -197,7 +197,7 @@ def _migrate(con: sqlite3.Connection) -> None:
 
 def versions() -> dict[str, str]:
     """Library versions stored with every row."""
-    from bastion import __version__
+    from bastion._version import __version__
 
     return {"bastion": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
