@@ -662,6 +662,86 @@ def test_image_folder_errors(tmp_path: Path, image_root: tuple[Path, dict[str, l
         data.load("image-folder", "train", path=odd, size=(5, 5))
 
 
+def _write_images(folder: Path, arrays: dict[str, list[np.ndarray]]) -> None:
+    """folder/<class>/<i>.png for each class's arrays ((H, W) grey or (H, W, 3) RGB)."""
+    from PIL import Image
+    for cls, items in arrays.items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i, arr in enumerate(items):
+            Image.fromarray(arr).save(folder / cls / f"{i:02d}.png")
+
+
+def test_a_folder_of_images_as_audit_data(tmp_path: Path) -> None:
+    """DIR/<class>/<image>: classes sorted by name, points interleaved by class (so that the
+    first N cover every class), pixels / 255, channels from the mode, statistics of the images."""
+    rng = np.random.default_rng(0)
+    grey = {c: [rng.integers(0, 256, size=(4, 5), dtype=np.uint8) for _ in range(k)]
+            for c, k in (("b", 1), ("a", 3), ("c", 2))}
+    _write_images(tmp_path / "digits", grey)
+    (tmp_path / "digits" / "a" / "readme.txt").write_text("ignored")
+    ds = data.from_path(tmp_path / "digits")
+    assert ds.classes == ("a", "b", "c") and ds.y.tolist() == [0, 1, 2, 0, 2, 0]
+    order = [grey["a"][0], grey["b"][0], grey["c"][0], grey["a"][1], grey["c"][1], grey["a"][2]]
+    assert ds.x.shape == (6, 1, 4, 5) and torch.equal(ds.x, torch.from_numpy(np.stack(order)[:, None] / 255).float())
+    assert ds.name == "digits" and ds.split == "test" and ds.source == str(tmp_path / "digits")
+    assert ds.mean == pytest.approx((float(ds.x.mean()),), abs=1e-6)
+    assert ds.take(3).y.tolist() == [0, 1, 2]
+
+    rgb = {c: [rng.integers(0, 256, size=(3, 3, 3), dtype=np.uint8)] for c in ("x", "y")}
+    _write_images(tmp_path / "colour", rgb)
+    col = data.from_image_folder(tmp_path / "colour")
+    assert col.x.shape == (2, 3, 3, 3) and torch.equal(col.x[1], torch.from_numpy(rgb["y"][0]).permute(2, 0, 1) / 255)
+
+    np.savez(tmp_path / "points.npz", x=ds.x.numpy(), y=ds.y.numpy())
+    assert torch.equal(data.from_path(tmp_path / "points.npz").x, ds.x), "a file is read as tensors"
+
+
+def test_a_folder_of_images_that_does_not_fit_names_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+    ok = np.zeros((4, 4), np.uint8)
+    _write_images(tmp_path / "size", {"a": [ok], "b": [np.zeros((4, 5), np.uint8)]})
+    with pytest.raises(DataIntegrityError, match=r"b/00.png: image is 4x5 with 1 channel\(s\) but .*a/00.png is 4x4"):
+        data.from_path(tmp_path / "size")
+    _write_images(tmp_path / "mode", {"a": [ok], "b": [np.zeros((4, 4, 3), np.uint8)]})
+    mode_error = r"b/00.png: image is 4x4 with 3 channel\(s\) but .*a/00.png is 4x4 with 1;"
+    with pytest.raises(DataIntegrityError, match=mode_error):
+        data.from_path(tmp_path / "mode")
+    (tmp_path / "rgba" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 4), np.uint8), mode="RGBA").save(tmp_path / "rgba" / "a" / "x.png")
+    with pytest.raises(DataIntegrityError, match=r"x.png: image mode 'RGBA' is not one of 'L', '1', 'RGB'"):
+        data.from_path(tmp_path / "rgba")
+    _write_images(tmp_path / "split" / "test", {"a": [ok]})
+    with pytest.raises(DatasetNotFoundError, match=r"no images .* pass the folder of one split, e.g. .*split/test"):
+        data.from_path(tmp_path / "split")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="has no class folders"):
+        data.from_path(tmp_path / "empty")
+    with pytest.raises(DatasetNotFoundError, match="is not a folder"):
+        data.from_image_folder(tmp_path / "nowhere")
+    _write_images(tmp_path / "decode", {"a": [ok]})
+    (tmp_path / "decode" / "a" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataIntegrityError, match="bad.png: cannot decode"):
+        data.from_path(tmp_path / "decode")
+
+
+def test_audit_command_reads_a_folder_of_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bastion audit --data DIR` evaluates a model on the images of DIR/<class>/."""
+    from bastion.cli import main
+    from bastion.results.db import ResultsDB
+
+    rng = np.random.default_rng(1)
+    _write_images(tmp_path / "imgs", {c: [rng.integers(0, 256, size=(6, 6), dtype=np.uint8) for _ in range(3)]
+                                      for c in ("0", "1")})
+    (tmp_path / "net.py").write_text("import torch\nfrom torch import nn\n\n\ndef build():\n    torch.manual_seed(0)\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(36, 2))\n")
+    argv = ["audit", "--model", f"{tmp_path / 'net.py'}:build", "--data", str(tmp_path / "imgs"), "-n", "4",
+            "--eps", "0.1", "--attacks", "fgsm", "--no-autoattack", "--out", str(tmp_path / "audit")]
+    assert main(argv) == 0
+    assert "fgsm" in capsys.readouterr().out
+    rows = ResultsDB(tmp_path / "audit" / "results.sqlite").evaluations()
+    assert {r.dataset for r in rows} == {"imgs"} and {r.n for r in rows} == {4}
+
+
 # ------------------------------------------------------------------------------------------
 # subsets
 # ------------------------------------------------------------------------------------------

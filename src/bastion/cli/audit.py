@@ -2,6 +2,7 @@
 
     bastion audit --model examples/net.py:build --weights net.pt --dataset mnist -n 500 --eps 0.1,0.3
     bastion audit --model pkg.module:build --model-arg width=2 --key logits --data points.npz --eps 0.03
+    bastion audit --model net.py:build --weights net.pt --data my_images/ --eps 0.03   # my_images/<class>/*.png
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--random", action="store_true", help="the model's forward pass is random (EOT, majority of k)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a registered dataset (see `bastion list datasets`)")
-    src.add_argument("--data", help=".npz or .safetensors file with x (N,C,H,W in [0,1]) and y")
+    src.add_argument("--data", help="a folder DIR/<class>/<image> (PNG, JPEG, ...; one size, L or RGB), or an .npz or "
+                                    ".safetensors file with x (N,C,H,W in [0,1]) and y")
     s.add_argument("--split", default="test", help="split of --dataset")
     s.add_argument("-n", type=int, default=500, help="evaluate the first N points (default 500)")
     s.add_argument("--eps", required=True, help="budgets, comma-separated")
@@ -63,11 +65,10 @@ def _model(args: argparse.Namespace, shape: tuple[int, int, int]) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from bastion import data
-    from bastion.data.base import from_tensor_file
     from bastion.eval.settings import EvaluationSection
     from bastion.harness.audit import audit
 
-    ds = data.load(args.dataset, args.split) if args.dataset else from_tensor_file(args.data)
+    ds = data.load(args.dataset, args.split) if args.dataset else data.from_path(args.data)
     ds = ds.take(args.n)
     model = _model(args, tuple(ds.x.shape[1:]))  # type: ignore[arg-type]
     st = EvaluationSection(protocols=["adaptive"], norm=args.norm, batch_size=250, queries=args.queries,

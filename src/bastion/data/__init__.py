@@ -3,6 +3,7 @@
 >>> from bastion import data
 >>> train = data.load("mnist", split="train")          # ImageDataset, x in [0, 1]
 >>> half = train.subset(0.5, seed=1)                   # 50% of the points, seed 1
+>>> mine = data.from_path("my_images/")                 # my_images/<class>/*.png, or points.npz
 
 Where each dataset comes from, in order: the standard files under the data directory
 (``$BASTION_DATA``, default ``~/.cache/bastion/data``), an offline packaged source (see the
@@ -17,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bastion.data.base import ImageDataset, sha256_arrays, validate
+from bastion.data.base import ImageDataset, from_tensor_file, sha256_arrays, validate
 from bastion.data.registry import DATASETS, register
 from bastion.errors import check_choice
 
@@ -35,6 +36,7 @@ def data_dir() -> Path:
 
 # Loaders register themselves on import; they are imported here and nowhere else.
 from bastion.data import cifar10, digits, image_folder, mnist  # noqa: E402,F401
+from bastion.data.image_folder import from_image_folder  # noqa: E402
 
 
 def list() -> builtins.list[str]:  # noqa: A001 - the registry API is list()/load()
@@ -71,4 +73,15 @@ def load(
     return ds
 
 
-__all__ = ["DATASETS", "ImageDataset", "data_dir", "list", "load", "register", "sha256_arrays", "validate"]
+def from_path(path: str | os.PathLike[str]) -> ImageDataset:
+    """Evaluation points from a path: a folder ``path/<class>/<image>``
+    (:func:`~bastion.data.image_folder.from_image_folder`), or arrays ``x`` and ``y`` in a
+    ``.npz`` or ``.safetensors`` file (:func:`~bastion.data.base.from_tensor_file`)."""
+    p = Path(path).expanduser()
+    return from_image_folder(p) if p.is_dir() else from_tensor_file(p)
+
+
+__all__ = [
+    "DATASETS", "ImageDataset", "data_dir", "from_image_folder", "from_path", "from_tensor_file", "list", "load",
+    "register", "sha256_arrays", "validate",
+]

@@ -23,6 +23,11 @@ Expected layout (``path`` is the loader option, ``root``/``download`` are ignore
 
 Other layouts (e.g. Tiny-ImageNet's ``val/images`` + ``val_annotations.txt``) are not read;
 rearrange them into the layout above.
+
+:func:`from_image_folder` reads one folder of evaluation points, ``path/<class>/<image>`` (the
+layout of torchvision's ``ImageFolder``, no split level), as ``bastion audit --data DIR`` does:
+nothing is resized or converted, so every image must share one size and one mode (``L`` gives
+one channel, ``RGB`` three).
 """
 
 from __future__ import annotations
@@ -141,6 +146,79 @@ def _stats(images: np.ndarray, block: int = 1024) -> tuple[tuple[float, ...], tu
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     std = np.where(std > 1e-12, std, 1.0)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+#: Pillow modes read by :func:`from_image_folder`, and the channels each gives ("1" is 1-bit grey)
+NATIVE_MODES = {"L": 1, "1": 1, "RGB": 3}
+
+
+def _decode_native(f: Path) -> np.ndarray:
+    """``f`` as a ``(C, H, W)`` uint8 array in its own mode (L or 1: one channel, RGB: three)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise ConfigError("reading a folder of images needs Pillow: pip install pillow (or the [data] extra)") from exc
+    try:
+        with Image.open(f) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im.convert("L") if mode == "1" else im, dtype=np.uint8) if mode in NATIVE_MODES else None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataIntegrityError(f"{f}: cannot decode image ({_common.describe_exc(exc)})") from exc
+    if arr is None:
+        raise DataIntegrityError(f"{f}: image mode {mode!r} is not one of {', '.join(map(repr, NATIVE_MODES))}; "
+                                 "convert the images to L (grey) or RGB")
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _folder_files(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The classes (sorted sub-folder names) of ``base`` and its image files with their labels."""
+    if not base.is_dir():
+        raise DatasetNotFoundError(f"data={str(base)!r} is not a folder; expected {base}/<class>/<images>")
+    classes = _class_dirs(base)
+    if not classes:
+        raise DatasetNotFoundError(f"data={str(base)!r} has no class folders; expected {base}/<class>/<images>")
+    per_class = [_image_files(base / c) for c in classes]
+    # interleaved by class (the first image of each class, then the second, ...), so that the
+    # first N points, which `bastion audit -n N` takes, cover every class
+    files = [(fs[j], i) for j in range(max(map(len, per_class))) for i, fs in enumerate(per_class) if j < len(fs)]
+    if not files:
+        nested = [c for c in classes if _class_dirs(base / c)]
+        hint = (f"; {base / nested[0]} holds folders: pass the folder of one split, e.g. {base / nested[0]}"
+                if nested else "")
+        raise DatasetNotFoundError(f"data={str(base)!r}: no images ({', '.join(EXTENSIONS)}) in "
+                                   f"{base}/<class>/{hint}")
+    return classes, files
+
+
+def from_image_folder(path: str | Path) -> ImageDataset:
+    """An evaluation set from ``path/<class>/<image>``: x ``(N, C, H, W)`` float32 in [0, 1]
+    (pixel / 255), y ``(N,)`` int64.
+
+    Classes are the sub-folders sorted by name (as torchvision's ``ImageFolder`` sorts them:
+    ``"10"`` before ``"2"``), label ``i`` the ``i``-th. Points come interleaved by class, in name
+    order within each (the first image of every class, then the second, ...), so that the first
+    ``N`` points cover every class. Nothing is resized or converted: every image must share the
+    first one's size and mode (``L`` or ``1``: one channel, ``RGB``: three), or the error names
+    the first file that differs.
+    The dataset's name is the folder's name, its split ``"test"``, its mean and std those of the
+    images.
+    """
+    base = Path(path).expanduser()
+    classes, files = _folder_files(base)
+    arrays: list[np.ndarray] = []
+    for f, _ in files:
+        arr = _decode_native(f)
+        if arrays and arr.shape != arrays[0].shape:
+            (c0, h0, w0), (c, h, w) = arrays[0].shape, arr.shape
+            raise DataIntegrityError(f"{f}: image is {h}x{w} with {c} channel(s) but {files[0][0]} is {h0}x{w0} "
+                                     f"with {c0}; every image of data={str(base)!r} must share one size and mode "
+                                     "(Bastion does not resize)")
+        arrays.append(arr)
+    images, labels = np.stack(arrays), np.asarray([i for _, i in files], dtype=np.int64)
+    mean, std = _stats(images)
+    x, y = _common.to_tensors(images, labels, 255.0, images.shape[1:])
+    return ImageDataset(base.name or str(base), "test", x, y, tuple(classes), mean, std, str(base))
 
 
 @register("image-folder", summary="images on disk in path/<split>/<class>/*.png|jpg|... (needs path=)")
