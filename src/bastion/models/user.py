@@ -19,7 +19,8 @@ into a classifier on inputs in ``bounds`` whose output is logits, from what the 
   majority of ``k`` queries: see :mod:`bastion.models.random`).
 
 :func:`load_module` builds the network from a factory (``path/to/file.py:build`` or
-``package.module:build``) or a TorchScript archive, and :func:`load_weights_file` loads weights
+``package.module:build``), a TorchScript archive, or a hub (``timm:NAME``, ``hf:DIR``:
+:mod:`bastion.models.hub`), and :func:`load_weights_file` loads weights
 from safetensors or from a PyTorch state dict read with ``weights_only=True`` -- never a full
 unpickle of a file a user hands us.
 """
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from bastion.errors import ConfigError, InputError
+from bastion.models import hub
 from bastion.models.base import Classifier
 
 #: what a user's module may return (see the module docstring)
@@ -132,17 +134,26 @@ def _probe_classes(adapter: OutputAdapter, shape: tuple[int, ...], bounds: tuple
         adapter.train(was)
 
 
+#: what a model source may look like (:func:`load_module`)
+SOURCE_FORMS = "FILE.py:FACTORY, package.module:FACTORY, torchscript:PATH, timm:NAME or hf:DIR"
+
+
 def load_module(source: str, **kwargs: Any) -> nn.Module:
     """The network named by ``source``: ``path/to/file.py:factory`` or ``package.module:factory``
-    (called with ``kwargs``), or ``torchscript:path/to/archive.pt``."""
+    (called with ``kwargs``), ``torchscript:path/to/archive.pt``, ``timm:NAME`` or ``hf:DIR``
+    (:mod:`bastion.models.hub`; ``kwargs`` go to timm's ``create_model`` or to ``from_pretrained``)."""
     if source.startswith("torchscript:"):
         path = Path(source.removeprefix("torchscript:"))
         if not path.is_file():
             raise ConfigError(f"model={source!r}: no TorchScript archive at {str(path)!r}")
         return torch.jit.load(str(path), map_location="cpu")
+    if source.startswith(hub.TIMM) and source.removeprefix(hub.TIMM):
+        return hub.load_timm(source.removeprefix(hub.TIMM), **kwargs)
+    if source.startswith(hub.HF) and source.removeprefix(hub.HF):
+        return hub.load_hf(source.removeprefix(hub.HF), **kwargs)
     where, sep, name = source.rpartition(":")
     if not sep or not where or not name:
-        raise ConfigError(f"model={source!r} must be FILE.py:FACTORY, package.module:FACTORY or torchscript:PATH")
+        raise ConfigError(f"model={source!r} must be {SOURCE_FORMS}")
     factory = getattr(_import(where, source), name, None)
     if not callable(factory):
         raise ConfigError(f"model={source!r}: {where!r} has no callable {name!r}")
@@ -150,6 +161,25 @@ def load_module(source: str, **kwargs: Any) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model={source!r}: {name}() returned {type(module).__name__}, not a torch.nn.Module")
     return module
+
+
+def declared_normalization(source: str, module: nn.Module) -> tuple[list[float], list[float]] | None:
+    """The ``(mean, std)`` that ``source`` itself declares for ``module`` loaded from it (a timm
+    model's ``pretrained_cfg``, a Hugging Face image processor's ``image_mean``/``image_std``), or
+    None: pass it to :func:`wrap` when the user gives no ``mean``/``std``."""
+    return hub.normalization(source, module)
+
+
+def source_files(source: str) -> list[Path]:
+    """The local files whose content determines the network of ``source`` (for cache keys): the
+    factory's ``.py`` file, the TorchScript archive, every file of an ``hf:`` directory; none for
+    ``package.module:FACTORY``, ``timm:NAME`` or a Hub id."""
+    if source.startswith("torchscript:"):
+        return [Path(source.removeprefix("torchscript:"))]
+    if source.startswith((hub.TIMM, hub.HF)):
+        return list(hub.source_files(source))
+    where = source.rpartition(":")[0]
+    return [Path(where)] if where.endswith(".py") else []
 
 
 def _import(where: str, source: str) -> Any:
@@ -193,4 +223,5 @@ def load_weights_file(module: nn.Module, path: str | Path) -> nn.Module:
         raise ConfigError(f"weights={str(p)!r} do not fit the model: {str(e).splitlines()[0]}") from None
     return module
 
-__all__ = ["OUTPUTS", "OutputAdapter", "UserClassifier", "load_module", "load_weights_file", "wrap"]
+__all__ = ["OUTPUTS", "SOURCE_FORMS", "OutputAdapter", "UserClassifier", "declared_normalization", "load_module",
+           "load_weights_file", "source_files", "wrap"]
