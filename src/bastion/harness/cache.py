@@ -10,6 +10,11 @@ defense (SAP / Multi-SAP strategy 1 built on a trained network), the base model'
 trainer's resumable run directory (``final/`` once finished, the checkpoint every caller
 loads), so a second ``bastion run`` finds it and trains nothing, and a killed training resumes
 from its last epoch.
+
+A user model (``source = ...``, :mod:`bastion.harness.user_models`) is not trained: its recipe is
+its source, arguments, declarations and the digest of its files' content, its key is
+``user-<hash>``, and its directory holds only ``user.json``, from which :func:`load_cached`
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 
 from bastion import defenses
 from bastion.config import to_dict
+from bastion.harness import user_models
 from bastion.harness.config import HarnessConfig, ModelEntry, stable_hash
 from bastion.models.random import as_random
 from bastion.train.checkpoint import load_model
@@ -40,9 +46,19 @@ def defense_params(m: ModelEntry) -> dict[str, Any]:
     return desc
 
 
+def user_recipe(cfg: HarnessConfig, m: ModelEntry) -> dict[str, Any]:
+    """Everything that determines user model ``m`` (plain data): its declarations, the digest of
+    its files and the dataset it is checked against (which gives the default input shape)."""
+    return {"dataset": cfg.dataset.name, "source": m.source, "args": dict(m.args), "weights": m.weights,
+            "digest": user_models.source_digest(str(m.source), m.weights), "key": m.key, "output": m.output,
+            "mean": m.mean, "std": m.std, "random": m.random, "input_shape": m.input_shape}
+
+
 def model_recipe(cfg: HarnessConfig, m: ModelEntry, keys: dict[str, str] | None = None) -> dict[str, Any]:
     """Everything that determines model ``m`` (plain data). ``keys``: id -> key of the models
     before it (for ``base``; computed when not given)."""
+    if m.is_user:
+        return user_recipe(cfg, m)
     tc = to_dict(cfg.train_config(m))
     for k in _NOT_DETERMINING:
         tc.pop(k, None)
@@ -61,8 +77,9 @@ def model_recipe(cfg: HarnessConfig, m: ModelEntry, keys: dict[str, str] | None 
 
 
 def model_key(cfg: HarnessConfig, m: ModelEntry, keys: dict[str, str] | None = None) -> str:
-    """Cache key of model ``m``: a hash of :func:`model_recipe`, prefixed by the defense name."""
-    return f"{m.defense}-{stable_hash(model_recipe(cfg, m, keys))}"
+    """Cache key of model ``m``: a hash of :func:`model_recipe`, prefixed by the defense name
+    (``user`` for a user model)."""
+    return f"{'user' if m.is_user else m.defense}-{stable_hash(model_recipe(cfg, m, keys))}"
 
 
 def all_keys(cfg: HarnessConfig) -> dict[str, str]:
@@ -79,8 +96,10 @@ def model_dir(out_dir: str | Path, key: str) -> Path:
 
 
 def is_cached(out_dir: str | Path, key: str) -> bool:
-    """True when model ``key`` finished training (its ``final/`` checkpoint exists)."""
-    return (model_dir(out_dir, key) / "final" / "meta.json").is_file()
+    """True when model ``key`` finished training (its ``final/`` checkpoint exists), or is a
+    registered user model."""
+    d = model_dir(out_dir, key)
+    return (d / "final" / "meta.json").is_file() or user_models.is_registered(d)
 
 
 def load_cached(out_dir: str | Path, key: str, device: torch.device | str = "cpu", *,
@@ -89,8 +108,13 @@ def load_cached(out_dir: str | Path, key: str, device: torch.device | str = "cpu
     is random (e.g. a noisy front end) comes back as a
     :class:`~bastion.models.random.StochasticClassifier`, so that the protocols treat it as the
     random defense it is."""
-    model, _ = load_model(model_dir(out_dir, key) / "final", device=device)
+    d = model_dir(out_dir, key)
+    if user_models.is_registered(d):
+        model: nn.Module = user_models.load(d, device)
+    else:
+        model, _ = load_model(d / "final", device=device)
     return as_random(model.eval()) if evaluate else model.eval()
 
 
-__all__ = ["all_keys", "defense_params", "is_cached", "load_cached", "model_dir", "model_key", "model_recipe"]
+__all__ = ["all_keys", "defense_params", "is_cached", "load_cached", "model_dir", "model_key", "model_recipe",
+           "user_recipe"]

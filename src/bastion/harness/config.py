@@ -7,7 +7,9 @@ A harness config (see ``bastion/configs/quick.toml`` and ``configs/seeds/*.toml`
     [dataset]   name, train_fraction, subset_seed, eval_split, eval_samples
     [training]  TrainConfig defaults shared by every model (each model may override fields)
     [[models]]  id, arch, defense ("none" or a registry name), params, train (overrides),
-                base (id of an already-trained model a wrapper defense builds on), seed, init
+                base (id of an already-trained model a wrapper defense builds on), seed, init;
+                or a user model Bastion does not train: id, source, args, weights, key, output,
+                mean, std, random, input_shape (and defense: the defense it implements, if any)
     [[attacks]] name, eps = [...], params = {...}
     [evaluation] protocols = ["paper", "adaptive"], queries (k), eot_samples, autoattack, ...
 
@@ -17,11 +19,19 @@ defense, attack, model and dataset names raise the registries' "did you mean" er
 
 :func:`config_hash` is the hash stored with every result row: it covers everything that
 determines the numbers (not ``out_dir``, ``db`` or the device), so a restarted run finds its
-finished rows and a changed config gets new ones.
+finished rows and a changed config gets new ones. For a user model that includes the content of
+its weights and source files (:func:`bastion.harness.user_models.source_digest`); a config
+without user models hashes exactly as before they existed.
+
+User models (``source = ...``) are evaluated, never trained, under the protocols that apply to
+them (:meth:`HarnessConfig.protocols_for`): the paper protocol is the threat model of a
+defense's paper, so a user model runs it only if it names the defense it implements
+(``defense = "sap"``); otherwise it runs the adaptive protocol alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -33,7 +43,9 @@ from bastion import attacks, defenses, models
 from bastion import data as data_mod
 from bastion.config import from_dict, load_toml, option, to_dict
 from bastion.errors import ConfigError
-from bastion.eval.settings import PROTOCOLS, EvaluationSection
+from bastion.eval.settings import PAPER, PROTOCOLS, EvaluationSection
+from bastion.harness import user_models
+from bastion.models.user import OUTPUTS
 from bastion.train.config import TrainConfig
 
 
@@ -62,7 +74,9 @@ class DatasetSection:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the comparison: an architecture, a defense and how it is trained."""
+    """One model of the comparison: an architecture, a defense and how it is trained; or, with
+    ``source``, a user model that Bastion evaluates without training (its fields after ``label``;
+    ``defense`` then names the defense it implements, if any, which gives its paper protocol)."""
 
     id: str = option("", "unique name of the model in this config (used by `base` and in tables)")
     arch: str = option("lenet5", "model registry name (see `bastion list models`)")
@@ -78,10 +92,25 @@ class ModelEntry:
                                          "transferred to this one (seed 003: the original model); the adaptive "
                                          "protocol adds these transfer rows to its own")
     label: str | None = option(None, "display name in tables (default: id)")
+    source: str | None = option(None, "a user model, evaluated but not trained: FILE.py:FACTORY, "
+                                      "package.module:FACTORY, torchscript:PATH, timm:NAME or hf:DIR")
+    args: dict[str, Any] = option({}, "user model: factory arguments (timm: create_model's, with pretrained = true "
+                                      "to download; hf: from_pretrained's, with allow_download = true for a Hub id)")
+    weights: str | None = option(None, "user model: its weights, safetensors or a state dict read with "
+                                       "weights_only=True (paths are relative to the working directory)")
+    key: str | int | None = option(None, "user model: where its logits are in its output: a dict key, an attribute "
+                                         "or a tuple index")
+    output: str = option("logits", "user model: what it returns: logits, probabilities or binary-logit")
+    mean: list[float] | None = option(None, "user model: per-channel normalisation it expects, applied inside "
+                                            "(default: what a timm or hf source declares, else none)")
+    std: list[float] | None = option(None, "user model: per-channel std to go with mean")
+    random: bool = option(False, "user model: its forward pass is random (EOT, majority of k)")
+    input_shape: list[int] | None = option(None, "user model: (C, H, W) it takes (default: the dataset's)")
 
     def __post_init__(self) -> None:
         if not self.id or not isinstance(self.id, str):
             raise ConfigError(f"id={self.id!r} must be a non-empty string")
+        self._check_user_fields()
         models.MODELS.get(self.arch)
         if not defenses.is_none(self.defense):
             entry = defenses.DEFENSES.get(self.defense)
@@ -103,6 +132,51 @@ class ModelEntry:
     @property
     def name(self) -> str:
         return self.label or self.id
+
+    @property
+    def is_user(self) -> bool:
+        """A user model: built from ``source``, evaluated, never trained."""
+        return self.source is not None
+
+    def _check_user_fields(self) -> None:
+        """A user model sets none of the training fields; a trained model none of the user ones."""
+        for name in USER_FIELDS if self.source is None else _TRAINING_FIELDS:
+            value = getattr(self, name)
+            if value != _default(ModelEntry, name):
+                why = ("is a user-model field: set source= too" if self.source is None else
+                       f"does not apply to a user model (source={self.source!r}): Bastion evaluates it, never "
+                       "trains it")
+                raise ConfigError(f"{name}={value!r} (model {self.id!r}) {why}")
+        if self.source is None:
+            return
+        user_models.check_source(self.source, self.args, "")
+        if self.weights is not None:
+            user_models.file_sha256(self.weights, field="weights")
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"output={self.output!r} (model {self.id!r}) is not one of {', '.join(OUTPUTS)}")
+        mean, std = self.mean or [], self.std or []
+        if (self.mean is None) != (self.std is None) or len(mean) != len(std) or any(v <= 0 for v in std) or (
+                self.mean is not None and not mean):
+            raise ConfigError(f"std={self.std!r} (model {self.id!r}) must give one positive value per channel of "
+                              f"mean={self.mean!r} (both or neither)")
+        if self.input_shape is not None and (len(self.input_shape) != 3 or min(self.input_shape) < 1):
+            raise ConfigError(f"input_shape={self.input_shape!r} (model {self.id!r}) must be [C, H, W]")
+        if self.params:
+            raise ConfigError(f"params={self.params!r} (model {self.id!r}): a user model's defense only names the "
+                              "paper threat model it is evaluated under; it takes no parameters")
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default value of field ``name`` of dataclass ``cls``."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+#: the [[models]] fields of a user model only (see :class:`ModelEntry`), left out of the
+#: :func:`config_hash` of a model without ``source`` so that existing configs keep their hash
+USER_FIELDS = ("source", "args", "weights", "key", "output", "mean", "std", "random", "input_shape")
+#: the [[models]] fields that only a model Bastion trains may set (``params`` is checked apart)
+_TRAINING_FIELDS = ("arch", "options", "init", "seed", "train", "base")
 
 
 @dataclass(frozen=True)
@@ -157,8 +231,15 @@ class HarnessConfig:
                 if ref is not None and ref not in ids[:i]:
                     raise ConfigError(f"models[{m.id}].{what}={ref!r} must be the id of a model listed before it; "
                                       f"known: {known}")
+            if m.base is not None and self.model(m.base).is_user:
+                raise ConfigError(f"models[{m.id}].base={m.base!r} is a user model; a wrapper defense is built only "
+                                  "around a model Bastion trained")
         for m in self.models:
             self.train_config(m)  # every model's training config is valid
+            if not self.protocols_for(m):
+                raise ConfigError(f"evaluation.protocols={self.evaluation.protocols!r} gives user model {m.id!r} "
+                                  "nothing to run: without a defense it has no paper threat model; add 'adaptive', "
+                                  "or name the defense it implements (defense = NAME)")
 
     # ------------------------------------------------------------------ derived
     def model(self, model_id: str) -> ModelEntry:
@@ -166,6 +247,13 @@ class HarnessConfig:
             if m.id == model_id:
                 return m
         raise ConfigError(f"no model with id {model_id!r}; ids: {', '.join(m.id for m in self.models)}")
+
+    def protocols_for(self, m: ModelEntry) -> list[str]:
+        """The protocols model ``m`` is evaluated under: ``evaluation.protocols``, less the paper
+        protocol for a user model that names no defense (it has no paper)."""
+        if m.is_user and defenses.is_none(m.defense):
+            return [p for p in self.evaluation.protocols if p != PAPER]
+        return list(self.evaluation.protocols)
 
     def train_config(self, m: ModelEntry) -> TrainConfig:
         """The :class:`~bastion.train.TrainConfig` of model ``m``: [training], then its overrides,
@@ -207,6 +295,12 @@ def config_hash(cfg: HarnessConfig) -> str:
     d = plain(cfg)
     for k in ("out_dir", "db", "device", "name"):
         d.pop(k, None)
+    for m, entry in zip(cfg.models, d["models"], strict=True):
+        if not m.is_user:
+            for k in USER_FIELDS:  # a config without user models hashes as before they existed
+                entry.pop(k, None)
+        else:  # the content of its files, not only their names
+            entry["digest"] = user_models.source_digest(str(m.source), m.weights)
     d["dataset"].pop("root", None)
     ev = d["evaluation"]
     for k in ("sanity", "artifacts", "gallery_samples", "report", "batch_size"):
@@ -251,6 +345,7 @@ def load_harness_config(path: str | Path | None = None, overrides: dict[str, Any
 
 __all__ = [
     "PROTOCOLS",
+    "USER_FIELDS",
     "AttackEntry",
     "DatasetSection",
     "EvaluationSection",

@@ -2,7 +2,8 @@
 
 :func:`plan_jobs` turns a :class:`~bastion.harness.config.HarnessConfig` into jobs -- a
 :class:`~bastion.harness.train_job.TrainJob` per model (a wrapper after its base), an
-:class:`~bastion.harness.eval_job.EvalJob` per (model, protocol), an
+:class:`~bastion.harness.eval_job.EvalJob` per (model, protocol that applies to it: see
+:meth:`~bastion.harness.config.HarnessConfig.protocols_for`), an
 :class:`~bastion.harness.artifact_job.ArtifactJob` per model -- and :func:`run` hands them to an
 executor (in-process by default), then writes the report from the database alone
 (:func:`bastion.report.write_report`) and returns a :class:`RunSummary` with the
@@ -56,7 +57,7 @@ def plan_jobs(cfg: HarnessConfig, *, progress: bool = False) -> list[Job]:
     for m in cfg.models:
         jobs.append(TrainJob(cfg, m.id, keys[m.id], keys.get(m.base) if m.base else None, out, db, progress))
     for m in cfg.models:
-        for proto in cfg.evaluation.protocols:
+        for proto in cfg.protocols_for(m):  # a user model without a defense: no paper protocol
             source = m.base or m.surrogate  # the model the paper protocol transfers from
             source_key = keys.get(source) if source else None
             jobs.append(EvalJob(cfg, h, m.id, keys[m.id], source_key, proto, out, db, progress))
@@ -86,6 +87,8 @@ def run(cfg: HarnessConfig, *, executor: Executor | None = None, progress: bool 
 def _announce(i: int, n: int, job: Job) -> None:
     """One line per job on stderr, so that a long run shows where it is (also in a log file)."""
     what = {"train": "train", "eval": "evaluate", "artifacts": "artifacts"}.get(job.kind, job.kind)
+    if job.kind == "train" and job.config.model(job.model_id).is_user:
+        what = "register"  # a user model is checked and recorded, not trained
     proto = f" ({job.protocol})" if hasattr(job, "protocol") else ""
     print(f"[{i + 1}/{n}] {what} {job.model_id}{proto} ...", file=sys.stderr, flush=True)
 

@@ -3,6 +3,10 @@
 A :class:`TrainJob` is idempotent: a cached model is not trained again (only its training
 record is written when a fresh database sits next to an old cache). Training resumes from the
 last finished epoch of a killed run (:func:`bastion.train.trainer.train`).
+
+A user model (``source = ...``) is not trained: its job registers it
+(:func:`bastion.harness.user_models.register`), building it once on the dataset's input shape
+and checking its number of classes, and records no training.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from typing import Any
 from bastion import data as data_mod
 from bastion import defenses, models
 from bastion.data.base import ImageDataset
-from bastion.harness.cache import is_cached, load_cached, model_dir, model_recipe
+from bastion.harness import user_models
+from bastion.harness.cache import is_cached, load_cached, model_dir, model_recipe, user_recipe
 from bastion.harness.config import HarnessConfig, ModelEntry
+from bastion.harness.eval_job import eval_data
 from bastion.models.base import Classifier
 from bastion.results.db import ResultsDB
 from bastion.results.rows import TrainingRow
@@ -57,6 +63,8 @@ class TrainJob:
         cfg = self.config
         m = cfg.model(self.model_id)
         out = model_dir(self.out_dir, self.key)
+        if m.is_user:
+            return self._register(m, out)
         db = ResultsDB(self.db_path)
         if is_cached(self.out_dir, self.key):
             if not db.trainings(model_key=self.key):  # a fresh database next to an old cache
@@ -67,6 +75,16 @@ class TrainJob:
         total = time.perf_counter() - t0
         self._record(db, m, done, total, out)
         return {"job": "train", "model": m.id, "trained": 1, "seconds": total}
+
+    def _register(self, m: ModelEntry, out: Path) -> dict[str, Any]:
+        """A user model: checked on the evaluation data's shape and classes, its recipe cached."""
+        if is_cached(self.out_dir, self.key):
+            return {"job": "train", "model": m.id, "trained": 0}
+        data = eval_data(self.config)
+        shape = list(m.input_shape) if m.input_shape is not None else list(data.shape)
+        recipe = {**user_recipe(self.config, m), "input_shape": shape}
+        user_models.register(out, recipe, num_classes=data.num_classes, name=m.id)
+        return {"job": "train", "model": m.id, "trained": 0, "registered": 1}
 
     def _record(self, db: ResultsDB, m: ModelEntry, done: Trained, total: float | None, out: Path) -> None:
         db.add_training(TrainingRow(model_key=self.key, defense=m.defense, params=model_recipe(self.config, m),
