@@ -20,12 +20,15 @@ NAME = "audit"
 
 def add_parser(sub: Subparsers) -> None:
     s = sub.add_parser(NAME, help="evaluate your own model (adaptive protocol, checks, database, report)")
-    s.add_argument("--model", required=True, help="FILE.py:FACTORY, package.module:FACTORY or torchscript:PATH")
+    s.add_argument("--model", required=True,
+                   help="FILE.py:FACTORY, package.module:FACTORY, torchscript:PATH, timm:NAME or "
+                   "hf:DIR (a Hugging Face image classifier saved locally)")
     s.add_argument("--model-arg", dest="model_arg", action="append", help="factory argument KEY=VALUE")
     s.add_argument("--weights", help="safetensors, or a state dict saved with torch.save (.pt/.pth; weights_only)")
     s.add_argument("--output", default="logits", help="what the model returns: logits, probabilities, binary-logit")
     s.add_argument("--key", help="where the logits are in the output: a dict key, an attribute or a tuple index")
-    s.add_argument("--mean", help="per-channel normalisation the model expects, e.g. 0.1307 (applied inside)")
+    s.add_argument("--mean", help="per-channel normalisation the model expects, e.g. 0.1307 (applied inside; "
+                   "default: what a timm/HF model declares, else none)")
     s.add_argument("--std", help="per-channel std to go with --mean")
     s.add_argument("--random", action="store_true", help="the model's forward pass is random (EOT, majority of k)")
     src = s.add_mutually_exclusive_group(required=True)
@@ -59,6 +62,8 @@ def _model(args: argparse.Namespace, shape: tuple[int, int, int]) -> Any:
         raise ConfigError("--mean and --std go together")
     mean = floats(args.mean, "--mean") if args.mean else None
     std = floats(args.std, "--std") if args.std else None
+    if mean is None and (declared := user.declared_normalization(args.model, module)) is not None:
+        mean, std = declared  # what a timm model or a Hugging Face image processor says it expects
     return user.wrap(module, input_shape=shape, output=args.output, key=_key(args.key), mean=mean, std=std,
                      random=args.random)
 
