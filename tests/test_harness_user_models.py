@@ -233,6 +233,11 @@ def test_user_model_beside_a_defense_in_one_report(tmp_path: Path, capsys: pytes
         ("adaptive", label, e) for label in ("fgsm", "worst case") for e in (0.1, 0.3)}
     assert {r.defense for r in user_rows} == {"my-net"} and all(r.n == 32 for r in user_rows)
     assert {r.defense for r in rows if r.model_key == keys["fgsm-at"]} == {"fgsm-at"}
+    pre = {f.flag: f.passed for f in db.flags(config_hash=s.config_hash, model_key=keys["my-net"])}
+    assert pre.items() >= {"undeclared-randomness": True, "outputs-look-like-probabilities": True,
+                           "model-changes-between-calls": True}.items(), "a user model gets the audit's checks"
+    trained = {f.flag for f in db.flags(config_hash=s.config_hash, model_key=keys["fgsm-at"])}
+    assert "undeclared-randomness" not in trained
     assert [t.model_key for t in db.trainings()] == [keys["fgsm-at"]], "a user model records no training"
     assert "my-net" in s.table and "fgsm-at" in s.table
     assert s.report is not None and "my-net" in s.report[0].read_text() and s.report[1].is_file()

@@ -9,7 +9,7 @@
 
 :func:`audit` runs the ``adaptive`` protocol of the harness on one model -- the same threat
 models (:mod:`bastion.eval.protocols`), the same batch loop, the same typed rows, worst case,
-sanity checks and report -- with checks before attacking (:func:`pre_checks`): a model whose
+sanity checks and report -- with checks before attacking (:mod:`bastion.eval.prechecks`): a model whose
 repeated forward passes differ is evaluated as the random model it is and flagged, outputs that
 look like probabilities are flagged, non-finite outputs stop the audit. Rows are keyed by a hash
 of the weights, the data and the settings, so an audit run again skips every finished row.
@@ -29,15 +29,13 @@ from torch import nn
 from bastion import attacks as attacks_mod
 from bastion import report as report_mod
 from bastion.data.base import ImageDataset
-from bastion.errors import ConfigError, InputError
-from bastion.eval.judge import is_random
+from bastion.errors import ConfigError
+from bastion.eval.prechecks import pre_checks
 from bastion.eval.protocols import Subject, plan
-from bastion.eval.sanity import Flag
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.harness.config import PROTOCOL_VERSION, stable_hash
 from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
 from bastion.models.base import Classifier
-from bastion.models.random import as_random
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow, FlagRow
 from bastion.results.worst_case import WORST_CASE_LABEL
@@ -54,65 +52,6 @@ class AuditResult:
     table: str = ""
     report: tuple[Path, Path] | None = None
     worst_case: dict[float, float] = field(default_factory=dict)
-
-
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _changed(before: dict[str, torch.Tensor], model: nn.Module) -> str | None:
-    """The first parameter or buffer that differs from ``before`` (``None`` if none)."""
-    after = model.state_dict()
-    for k, v in before.items():
-        if k not in after or after[k].shape != v.shape or not torch.equal(after[k], v):
-            return k
-    return next((k for k in after if k not in before), None)
-
-
-def _state_flag(model: nn.Module, before: dict[str, torch.Tensor], x: torch.Tensor, a: torch.Tensor,
-                random: bool) -> Flag:
-    """A model that changes between calls: state written by the forward pass (batch-norm
-    statistics of a module left in train mode, counters), a module that puts itself back in
-    train mode, or (deterministic models) a point's output that depends on its batch."""
-    what = None
-    if (key := _changed(before, model)) is not None:
-        what = f"the forward pass changed {key!r}"
-    elif (mod := next((n or type(m).__name__ for n, m in model.named_modules() if m.training), None)) is not None:
-        what = f"module {mod!r} is in train mode after model.eval() and a forward pass"
-    elif not random and not torch.allclose(model(x[:1]), a[:1], rtol=1e-4, atol=1e-4 * float(a.abs().max())):
-        what = "a point's output depends on the other points of its batch"
-    if what is None:
-        return Flag("model-changes-between-calls", True, "no state changed by forward passes; eval mode holds")
-    return Flag("model-changes-between-calls", False,
-                f"{what}: the numbers depend on the order of calls; put batch norm / dropout in eval mode and keep "
-                "no state in forward()")
-
-
-@torch.no_grad()
-def pre_checks(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list[Flag]]:
-    """Checks before attacking, on a few points: the model to evaluate (a model whose repeated
-    forward passes differ, without declaring it, is wrapped as random) and the flags raised."""
-    model.eval()
-    before = _state(model)
-    a, b = model(x), model(x)
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise InputError("the model returns non-finite outputs (nan or inf) on clean inputs; fix the model first")
-    undeclared = not is_random(model) and not torch.equal(a, b)
-    flags = [_state_flag(model, before, x, a, is_random(model) or undeclared)]
-    model.load_state_dict(before)  # evaluate the model as it was handed over
-    if undeclared:
-        if not isinstance(model, Classifier):
-            raise InputError("the model's forward passes differ; wrap it with bastion.models.user.wrap(random=True)")
-        model.stochastic = True  # the declaration it should have made
-        model = as_random(model)
-    detail = ("repeated forward passes differ: evaluated as a random model (EOT, majority of k); declare random=True"
-              if undeclared else "repeated forward passes agree, or the randomness is declared")
-    flags.append(Flag("undeclared-randomness", not undeclared, detail))
-    probs = bool((a >= 0).all() and torch.allclose(a.sum(-1), torch.ones(len(a)), atol=1e-4))
-    flags.append(Flag("outputs-look-like-probabilities", not probs,
-                      "outputs are non-negative and sum to 1: declare output='probabilities' (attacks then use "
-                      "their log) or return logits" if probs else "outputs look like logits"))
-    return model, flags
 
 
 def _fingerprint(model: nn.Module, data: ImageDataset, settings: dict[str, Any]) -> str:

@@ -16,10 +16,13 @@ from typing import Any
 from bastion import data as data_mod
 from bastion import defenses
 from bastion.data.base import ImageDataset
+from bastion.eval.prechecks import pre_checks
 from bastion.eval.protocols import Subject, build_attacks, plan
+from bastion.eval.sanity import Flag
 from bastion.harness.cache import load_cached
 from bastion.harness.config import HarnessConfig
 from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
+from bastion.models.user import UserClassifier
 from bastion.results.db import ResultsDB
 from bastion.utils.device import resolve_device
 
@@ -50,6 +53,11 @@ class EvalJob:
         cfg, m = self.config, self.config.model(self.model_id)
         db, dev = ResultsDB(self.db_path), resolve_device(cfg.device)
         model = load_cached(self.out_dir, self.key, dev, evaluate=True)
+        data: ImageDataset | None = None
+        pre: list[Flag] = []
+        if isinstance(model, UserClassifier):  # a model Bastion did not train: checks before attacking
+            data = eval_data(cfg)
+            model, pre = pre_checks(model, data.x[:16].to(dev))
         surrogate = load_cached(self.out_dir, self.base_key, dev) if self.base_key else None
         subject = Subject(model, defenses.paper_threat_model(m.defense), surrogate)
         threats = plan(self.protocol, subject, build_attacks(cfg.attacks, cfg.evaluation), cfg.evaluation)
@@ -58,13 +66,13 @@ class EvalJob:
         todo = pending(db, key, threats)
         stats: dict[str, Any] = {"job": "eval", "model": m.id, "protocol": self.protocol, "evaluated": 0,
                                  "skipped": len(threats) - len(todo), "checks": 0, "raised": 0}
-        sanity = cfg.evaluation.sanity and needs_flags(db, key)
-        data = eval_data(cfg) if todo or sanity else None
+        sanity = (cfg.evaluation.sanity or bool(pre)) and needs_flags(db, key)
+        data = data if data is not None else eval_data(cfg) if todo or sanity else None
         if todo and data is not None:
             stats["evaluated"] = measure_rows(db, key, model, todo, data, cfg.evaluation, dev, progress=self.progress)
         store_worst_case(db, key)
         if data is not None and sanity:
-            stats["checks"], stats["raised"] = store_flags(db, key, model, data, cfg.evaluation, dev)
+            stats["checks"], stats["raised"] = store_flags(db, key, model, data, cfg.evaluation, dev, before=pre)
         return stats
 
 
