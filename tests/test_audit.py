@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bastion.cli import main
+from bastion.data import base as data_base
 from bastion.errors import BastionError
 from bastion.harness.audit import audit, pre_checks
 from bastion.models import user
@@ -141,3 +142,115 @@ def test_audit_tutorial_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "worst case" in out and "undeclared-randomness" in out
     assert (tmp_path / "user_net.pt").is_file() and (tmp_path / "runs/audit-tutorial/report/report.html").is_file()
+
+
+# ---------------------------------------------------------------------------- bad input: one clear line each
+PLAIN = ROOT / "examples" / "zoo" / "plain.py"
+
+
+def _one_line(err: pytest.ExceptionInfo[BaseException]) -> str:
+    text = str(err.value)
+    assert "\n" not in text and text
+    return text
+
+
+def test_missing_factory_file_or_module_is_one_line() -> None:
+    with pytest.raises(BastionError) as e:
+        user.load_module(f"{PLAIN}:nope")
+    assert "has no callable 'nope'" in _one_line(e) and "plain.py" in str(e.value)
+    with pytest.raises(BastionError) as e:
+        user.load_module("examples/zoo/no_such_net.py:build")
+    assert "no file 'examples/zoo/no_such_net.py'" in _one_line(e)
+    with pytest.raises(BastionError) as e:
+        user.load_module("no_such_package.nets:build")
+    assert "cannot import 'no_such_package.nets'" in _one_line(e)
+
+
+def test_missing_factory_from_the_command_line(tmp_path, capsys) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "points.npz", x=np.zeros((4, 1, 28, 28), np.float32), y=np.zeros(4, np.int64))
+    argv = ["audit", "--model", f"{PLAIN}:nope", "--data", str(tmp_path / "points.npz"), "--eps", "0.1",
+            "--out", str(tmp_path / "audit")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bastion: error: ") and "has no callable 'nope'" in err and "\n" not in err
+    assert not (tmp_path / "audit").exists()
+
+
+def test_weights_that_do_not_fit_name_the_first_key_and_both_shapes(tmp_path) -> None:
+    torch.save(user.load_module(f"{PLAIN}:build", hidden=32).state_dict(), tmp_path / "w32.pt")
+    with pytest.raises(BastionError) as e:
+        user.load_weights_file(user.load_module(f"{PLAIN}:build"), tmp_path / "w32.pt")
+    assert "'net.1.weight' has shape (32, 784) in the file but (64, 784) in the model" in _one_line(e)
+    state = user.load_module(f"{PLAIN}:build").state_dict()
+    torch.save({k: v for k, v in state.items() if k != "net.3.bias"}, tmp_path / "missing.pt")
+    with pytest.raises(BastionError, match=r"the file has no 'net.3.bias' \(the model's is \(10,\)\)"):
+        user.load_weights_file(user.load_module(f"{PLAIN}:build"), tmp_path / "missing.pt")
+    torch.save({**state, "head.weight": torch.zeros(2, 3)}, tmp_path / "extra.pt")
+    with pytest.raises(BastionError, match=r"the model has no 'head.weight' \(shape \(2, 3\) in the file\)"):
+        user.load_weights_file(user.load_module(f"{PLAIN}:build"), tmp_path / "extra.pt")
+
+
+class _Marker:
+    """Unpickling this object writes a file: proof that a loader executed the pickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "executed"))
+
+
+def test_a_pickle_where_weights_are_expected_is_refused_and_never_executed(tmp_path) -> None:
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Marker(control)))  # the payload works: a full unpickle writes the file
+    assert control.read_text() == "executed"
+    marker = tmp_path / "marker"
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))  # torch.save(model), not torch.save(model.state_dict())
+    for i, payload in enumerate([{"net.1.weight": _Marker(marker)}, _Marker(marker), net]):
+        path = tmp_path / f"evil{i}.pt"
+        torch.save(payload, path)  # a custom object, or a full pickled nn.Module
+        with pytest.raises(BastionError) as e:
+            user.load_weights_file(user.load_module(f"{PLAIN}:build"), path)
+        assert "weights_only=True" in _one_line(e) and "never unpickles" in str(e.value)
+        assert not marker.exists()
+
+
+def _points(shape: tuple[int, int, int], n: int = 8) -> data_base.ImageDataset:
+    c = shape[0]
+    return data_base.ImageDataset(name="points", split="test", x=torch.rand(n, *shape), y=torch.arange(n) % 10,
+                                  classes=tuple(str(i) for i in range(10)), mean=(0.5,) * c, std=(0.25,) * c)
+
+
+def test_wrong_input_size_is_one_line(tmp_path) -> None:
+    model = user.wrap(user.load_module(f"{PLAIN}:build"), input_shape=(1, 28, 28))
+    with pytest.raises(BastionError) as e:
+        audit(model, _points((3, 32, 32)), eps=[0.1], out_dir=tmp_path, report=False)
+    assert "has 3 channels but the model expects 1" in _one_line(e)
+    with pytest.raises(BastionError) as e:
+        audit(model, _points((1, 32, 32)), eps=[0.1], out_dir=tmp_path, report=False)
+    assert "has shape (1, 1, 32, 32) but the model expects (N, 1, 28, 28)" in _one_line(e)
+    with pytest.raises(BastionError) as e:  # declared to match the data, but the network cannot take it
+        user.wrap(user.load_module(f"{PLAIN}:build"), input_shape=(3, 32, 32))
+    assert "fails on inputs of shape (N, 3, 32, 32)" in _one_line(e) and "784" in str(e.value)
+    assert not (tmp_path / "results.sqlite").exists()
+
+
+class _NaN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x.flatten(1))
+        return torch.where(x.flatten(1)[:, :1] > 0.5, torch.full_like(out, float("nan")), out)
+
+
+def test_nan_outputs_stop_the_audit(tmp_path) -> None:
+    model = user.wrap(_NaN(), input_shape=(1, 28, 28))
+    pts = _points((1, 28, 28))
+    pts.x[0, 0, 0, 0] = 0.9  # one point whose output is NaN
+    with pytest.raises(BastionError) as e:
+        audit(model, pts, eps=[0.1], out_dir=tmp_path, report=False)
+    assert "non-finite outputs (nan or inf)" in _one_line(e)

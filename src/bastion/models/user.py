@@ -55,6 +55,9 @@ class OutputAdapter(nn.Module):
         self.output = output
         self.key = key
 
+    def extra_repr(self) -> str:
+        return f"output={self.output!r}, key={self.key!r}"
+
     def _select(self, out: Any) -> Any:
         if isinstance(self.key, int):
             return out[self.key]
@@ -129,7 +132,12 @@ def _probe_classes(adapter: OutputAdapter, shape: tuple[int, ...], bounds: tuple
     try:
         p = next(iter(adapter.parameters()), None)
         x = torch.full((1, *shape), float(bounds[0]), device=p.device if p is not None else "cpu")
-        return int(adapter(x).shape[1])
+        try:
+            out = adapter(x)
+        except RuntimeError as e:  # e.g. a linear layer sized for other images
+            raise InputError(f"the model fails on inputs of shape (N, {', '.join(map(str, shape))}) "
+                             f"(input_shape={shape!r}): {str(e).splitlines()[0]}") from None
+        return int(out.shape[1])
     finally:
         adapter.train(was)
 
@@ -217,11 +225,31 @@ def load_weights_file(module: nn.Module, path: str | Path) -> nn.Module:
                               f"(Bastion never unpickles arbitrary objects): {type(e).__name__}") from None
     if not isinstance(state, Mapping):
         raise ConfigError(f"weights={str(p)!r} holds a {type(state).__name__}, not a state dict")
+    misfit = _misfit(module.state_dict(), state)
+    if misfit:
+        raise ConfigError(f"weights={str(p)!r} do not fit the model: {misfit}")
     try:
         module.load_state_dict(dict(state))
     except RuntimeError as e:
         raise ConfigError(f"weights={str(p)!r} do not fit the model: {str(e).splitlines()[0]}") from None
     return module
+
+
+def _shape(v: Any) -> tuple[int, ...] | None:
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _misfit(own: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """The first difference between the model's state dict ``own`` and the file's ``state``, in
+    the model's order: a key with another shape or missing from the file, then a key the model
+    lacks ("" when they fit)."""
+    for k, v in own.items():
+        if k not in state:
+            return f"the file has no {k!r} (the model's is {_shape(v)})"
+        if _shape(state[k]) != _shape(v):
+            return f"{k!r} has shape {_shape(state[k])} in the file but {_shape(v)} in the model"
+    extra = [k for k in state if k not in own]
+    return f"the model has no {extra[0]!r} (shape {_shape(state[extra[0]])} in the file)" if extra else ""
 
 __all__ = ["OUTPUTS", "SOURCE_FORMS", "OutputAdapter", "UserClassifier", "declared_normalization", "load_module",
            "load_weights_file", "source_files", "wrap"]
