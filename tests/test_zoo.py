@@ -119,8 +119,6 @@ def test_undeclared_quantiser_raises_the_gradients_flag(weights: Path, points: I
     assert not flags["near-chance-at-large-eps"].passed
 
 
-@pytest.mark.xfail(strict=True, reason="the gradients flag's explanation (eval/sanity.py CHECKS) does not yet say "
-                                       "how to declare a stand-in")
 def test_gradients_flag_says_how_to_declare_a_standin() -> None:
     text = EXPLANATIONS["gradients-not-vanishing"]
     assert "stand-in" in text and ("with_standin" in text or "NonDifferentiable" in text)
@@ -141,8 +139,6 @@ def test_undeclared_noise_is_evaluated_as_random_and_flagged(weights: Path, poin
     assert res.worst_case[0.1] < 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="audit() attacks a declared random model (wrap(random=True)) without "
-                                       "bastion.models.random.as_random: AttributeError 'expected'")
 def test_declared_noise_is_evaluated_as_random_without_a_flag(weights: Path, points: ImageDataset,
                                                               tmp_path: Path) -> None:
     model = wrap(_zoo("noisy", weights, sigma=0.1), input_shape=SHAPE, random=True)
@@ -162,7 +158,8 @@ def test_probabilities_are_flagged_and_handled(weights: Path, points: ImageDatas
     plain = wrap(_zoo("plain", weights), input_shape=SHAPE)
     assert torch.equal(declared(points.x).argmax(-1), plain(points.x).argmax(-1))
     a, b = _audit(declared, points, tmp_path / "d", 0.1), plain_audit
-    assert _flags(a)["outputs-look-like-probabilities"].passed
+    declared_flag = _flags(a)["outputs-look-like-probabilities"]
+    assert not declared_flag.passed and "declared probabilities" in declared_flag.detail
     assert [r.clean_accuracy for r in a.rows] == [r.clean_accuracy for r in b.rows]
     ra, rb = _robust(a), _robust(b)
     assert ra.keys() == rb.keys() and torch.equal(ra["fgsm"], rb["fgsm"])
@@ -236,9 +233,6 @@ def test_saturated_softmax_is_flagged_and_a_margin_loss_breaks_it(weights: Path,
     assert not flags["gradients-not-vanishing"].passed and not flags["near-chance-at-large-eps"].passed
 
 
-@pytest.mark.xfail(strict=True, reason="audit()'s fingerprint hashes the weights, data and settings but not what the "
-                                       "model declares (stand-ins, output adapter): a second audit of the same "
-                                       "weights in the same out_dir returns the first one's rows")
 def test_audits_of_two_declarations_of_the_same_weights_are_distinct(weights: Path, points: ImageDataset,
                                                                      tmp_path: Path) -> None:
     few = points.take(40)

@@ -19,6 +19,7 @@ from bastion.eval.judge import is_random
 from bastion.eval.sanity import Flag
 from bastion.models.base import Classifier
 from bastion.models.random import as_random
+from bastion.models.user import UserClassifier
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,7 +58,8 @@ def _state_flag(model: nn.Module, before: dict[str, torch.Tensor], x: torch.Tens
 def pre_checks(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list[Flag]]:
     """Checks before attacking, on a few points: the model to evaluate (a model whose repeated
     forward passes differ, without declaring it, is wrapped as random) and the flags raised."""
-    model.eval()
+    declared_probs = isinstance(model, UserClassifier) and model.net.output == "probabilities"
+    model = as_random(model.eval())  # a declared random model is evaluated through its random interface
     before = _state(model)
     a, b = model(x), model(x)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
@@ -73,11 +75,23 @@ def pre_checks(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list[Flag]
     detail = ("repeated forward passes differ: evaluated as a random model (EOT, majority of k); declare random=True"
               if undeclared else "repeated forward passes agree, or the randomness is declared")
     flags.append(Flag("undeclared-randomness", not undeclared, detail))
-    probs = bool((a >= 0).all() and torch.allclose(a.sum(-1), torch.ones(len(a)), atol=1e-4))
-    flags.append(Flag("outputs-look-like-probabilities", not probs,
-                      "outputs are non-negative and sum to 1: declare output='probabilities' (attacks then use "
-                      "their log) or return logits" if probs else "outputs look like logits"))
+    flags.append(_probability_flag(a, declared_probs))
     return model, flags
+
+
+def _probability_flag(a: torch.Tensor, declared: bool) -> Flag:
+    """Outputs that are probabilities, undeclared (non-negative, summing to 1) or ``declared``
+    (the output adapter hands over their log): either way a softmax that rounds to 1 in float32
+    leaves no gradient, so the flag is raised with what to do. (A log-softmax output is not
+    flagged: it differs from the logits by one constant per point, which no loss sees.)"""
+    ones = torch.ones(len(a), dtype=a.dtype, device=a.device)
+    if bool((a >= 0).all() and torch.allclose(a.sum(-1), ones, atol=1e-4)):
+        return Flag("outputs-look-like-probabilities", False, "outputs are non-negative and sum to 1: declare "
+                    "output='probabilities' (attacks then use their log) or return logits")
+    if declared:
+        return Flag("outputs-look-like-probabilities", False, "outputs are declared probabilities and attacked "
+                    "through their log; a saturated softmax still hides gradients: return logits if you can")
+    return Flag("outputs-look-like-probabilities", True, "outputs look like logits")
 
 
 __all__ = ["pre_checks"]

@@ -53,7 +53,9 @@ CHECKS: dict[str, str] = {
     "white-box-beats-black-box": "Transfer and score-based attacks must not beat the white-box ones; otherwise the "
     "white-box gradients are masked (Carlini et al. 2019, 5.4; Athalye et al. 2018).",
     "gradients-not-vanishing": "Input gradients of the loss must not be zero on many points (shattered or saturated "
-    "gradients, e.g. a quantising front end or saturated softmax; Athalye et al. 2018).",
+    "gradients, e.g. a quantising front end or saturated softmax; Athalye et al. 2018). Fix: declare a "
+    "differentiable stand-in for the part with no useful gradient (bastion.models.standin.with_standin(module, "
+    "standin) or a NonDifferentiable subclass) so the adaptive attacks go through it (BPDA), and return logits.",
     "noise-weaker-than-attack": "Random noise of the same size must break fewer points than the attack; otherwise "
     "the attack is worse than random search (Carlini et al. 2019, 5.2).",
     "breaks-when-randomness-fixed": "For a random defense, the attack must succeed once the randomness is fixed; "

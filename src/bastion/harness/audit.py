@@ -61,7 +61,12 @@ def _fingerprint(model: nn.Module, data: ImageDataset, settings: dict[str, Any])
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(data.x.numpy().tobytes())
     h.update(data.y.numpy().tobytes())
-    return stable_hash({"model_data": h.hexdigest(), "settings": settings, "protocol_version": PROTOCOL_VERSION})
+    # what the model declares is part of it: the same weights behind another output adapter, or
+    # with a stand-in declared, are another model
+    declared = {"modules": repr(model), "declaration": repr(model.declaration()) if isinstance(model, Classifier)
+                else None}
+    return stable_hash({"model_data": h.hexdigest(), "settings": settings, "protocol_version": PROTOCOL_VERSION,
+                        "declared": declared})
 
 
 def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: str = "linf",
