@@ -178,6 +178,17 @@ def test_missing_factory_from_the_command_line(tmp_path, capsys) -> None:
     assert not (tmp_path / "audit").exists()
 
 
+def test_an_unknown_autoattack_parameter_is_one_line(tmp_path, capsys) -> None:
+    import numpy as np
+
+    np.savez(tmp_path / "points.npz", x=np.zeros((4, 1, 28, 28), np.float32), y=np.zeros(4, np.int64))
+    argv = ["audit", "--model", f"{PLAIN}:build", "--data", str(tmp_path / "points.npz"), "--eps", "0.1",
+            "--autoattack-param", "n_querys=100", "--out", str(tmp_path / "audit")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no parameter 'n_querys'" in err and "\n" not in err
+
+
 def test_weights_that_do_not_fit_name_the_first_key_and_both_shapes(tmp_path) -> None:
     torch.save(user.load_module(f"{PLAIN}:build", hidden=32).state_dict(), tmp_path / "w32.pt")
     with pytest.raises(BastionError) as e:

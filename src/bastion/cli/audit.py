@@ -42,6 +42,8 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--norm", default="linf", help="linf or l2")
     s.add_argument("--queries", type=int, default=5, help="k: a random model must be right in a majority of k queries")
     s.add_argument("--no-autoattack", dest="autoattack", action="store_false", help="skip AutoAttack")
+    s.add_argument("--autoattack-param", dest="autoattack_param", action="append",
+                   help="AutoAttack hyper-parameter KEY=VALUE, e.g. n_queries=1000 (default: the paper's budget)")
     s.add_argument("--out", default="runs/audit", help="database and report directory")
     s.set_defaults(func=run)
 
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     ds = ds.take(args.n)
     model = _model(args, tuple(ds.x.shape[1:]))  # type: ignore[arg-type]
     st = EvaluationSection(protocols=["adaptive"], norm=args.norm, batch_size=250, queries=args.queries,
-                           autoattack=args.autoattack)
+                           autoattack=args.autoattack,
+                           autoattack_params=parse_assignments(args.autoattack_param or [], "--autoattack-param"))
     res = audit(model, ds, eps=floats(args.eps, "--eps"), norm=args.norm,
                 attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], out_dir=args.out, settings=st)
     print(res.table)
