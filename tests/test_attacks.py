@@ -223,3 +223,32 @@ def test_model_not_a_module():
 def test_classifier_wrapper_is_used_for_bounds():
     m = models.create("lenet5", seed=0)
     assert m.bounds == (0.0, 1.0)
+
+
+def test_eps_has_no_hidden_default_off_cifar():
+    """An attack created without ``eps`` keeps the CIFAR-10 convention (8/255) only for
+    CIFAR-like inputs (3x32x32 in [0, 1]); on anything else the call says to set it. Its params
+    stay JSON, with the unset budget as None; an explicit eps is stored as given."""
+    import json
+
+    pgd = attacks.create("pgd", steps=2)
+    assert pgd.params["eps"] is None and json.loads(json.dumps(pgd.params)) == pgd.params
+    assert attacks.create("pgd", eps=None, steps=2).params == pgd.params
+    assert attacks.create("pgd", eps=0.1).params["eps"] == 0.1
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    y = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(InputError) as e:
+        pgd(net, torch.rand(2, 1, 28, 28), y)
+    assert str(e.value) == "eps is not set: 8/255 is the CIFAR-10 convention; set eps for inputs of shape (1, 28, 28)"
+    for name in ("fgsm", "autoattack", "square", "fab"):
+        with pytest.raises(InputError, match=r"eps is not set.*\(1, 28, 28\)"):
+            attacks.create(name)(net, torch.rand(2, 1, 28, 28), y)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    res = pgd(net, x, y)
+    assert res.params["eps"] == 8 / 255 and float((res.x_adv - x).abs().max()) <= 8 / 255 + 1e-6
+    both = attacks.worst_case([attacks.create("fgsm"), pgd])(net, x, y)
+    assert [a["eps"] for a in both.params["attacks"]] == [8 / 255, 8 / 255]
+    aa = attacks.create("autoattack", steps=2, n_queries=5)(net, x, y)
+    assert aa.params["eps"] == 8 / 255 and {c["eps"] for c in aa.params["components"]} == {8 / 255}
+    # minimal-perturbation attacks are unbounded by default, which is a setting, not a guess
+    assert attacks.create("deepfool").params["eps"] == float("inf")

@@ -7,7 +7,9 @@
 
 Every attack is one file in this folder holding its update rule; the engine in
 :mod:`bastion.attacks.base` enforces the budget and bounds, tracks the best adversarial per
-sample and stops early per sample.
+sample and stops early per sample. Called directly on a model that declares a random forward
+pass, an attack runs to its final iterate and is judged by the deployed decision in a majority
+of queries (:mod:`bastion.attacks.verdict`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, project
 from bastion.attacks.compose import Cascade, worst_case
 from bastion.attacks.registry import ATTACKS, create, register
 from bastion.attacks.transfer_attacks import GradientEnsemble, Transfer, transfer  # registers gradient-ensemble
+from bastion.attacks.verdict import DEFAULT_QUERIES, RandomModelWarning
 from bastion.errors import ConfigError
 
 
@@ -53,6 +56,6 @@ def eot(attack: Attack, samples: int) -> Attack:
 
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackResult", "AttackRun", "Cascade", "Cost", "GradientEnsemble", "Transfer",
-    "create", "eot", "list", "project", "register", "transfer", "worst_case",
+    "ATTACKS", "DEFAULT_QUERIES", "Attack", "AttackResult", "AttackRun", "Cascade", "Cost", "GradientEnsemble",
+    "RandomModelWarning", "Transfer", "create", "eot", "list", "project", "register", "transfer", "worst_case",
 ]

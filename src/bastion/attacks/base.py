@@ -13,6 +13,12 @@ an :class:`AttackResult`. Inside ``_run`` the attack only sees the *working set*
 still being attacked — and drops finished ones with :meth:`AttackRun.prune`, so a point that is
 already adversarial costs nothing more.
 
+Two rules apply to every attack at call time: an ``eps`` left unset resolves to 8/255 on
+CIFAR-like inputs only (:meth:`Attack.with_budget`), and on a model that declares a random
+forward pass the attack runs to its final iterate and each point is judged by the deployed
+decision in a majority of queries (:mod:`bastion.attacks.verdict`), unless the caller judges
+the points itself (``judged_by_caller=True``, the evaluation's threat models).
+
 Design after Foolbox 3 (the base class, not each attack, owns the budget) and AutoAttack
 (per-sample masks carried across iterations and restarts); see ``shared/STYLE.md``.
 """
@@ -20,7 +26,9 @@ Design after Foolbox 3 (the base class, not each attack, owns the budget) and Au
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bastion.attacks.verdict import DEFAULT_QUERIES, Majority, RandomModelWarning, check_queries, is_random
 from bastion.errors import ConfigError, InputError, check_choice
 from bastion.models.base import Classifier, as_classifier
 
@@ -38,6 +47,24 @@ NORMS: tuple[str, ...] = ("linf", "l2")
 
 #: per-sample loss ``(logits, labels) -> (N,)`` that the attack *ascends*
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: ``eps`` left unset (the default of budgeted attacks): resolved when the attack is called. This
+#: one NaN object (an ``eps=nan`` given explicitly is refused; ``eps=None`` means unset)
+EPS_UNSET = float("nan")
+#: the CIFAR-10 convention an unset ``eps`` resolves to, on CIFAR-like inputs only
+CIFAR_EPS = 8 / 255
+#: what "CIFAR-like" means: inputs of shape (3, 32, 32) in the bounds [0, 1]
+CIFAR_SHAPE = (3, 32, 32)
+
+
+def eps_is_set(eps: float) -> bool:
+    """False for :data:`EPS_UNSET` (an attack created without ``eps``)."""
+    return not (isinstance(eps, float) and math.isnan(eps))
+
+
+def same_eps(a: float, b: float) -> bool:
+    """``a == b``, with two unset budgets counting as the same."""
+    return a == b or (not eps_is_set(a) and not eps_is_set(b))
 
 
 # --------------------------------------------------------------------------- threat model
@@ -109,14 +136,18 @@ class AttackResult:
             attack's last iterate (the clean point if it was never attacked).
         success: ``(N,)`` bool, the criterion holds at ``x_adv`` (misclassified, or classified
             as the target for a targeted attack). Includes points that were already
-            misclassified before the attack.
-        clean_success: ``(N,)`` bool, the criterion already held at the clean input.
+            misclassified before the attack. For a model that declares a random forward pass
+            (called without ``judged_by_caller``): by its deployed decision in a majority of
+            queries (:mod:`bastion.attacks.verdict`).
+        clean_success: ``(N,)`` bool, the criterion already held at the clean input (judged
+            likewise).
         distances: ``(N,)`` size of ``x_adv - x`` in the attack's norm where it succeeded
             (0 for points already misclassified), ``inf`` where it failed.
         cost: gradient and forward evaluations, and time.
         attack: registry name; params: the frozen hyper-parameters.
         targeted: whether ``targets`` were given. norm: the threat model's norm.
-        details: attack-specific extras (e.g. a composition's per-attack breakdown).
+        details: attack-specific extras (e.g. a composition's per-attack breakdown; how a
+            random model's points were judged, ``"verdict"``).
     """
 
     x_adv: torch.Tensor
@@ -331,13 +362,19 @@ class Attack(ABC):
     """Base class of every attack: frozen hyper-parameters, one ``_run`` with the update rule.
 
     Attributes shared by all attacks:
-        eps: the budget, in the units of the inputs (e.g. ``8/255`` for images in [0, 1]).
+        eps: the budget, in the units of the inputs. There is no hidden default: left unset
+            (:data:`EPS_UNSET`, ``None`` accepted), it is resolved when the attack is called:
+            8/255 (the CIFAR-10 convention) on CIFAR-like inputs (shape ``(3, 32, 32)`` in
+            the bounds ``[0, 1]``), an :class:`InputError` on any other input. ``params``
+            shows an unset ``eps`` as ``None``, a result's ``params`` the value used.
         norm: ``"linf"`` or ``"l2"`` (only those in the subclass's :attr:`norms`).
         early_stop: stop attacking a point as soon as it is adversarial (default). Turn off to
-            run the plain algorithm, e.g. for comparing iterates with another library.
+            run the plain algorithm, e.g. for comparing iterates with another library. A direct
+            call on a random model turns it off (see :meth:`__call__`).
+        eot_samples: gradient draws per step (EOT) for a randomised model; 1 = no EOT.
     """
 
-    eps: float = 8 / 255
+    eps: float = EPS_UNSET
     norm: str = "linf"
     early_stop: bool = True
     eot_samples: int = 1
@@ -356,10 +393,9 @@ class Attack(ABC):
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, self.norms)
-        bad = isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not (self.eps >= 0)
-        if bad or (self.eps == float("inf") and not self.minimal):
-            what = "a number >= 0 (inf for no bound)" if self.minimal else "a finite number >= 0"
-            raise ConfigError(f"eps={self.eps!r} must be {what}")
+        if self.eps is None:
+            object.__setattr__(self, "eps", EPS_UNSET)
+        _check_eps(self.eps, self.minimal)
         if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
             raise ConfigError(f"eot_samples={self.eot_samples!r} must be an integer >= 1")
         self.validate()
@@ -369,8 +405,11 @@ class Attack(ABC):
 
     @property
     def params(self) -> dict[str, Any]:
-        """The hyper-parameters as a plain dict (JSON-serialisable)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The hyper-parameters as a plain dict (JSON-serialisable; an unset ``eps`` is ``None``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "eps" in out and not eps_is_set(out["eps"]):
+            out["eps"] = None
+        return out
 
     def replace(self, **changes: Any) -> Attack:
         """A copy with some hyper-parameters changed (validated again)."""
@@ -386,6 +425,25 @@ class Attack(ABC):
         random model, the early stop judges success on one draw, so a lucky draw would end the
         attack on a point that the deployed decision still gets right."""
         return self.replace(early_stop=False) if self.early_stop else self
+
+    def with_budget(self, x: torch.Tensor, bounds: tuple[float, float]) -> Attack:
+        """This attack with an unset ``eps`` resolved for inputs ``x`` in ``bounds``: 8/255 on
+        CIFAR-like inputs, :class:`InputError` otherwise; itself when ``eps`` is set."""
+        if eps_is_set(self.eps):
+            return self
+        shape = tuple(x.shape[1:])
+        if shape == CIFAR_SHAPE and tuple(bounds) == (0.0, 1.0):
+            return self.replace(eps=CIFAR_EPS)
+        where = "" if tuple(bounds) == (0.0, 1.0) else f" in bounds [{bounds[0]:g}, {bounds[1]:g}]"
+        raise InputError(
+            f"eps is not set: 8/255 is the CIFAR-10 convention; set eps for inputs of shape {shape}{where}"
+        )
+
+    def needs_eot(self) -> bool:
+        """Whether a call on a random model should bring EOT that this attack lacks (the
+        warning of :meth:`__call__`): a gradient or score-based attack of the model with
+        ``eot_samples == 1``. Compositions and transfer attacks override it."""
+        return self.eot_samples == 1
 
     def _refuse_unsupported_targets(self, targets: torch.Tensor | None) -> None:
         if targets is not None and not self.supports_targets:
@@ -405,6 +463,8 @@ class Attack(ABC):
         *,
         targets: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        queries: int | None = None,
+        judged_by_caller: bool = False,
     ) -> AttackResult:
         """Attack ``model`` at ``x`` (``(N, C, H, W)`` in the model's bounds) with labels ``y``.
 
@@ -414,6 +474,19 @@ class Attack(ABC):
             x: clean inputs. y: true labels, int64 ``(N,)``.
             targets: target labels for a targeted attack (must differ from ``y``).
             generator: source of randomness (random starts); the global RNG if ``None``.
+            queries: for a model that declares a random forward pass, ``k``: a point's success
+                is its deployed decision's in a strict majority of ``k`` queries
+                (:mod:`bastion.attacks.verdict`; default :data:`DEFAULT_QUERIES`, 5).
+            judged_by_caller: the caller judges the returned points itself (the threat models
+                of ``bastion.eval`` do): run exactly as configured, report the engine's
+                one-query verdict, no warning.
+
+        On a model that declares a random forward pass (and unless ``judged_by_caller``) the
+        attack runs to its final iterate (:meth:`final_iterate`), ``success`` and
+        ``clean_success`` are the majority of ``queries`` queries of the deployed decision (a
+        point whose clean input is already broken keeps the clean input), the judging queries
+        are counted in ``cost.forwards``, and ``details["verdict"]`` says how the points were
+        judged. Without EOT (:meth:`needs_eot`) it also emits a :class:`RandomModelWarning`.
 
         The model is put in eval mode for the call and restored afterwards.
         """
@@ -426,30 +499,75 @@ class Attack(ABC):
             if bool((targets == y).any()):
                 i = int((targets == y).nonzero()[0])
                 raise InputError(f"targets[{i}]={int(targets[i])} equals the true label; a target must differ from y")
-        start = time.perf_counter()
+        attack = self.with_budget(x, clf.bounds)
+        verdict = None
+        if queries is not None:
+            check_queries(queries)
+        if is_random(clf) and not judged_by_caller:
+            verdict = Majority(clf, DEFAULT_QUERIES if queries is None else queries)
+            if attack.needs_eot():
+                warnings.warn(_random_warning(attack, verdict.queries), RandomModelWarning, stacklevel=2)
+            attack = attack.final_iterate()
         was_training = clf.training
         clf.eval()
         try:
-            run = AttackRun(
-                clf,
-                x,
-                y if targets is None else targets,
-                targeted=targets is not None,
-                norm=self.norm,
-                eps=self.eps,
-                early_stop=self.early_stop,
-                generator=generator,
-                minimal=self.minimal,
-                eot_samples=self.eot_samples,
-            )
-            run.check(x)
-            clean_success = run.success.clone()
-            run.prune()
-            if not run.done and self.eps > 0:
-                self._run(run)
+            return attack._execute(clf, x, y, targets, generator, verdict)
         finally:
             clf.train(was_training)
-        return _result(self, x, run, clean_success, time.perf_counter() - start, targets is not None)
+
+    def _execute(
+        self,
+        clf: Classifier,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        targets: torch.Tensor | None,
+        generator: torch.Generator | None,
+        verdict: Majority | None,
+    ) -> AttackResult:
+        """One call on validated inputs, the model in eval mode and ``eps`` resolved: the engine
+        runs :meth:`_run` and ``verdict`` (when given) judges the clean and returned points.
+        Compositions and transfer attacks override this, never :meth:`__call__`."""
+        start = time.perf_counter()
+        run = AttackRun(
+            clf,
+            x,
+            y if targets is None else targets,
+            targeted=targets is not None,
+            norm=self.norm,
+            eps=self.eps,
+            early_stop=self.early_stop,
+            generator=generator,
+            minimal=self.minimal,
+            eot_samples=self.eot_samples,
+        )
+        run.check(x)
+        clean_success = run.success.clone()
+        run.prune()
+        if not run.done and self.eps > 0:
+            self._run(run)
+        cost = Cost(run.gradients, run.forwards, 0.0)
+        outcome = CallOutcome(run.best, run.success, clean_success, cost)
+        if verdict is not None:
+            outcome = judge_outcome(verdict, x, y if targets is None else targets, outcome, targets is not None)
+        return outcome.result(self, x, start, targets is not None, verdict)
+
+
+def _check_eps(eps: object, minimal: bool) -> None:
+    if eps is EPS_UNSET:
+        return  # unset: resolved at call time
+    bad = isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0)
+    if bad or (eps == float("inf") and not minimal):
+        what = "a number >= 0 (inf for no bound)" if minimal else "a finite number >= 0"
+        raise ConfigError(f"eps={eps!r} must be {what}")
+
+
+def _random_warning(attack: Attack, queries: int) -> str:
+    how = ("it uses no gradients, so EOT does not apply: use create('autoattack', version='rand') for the "
+           "gradient attacks" if attack.gradient_free else
+           "use eot_samples > 1 (bastion.attacks.eot(attack, n)) or create('autoattack', version='rand')")
+    return (f"{attack.name or type(attack).__name__}: the model declares a random forward pass and the attack has "
+            f"no EOT (eot_samples=1), so each step sees one random draw; {how}. The attack runs to its final "
+            f"iterate and each point is judged by the deployed decision in a majority of {queries} queries.")
 
 
 def success_distances(x_adv: torch.Tensor, x: torch.Tensor, success: torch.Tensor, norm: str) -> torch.Tensor:
@@ -459,20 +577,47 @@ def success_distances(x_adv: torch.Tensor, x: torch.Tensor, success: torch.Tenso
     return torch.where(success, dist, torch.full_like(dist, float("inf")))
 
 
-def _result(
-    attack: Attack, x: torch.Tensor, run: AttackRun, clean_success: torch.Tensor, seconds: float, targeted: bool
-) -> AttackResult:
-    return AttackResult(
-        x_adv=run.best,
-        success=run.success,
-        clean_success=clean_success,
-        distances=success_distances(run.best, x, run.success, attack.norm),
-        cost=Cost(run.gradients, run.forwards, seconds),
-        attack=attack.name,
-        params=attack.params,
-        targeted=targeted,
-        norm=attack.norm,
-    )
+@dataclass(frozen=True)
+class CallOutcome:
+    """What an attack call found, before it becomes an :class:`AttackResult`: the returned
+    points, where the criterion holds at them and at the clean inputs, and the cost so far."""
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    clean_success: torch.Tensor
+    cost: Cost
+
+    def result(self, attack: Attack, x: torch.Tensor, start: float, targeted: bool,
+               verdict: Majority | None, details: dict[str, Any] | None = None) -> AttackResult:
+        """The :class:`AttackResult` of ``attack`` (its ``params`` are the ones that ran)."""
+        extra = dict(details or {})
+        if verdict is not None:
+            extra["verdict"] = verdict.describe()
+        return AttackResult(
+            x_adv=self.x_adv,
+            success=self.success,
+            clean_success=self.clean_success,
+            distances=success_distances(self.x_adv, x, self.success, attack.norm),
+            cost=Cost(self.cost.gradients, self.cost.forwards, time.perf_counter() - start),
+            attack=attack.name,
+            params=attack.params,
+            targeted=targeted,
+            norm=attack.norm,
+            details=extra,
+        )
+
+
+def judge_outcome(
+    verdict: Majority, x: torch.Tensor, labels: torch.Tensor, found: CallOutcome, targeted: bool
+) -> CallOutcome:
+    """``found`` judged again by ``verdict`` (a random model's majority of queries) at the clean
+    and at the returned points; a point whose clean input is broken keeps the clean input. The
+    judging queries are added to the forward count."""
+    clean, spent_clean = verdict.criterion(x, labels, targeted)
+    adv, spent_adv = verdict.criterion(found.x_adv, labels, targeted)
+    keep_clean = (clean & ~adv).view(-1, *([1] * (x.dim() - 1)))
+    cost = Cost(found.cost.gradients, found.cost.forwards + spent_clean + spent_adv, found.cost.seconds)
+    return CallOutcome(torch.where(keep_clean, x, found.x_adv), clean | adv, clean, cost)
 
 
 def _check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) -> torch.Tensor:

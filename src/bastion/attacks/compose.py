@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, success_distances
+from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, eps_is_set, same_eps, success_distances
+from bastion.attacks.verdict import Majority
 from bastion.errors import ConfigError
+from bastion.models.base import Classifier
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,10 @@ class Cascade(Attack):
     """Run ``attacks`` in order, each on the points still robust; keep the worst case.
 
     All attacks must share one threat model (``norm`` and ``eps``); the cascade's own ``eps``
-    and ``norm`` are taken from them.
+    and ``norm`` are taken from them. Called on a model that declares a random forward pass,
+    every attack runs to its final iterate and each one's successes are judged by the majority
+    of queries (:mod:`bastion.attacks.verdict`), so the next attack gets the points the
+    deployed decision still gets right.
     """
 
     attacks: tuple[Attack, ...] = ()
@@ -40,7 +45,7 @@ class Cascade(Attack):
                 raise ConfigError(f"attacks[{i}]={a!r} is not an Attack")
         first = self.attacks[0]
         for a in self.attacks[1:]:
-            if a.norm != first.norm or a.eps != first.eps:
+            if a.norm != first.norm or not same_eps(a.eps, first.eps):
                 raise ConfigError(
                     f"attacks: all must share one threat model, got {first.name} ({first.norm}, eps={first.eps}) "
                     f"and {a.name} ({a.norm}, eps={a.eps})"
@@ -53,17 +58,30 @@ class Cascade(Attack):
     def params(self) -> dict[str, Any]:
         return {"label": self.label, "attacks": [{"name": a.name, **a.params} for a in self.attacks]}
 
-    def _run(self, run: AttackRun) -> None:  # pragma: no cover - __call__ is overridden
+    def _map(self, change: Callable[[Attack], Attack]) -> Cascade:
+        return Cascade(attacks=tuple(change(a) for a in self.attacks), label=self.label)
+
+    def final_iterate(self) -> Cascade:
+        """Every attack of the cascade without early stopping."""
+        return self._map(lambda a: a.final_iterate())
+
+    def with_budget(self, x: torch.Tensor, bounds: tuple[float, float]) -> Cascade:
+        return self if eps_is_set(self.eps) else self._map(lambda a: a.with_budget(x, bounds))
+
+    def needs_eot(self) -> bool:
+        return any(a.needs_eot() for a in self.attacks)
+
+    def _run(self, run: AttackRun) -> None:  # pragma: no cover - _execute is overridden
         raise NotImplementedError
 
-    def __call__(
+    def _execute(
         self,
-        model: nn.Module,
+        clf: Classifier,
         x: torch.Tensor,
         y: torch.Tensor,
-        *,
-        targets: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        targets: torch.Tensor | None,
+        generator: torch.Generator | None,
+        verdict: Majority | None,
     ) -> AttackResult:
         start = time.perf_counter()
         n = x.shape[0]
@@ -79,9 +97,8 @@ class Cascade(Attack):
                 skipped = {"attack": attack.name, "attacked": 0, "broke": 0, "robust_after": 0.0}
                 per_attack.append({**skipped, "cost": dataclasses.asdict(Cost())})
                 continue
-            res = attack(
-                model, x[todo], y[todo], targets=None if targets is None else targets[todo], generator=generator
-            )
+            attack._refuse_unsupported_targets(targets)
+            res = attack._execute(clf, x[todo], y[todo], None if targets is None else targets[todo], generator, verdict)
             if clean_success is None:
                 clean_success = res.clean_success  # the first attack saw every point
             newly = todo[res.success]
@@ -98,7 +115,11 @@ class Cascade(Attack):
                     "cost": dataclasses.asdict(res.cost),
                 }
             )
-        assert clean_success is not None  # at least one attack ran on all points
+        if clean_success is None:  # pragma: no cover - the first attack always runs
+            raise RuntimeError("the first attack of a cascade did not run")
+        details: dict[str, Any] = {"per_attack": per_attack, "broken_by": broken_by.cpu().tolist()}
+        if verdict is not None:
+            details["verdict"] = verdict.describe()
         return AttackResult(
             x_adv=x_adv,
             success=success,
@@ -109,7 +130,7 @@ class Cascade(Attack):
             params=self.params,
             targeted=targets is not None,
             norm=self.norm,
-            details={"per_attack": per_attack, "broken_by": broken_by.cpu().tolist()},
+            details=details,
         )
 
 

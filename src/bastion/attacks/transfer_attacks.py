@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, flat_norm, project, success_distances
+from bastion.attacks.base import Attack, AttackResult, AttackRun, CallOutcome, Cost, eps_is_set, flat_norm, project
 from bastion.attacks.registry import register
+from bastion.attacks.verdict import Majority
 from bastion.errors import ConfigError
-from bastion.models.base import as_classifier
+from bastion.models.base import Classifier, as_classifier
 
 
 class LogitEnsemble(nn.Module):
@@ -49,38 +51,27 @@ def _describe(model: nn.Module) -> str:
 
 
 def _score_on_target(
-    attack: Attack, target: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
-    targets: torch.Tensor | None, cost: Cost, start: float, details: dict[str, Any],
+    attack: Attack, clf: Classifier, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+    targets: torch.Tensor | None, cost: Cost, start: float, details: dict[str, Any], verdict: Majority | None,
 ) -> AttackResult:
-    """Build the result of a transfer attack from adversarials crafted elsewhere."""
-    clf = as_classifier(target)
-    was_training = clf.training
-    clf.eval()
-    try:
+    """Build the result of a transfer attack from adversarials crafted elsewhere: the target
+    (in eval mode) answers once per point, or by the majority of ``verdict``'s queries."""
+    labels = y if targets is None else targets
+    if verdict is not None:
+        clean_success, spent_clean = verdict.criterion(x, labels, targets is not None)
+        adv_success, spent_adv = verdict.criterion(x_adv, labels, targets is not None)
+        spent = spent_clean + spent_adv
+    else:
         with torch.no_grad():
             pred_clean = clf(x).argmax(1)
             pred_adv = clf(x_adv).argmax(1)
-    finally:
-        clf.train(was_training)
-    if targets is None:
-        clean_success, adv_success = pred_clean != y, pred_adv != y
-    else:
-        clean_success, adv_success = pred_clean == targets, pred_adv == targets
+        hit_clean, hit_adv = pred_clean == labels, pred_adv == labels
+        clean_success, adv_success = (hit_clean, hit_adv) if targets is not None else (~hit_clean, ~hit_adv)
+        spent = 2 * x.shape[0]
     # a point the target already gets wrong needs no perturbation
-    x_out = torch.where(clean_success[:, None, None, None], x, x_adv)
-    success = clean_success | adv_success
-    return AttackResult(
-        x_adv=x_out,
-        success=success,
-        clean_success=clean_success,
-        distances=success_distances(x_out, x, success, attack.norm),
-        cost=Cost(cost.gradients, cost.forwards + 2 * x.shape[0], time.perf_counter() - start),
-        attack=attack.name,
-        params=attack.params,
-        targeted=targets is not None,
-        norm=attack.norm,
-        details=details,
-    )
+    found = CallOutcome(torch.where(clean_success[:, None, None, None], x, x_adv), clean_success | adv_success,
+                        clean_success, Cost(cost.gradients, cost.forwards + spent, 0.0))
+    return found.result(attack, x, start, targets is not None, verdict, details)
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,22 +103,32 @@ class Transfer(Attack):
             "surrogates": [_describe(m) for m in self.surrogates],
         }
 
-    def _run(self, run: AttackRun) -> None:  # pragma: no cover - __call__ is overridden
+    def final_iterate(self) -> Transfer:
+        """Crafted to the final iterate on the surrogates."""
+        assert self.attack is not None
+        return dataclasses.replace(self, attack=self.attack.final_iterate())
+
+    def with_budget(self, x: torch.Tensor, bounds: tuple[float, float]) -> Transfer:
+        assert self.attack is not None
+        return self if eps_is_set(self.eps) else dataclasses.replace(self, attack=self.attack.with_budget(x, bounds))
+
+    def needs_eot(self) -> bool:
+        return False  # crafted on the surrogates; the target is only queried to score
+
+    def _run(self, run: AttackRun) -> None:  # pragma: no cover - _execute is overridden
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 targets: torch.Tensor | None = None, generator: torch.Generator | None = None) -> AttackResult:
+    def _execute(self, clf: Classifier, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+                 generator: torch.Generator | None, verdict: Majority | None) -> AttackResult:
         assert self.attack is not None
         start = time.perf_counter()
-        target = as_classifier(model)
-        target.check_inputs(x)
         surrogate = self.surrogates[0] if len(self.surrogates) == 1 else LogitEnsemble(self.surrogates)
         crafted = self.attack(surrogate, x, y, targets=targets, generator=generator)
         details = {
             "surrogate_success_rate": crafted.success_rate,
             "surrogates": [_describe(m) for m in self.surrogates],
         }
-        return _score_on_target(self, target, x, y, crafted.x_adv, targets, crafted.cost, start, details)
+        return _score_on_target(self, clf, x, y, crafted.x_adv, targets, crafted.cost, start, details, verdict)
 
 
 def transfer(attack: Attack, surrogates: nn.Module | Sequence[nn.Module]) -> Transfer:
@@ -170,54 +171,63 @@ class GradientEnsemble(Attack):
 
     @property
     def n_steps(self) -> int:
+        """``steps``, or the seed's rule from ``eps`` (which must then be set)."""
         if self.steps is not None:
             return self.steps
+        if not eps_is_set(self.eps):
+            raise ConfigError("steps=None follows from eps, which is not set")
         e = self.eps * 255
         return max(1, int(min(e + 4, 1.25 * e) + 1e-9))
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"eps": self.eps, "norm": self.norm, "step": self.step, "steps": self.n_steps,
+        budget = eps_is_set(self.eps)
+        return {"eps": self.eps if budget else None, "norm": self.norm, "step": self.step,
+                "steps": self.n_steps if budget or self.steps is not None else None,
                 "require_all": self.require_all, "surrogates": [_describe(m) for m in self.surrogates]}
 
-    def _run(self, run: AttackRun) -> None:  # pragma: no cover - __call__ is overridden
+    def needs_eot(self) -> bool:
+        return False  # crafted on the surrogates; the target is only queried to score
+
+    def _run(self, run: AttackRun) -> None:  # pragma: no cover - _execute is overridden
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 targets: torch.Tensor | None = None, generator: torch.Generator | None = None) -> AttackResult:
+    def _execute(self, clf: Classifier, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+                 generator: torch.Generator | None, verdict: Majority | None) -> AttackResult:
         start = time.perf_counter()
-        target = as_classifier(model)
-        target.check_inputs(x)
         members = [as_classifier(m) for m in self.surrogates]
         modes = [m.training for m in members]
         for m in members:
             m.eval()
-        labels = y if targets is None else targets
-        sign = -1.0 if targets is not None else 1.0
-        step = self.step if self.step is not None else 1 / 255
-        bounds = target.bounds
-        x_adv = x.detach().clone()
-        gradients = 0
         try:
-            for _ in range(self.n_steps):
-                direction = torch.zeros_like(x_adv)
-                for m in members:
-                    xi = x_adv.detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        loss = F.cross_entropy(m(xi), labels, reduction="sum") * sign
-                        (g,) = torch.autograd.grad(loss, xi)
-                    gradients += x.shape[0]
-                    direction += g / (flat_norm(g, "l2").view(-1, 1, 1, 1) + 1e-12)
-                x_adv = project(x_adv + step * direction.sign(), x, self.norm, self.eps, bounds)
-            with torch.no_grad():
-                fooled = [
-                    (m(x_adv).argmax(1) != y) if targets is None else (m(x_adv).argmax(1) == targets) for m in members
-                ]
+            x_adv, fooled, gradients = self._craft(members, x, y if targets is None else targets, targets is not None,
+                                                   clf.bounds)
         finally:
             for m, t in zip(members, modes, strict=True):
                 m.train(t)
-        all_fooled = torch.stack(fooled).all(0)
-        kept = torch.where(all_fooled[:, None, None, None], x_adv, x) if self.require_all else x_adv
-        details = {"all_members_fooled": float(all_fooled.float().mean()), "steps": self.n_steps}
+        kept = torch.where(fooled[:, None, None, None], x_adv, x) if self.require_all else x_adv
+        details = {"all_members_fooled": float(fooled.float().mean()), "steps": self.n_steps}
         cost = Cost(gradients, len(members) * x.shape[0], 0.0)
-        return _score_on_target(self, target, x, y, kept, targets, cost, start, details)
+        return _score_on_target(self, clf, x, y, kept, targets, cost, start, details, verdict)
+
+    def _craft(self, members: list[Classifier], x: torch.Tensor, labels: torch.Tensor, targeted: bool,
+               bounds: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(x_adv, every member fooled (N,), gradient evaluations)``: the seed's iteration."""
+        sign = -1.0 if targeted else 1.0
+        step = self.step if self.step is not None else 1 / 255
+        x_adv = x.detach().clone()
+        gradients = 0
+        for _ in range(self.n_steps):
+            direction = torch.zeros_like(x_adv)
+            for m in members:
+                xi = x_adv.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(m(xi), labels, reduction="sum") * sign
+                    (g,) = torch.autograd.grad(loss, xi)
+                gradients += x.shape[0]
+                direction += g / (flat_norm(g, "l2").view(-1, 1, 1, 1) + 1e-12)
+            x_adv = project(x_adv + step * direction.sign(), x, self.norm, self.eps, bounds)
+        with torch.no_grad():
+            hits = [m(x_adv).argmax(1) == labels for m in members]
+        fooled = torch.stack([h if targeted else ~h for h in hits]).all(0)
+        return x_adv, fooled, gradients
