@@ -140,7 +140,7 @@ class AdversarialTraining(Defense):
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None) -> torch.Tensor:
         """Adversarial examples of ``(x, y)`` (detached)."""
         attack = attack or self.build_attack()
-        return attack(self.target_model(model), x, y).x_adv.detach()
+        return attack(self.target_model(model), x, y, judged_by_caller=True).x_adv.detach()
 
     def start_epoch(self, model: nn.Module, epoch: int) -> None:
         if self.regenerate == "epoch":
@@ -293,7 +293,7 @@ class FastAT(AdversarialTraining):
         x, y = self.context["holdout"]
         pgd = attacks.create("pgd", eps=float(self.eps), steps=self.holdout_steps)
         gen = torch.Generator(device=x.device).manual_seed(0)  # the same random starts every epoch
-        res = pgd(model, x, y, generator=gen)
+        res = pgd(model, x, y, generator=gen, judged_by_caller=True)
         return float((~res.success).float().mean())
 
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:

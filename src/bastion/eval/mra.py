@@ -296,7 +296,8 @@ def _craft_batches(attack: Attack, target: nn.Module, data: ImageDataset, batch_
     x_adv = data.x.clone()
     grads = 0
     for s in range(0, len(data), batch_size):
-        res = attack(target, data.x[s:s + batch_size].to(dev), data.y[s:s + batch_size].to(dev), generator=gen)
+        res = attack(target, data.x[s:s + batch_size].to(dev), data.y[s:s + batch_size].to(dev), generator=gen,
+                     judged_by_caller=True)
         x_adv[s:s + batch_size] = res.x_adv.detach().cpu()
         grads += res.cost.gradients
         on_batch()

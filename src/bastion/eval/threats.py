@@ -102,7 +102,8 @@ class WhiteBox(ThreatModel):
         return self.note
 
     def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
-        res = self.attack(self.target if self.target is not None else self.model, x, y, generator=g)
+        res = self.attack(self.target if self.target is not None else self.model, x, y, generator=g,
+                          judged_by_caller=True)
         return res.x_adv, res.cost
 
     @classmethod
@@ -120,7 +121,7 @@ class EngineVerdict(ThreatModel):
     deterministic model measure."""
 
     def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> Outcome:
-        res = self.attack(self.model, x, y, generator=g)
+        res = self.attack(self.model, x, y, generator=g, judged_by_caller=True)
         return Outcome(res.robust, res.cost)
 
 
@@ -138,7 +139,7 @@ class Transfer(ThreatModel):
         self.attack = self.attack.final_iterate()
 
     def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
-        res = self.attack(self.surrogate, x, y, generator=g)  # type: ignore[arg-type]
+        res = self.attack(self.surrogate, x, y, generator=g, judged_by_caller=True)  # type: ignore[arg-type]
         return res.x_adv, res.cost
 
 
@@ -212,7 +213,7 @@ class Expectation(ThreatModel):
             self.attack = a if own_eot else attacks_mod.eot(a, self.eot_samples)
 
     def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
-        res = self.attack(self.target, x, y, generator=g)
+        res = self.attack(self.target, x, y, generator=g, judged_by_caller=True)
         return res.x_adv, res.cost
 
 

@@ -66,7 +66,8 @@ class ArtifactJob:
         threat = adaptive(Subject(model), attack, st)
         torch.manual_seed(st.seed)
         target = self._target(model)
-        x_adv = threat.attack(bpda_view(target), x, y, generator=torch.Generator(device=dev).manual_seed(st.seed)).x_adv
+        gen = torch.Generator(device=dev).manual_seed(st.seed)
+        x_adv = threat.attack(bpda_view(target), x, y, generator=gen, judged_by_caller=True).x_adv
         doc, tensors = art.gallery(model, x, y, x_adv, max_items=n, attack=threat.label, eps=float(attack.eps))
         db.add_artifact(ArtifactRow(config_hash=self.config_hash, model_key=self.key, kind="gallery", name=m.name,
                                     doc=doc, tensors=tensors))
