@@ -12,10 +12,10 @@ implementation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
+
+from bastion.attacks.verdict import majority_correct  # the one strict-majority rule, shared with direct attack calls
 
 
 def is_random(model: nn.Module) -> bool:
@@ -41,16 +41,6 @@ def decisions(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> to
 
 
 @torch.no_grad()
-def majority_correct(decide: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                     k: int) -> torch.Tensor:
-    """``(N,)`` bool: ``decide`` (a random model's deployed decision) is right in a strict
-    majority (> k/2) of ``k`` independent queries. With ``k = 1``: "right in one query"."""
-    right = torch.zeros(len(x), dtype=torch.long, device=y.device)
-    for _ in range(k):
-        right += (decide(x) == y).long()
-    return right * 2 > k
-
-
 def judge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, queries: int = 1,
           batch_size: int = 500) -> torch.Tensor:
     """``(N,)`` bool: the deployed ``model`` is right on each point of ``x``. A deterministic
