@@ -110,3 +110,25 @@ def test_a_cascade_judges_each_attack_by_the_majority():
     with torch.no_grad():
         assert torch.equal(res.success, model.linear(res.x_adv).argmax(1) != y)
     assert all(a["early_stop"] is False for a in res.params["attacks"])
+
+
+def test_the_library_evaluate_judges_a_random_model_as_a_direct_call_does():
+    """``bastion.eval.robust.evaluate`` on a random model: each row is the attack's own verdict
+    (final iterate, majority of k), not one lucky draw, and clean accuracy is the majority's."""
+    from bastion.data.base import ImageDataset
+    from bastion.eval.robust import evaluate
+
+    torch.manual_seed(0)
+    model = FlipNet()
+    x, y = points(model)
+    data = ImageDataset(name="flip", split="test", x=x, y=y, classes=("a", "b", "c"), mean=(0.5,), std=(0.5,))
+    pgd = attacks.create("pgd", eps=0.05, steps=10)
+    with pytest.warns(RandomModelWarning):
+        report = evaluate(model, data, [pgd], batch_size=8, progress=False)
+    assert report.clean_accuracy == 1.0  # every point is right by the majority; one draw would miss ~10%
+    with pytest.warns(RandomModelWarning):
+        direct = pgd(model, x, y, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    one_draw = pgd(model, x, y, generator=torch.Generator().manual_seed(0), judged_by_caller=True)
+    assert report.rows[0]["robust_accuracy"] == pytest.approx(direct.robust_accuracy, abs=0.15)
+    assert report.rows[0]["robust_accuracy"] > one_draw.robust_accuracy  # lucky draws no longer count

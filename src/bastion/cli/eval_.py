@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     name = spec.get("name") or spec.get("randomized", "?")
     print(report.table(title=f"{args.checkpoint}: {name} on {t.dataset} ({args.split})"))
     if is_random(t.model):
-        print("note: this model is random; the numbers above attack and judge single random draws. "
-              "For the honest number (attacks through the expected output, EOT, majority of k queries) "
-              "evaluate it with `bastion run` (adaptive protocol).", file=sys.stderr)
+        print("note: this model is random; each attack above ran to its final iterate and each point is judged "
+              "by a majority of 5 queries, but attacks without EOT see one random draw per step. For the honest "
+              "number (attacks through the expected output, EOT, AutoAttack rand) evaluate it with `bastion run` "
+              "or `bastion audit` (adaptive protocol).", file=sys.stderr)
     if args.json:
         atomic_write_json(args.json, {"checkpoint": str(args.checkpoint), "dataset": t.dataset, "split": args.split,
                                       **report.to_dict()})

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bastion.attacks.base import Attack
+from bastion.attacks.verdict import DEFAULT_QUERIES, Majority, is_random
 from bastion.data.base import ImageDataset
 from bastion.errors import ConfigError
 from bastion.eval.accuracy import predict
@@ -77,6 +78,17 @@ class RobustReport:
         return "\n".join(lines)
 
 
+@torch.no_grad()
+def _clean(clf: nn.Module, data: ImageDataset, batch_size: int, dev: torch.device) -> torch.Tensor:
+    """Right on each clean point: one query of a deterministic model; for a random one, the
+    deployed decision in a strict majority of the queries the attacks judge by."""
+    if not is_random(clf):
+        return predict(clf, data.x, batch_size=batch_size, device=dev) == data.y
+    verdict = Majority(clf, DEFAULT_QUERIES)
+    return torch.cat([verdict.criterion(data.x[i:i + batch_size].to(dev), data.y[i:i + batch_size].to(dev),
+                                        targeted=True)[0].cpu() for i in range(0, len(data), batch_size)])
+
+
 def evaluate(
     model: nn.Module,
     data: ImageDataset,
@@ -102,8 +114,7 @@ def evaluate(
     dev = torch.device(device) if device is not None else next(clf.parameters()).device
     clf.to(dev)
     clf.check_inputs(data.x[:1], name=f"{data.name} data")
-    pred = predict(clf, data.x, batch_size=batch_size, device=dev)
-    clean = (pred == data.y)
+    clean = _clean(clf, data, batch_size, dev)
     report = RobustReport(n=len(data), clean_accuracy=_mean(clean, len(data)))
     masks_by_budget: dict[tuple[str, float], list[torch.Tensor]] = {}
     total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)

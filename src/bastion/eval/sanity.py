@@ -184,7 +184,7 @@ def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.T
     """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches. With ``queries``
     (a random model) the attack runs to its final iterate (a lucky draw must not stop it) and a
     point is robust if the deployed decision is right in a majority of the queries."""
-    threat: ThreatModel = (EngineVerdict(model, attack, batch_size=batch_size) if queries is None
+    threat: ThreatModel = (EngineVerdict(model, attack, batch_size=batch_size, one_query=True) if queries is None
                            else WhiteBox(model, attack.final_iterate(), queries=queries, batch_size=batch_size))
     m = measure(threat, x, y, batch_size=batch_size, seed=seed, device=x.device, seed_global=False)
     return m.robust.to(x.device)

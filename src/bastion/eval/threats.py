@@ -115,13 +115,18 @@ class WhiteBox(ThreatModel):
 
 @dataclass
 class EngineVerdict(ThreatModel):
-    """The attack on the model itself, each point judged as the attack engine reports it at the
-    returned point (``AttackResult.robust``: one query of the model the attack ran on). What the
-    library's :func:`~bastion.eval.robust.evaluate` and the sanity checks' re-attacks of a
-    deterministic model measure."""
+    """The attack on the model itself, each point judged as the attack reports it at the returned
+    point (``AttackResult.robust``): one query of a deterministic model; for a random model, the
+    attack's own direct-call verdict (final iterate, the deployed decision in a majority of its
+    ``queries``). What the library's :func:`~bastion.eval.robust.evaluate` and the sanity
+    checks' re-attacks of a deterministic model measure."""
+
+    #: report the engine's one-query verdict even on a random model (the attack exactly as
+    #: configured; what the sanity checks' re-attacks measure)
+    one_query: bool = False
 
     def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> Outcome:
-        res = self.attack(self.model, x, y, generator=g, judged_by_caller=True)
+        res = self.attack(self.model, x, y, generator=g, judged_by_caller=self.one_query)
         return Outcome(res.robust, res.cost)
 
 
