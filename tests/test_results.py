@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _old_schema import OLD_EVALUATIONS_TABLE
 from bastion.errors import ConfigError
 from bastion.results import (
     WORST_CASE_ATTACK,
@@ -228,16 +229,7 @@ def test_a_mask_and_an_accuracy_that_disagree_are_refused(tmp_path: Path) -> Non
 OLD_EVALUATIONS = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT INTO meta VALUES ('schema', '1');
-CREATE TABLE evaluations (
-    id INTEGER PRIMARY KEY, config_hash TEXT NOT NULL, experiment TEXT NOT NULL, dataset TEXT NOT NULL,
-    model_key TEXT NOT NULL, defense TEXT NOT NULL, protocol TEXT NOT NULL, attack TEXT NOT NULL,
-    attack_label TEXT NOT NULL, attack_params TEXT NOT NULL, norm TEXT NOT NULL, eps REAL NOT NULL,
-    n INTEGER NOT NULL, clean_accuracy REAL NOT NULL, robust_accuracy REAL NOT NULL, per_sample BLOB,
-    gradients INTEGER NOT NULL DEFAULT 0, forwards INTEGER NOT NULL DEFAULT 0, seconds REAL NOT NULL DEFAULT 0,
-    extra TEXT NOT NULL DEFAULT '{}', versions TEXT NOT NULL, created REAL NOT NULL,
-    UNIQUE (config_hash, model_key, protocol, attack_label, norm, eps)
-);
-"""
+""" + OLD_EVALUATIONS_TABLE
 _OLD_INSERT = ("INSERT INTO evaluations (config_hash, experiment, dataset, model_key, defense, protocol, attack,"
                " attack_label, attack_params, norm, eps, n, clean_accuracy, robust_accuracy, per_sample, versions,"
                " created) VALUES ('h', 'quick', 'mnist', 'k', 'pgd-at', 'adaptive', ?, ?, '{}', 'linf', ?, ?, ?, ?, ?,"
