@@ -125,6 +125,33 @@ def test_audit_a_user_model_end_to_end(tmp_path, capsys) -> None:
     assert set(res.worst_case) == {0.1, 0.3} and res.report is None
 
 
+def test_channels_last_is_the_same_function_under_another_key(tmp_path) -> None:
+    """``channels_last=True`` stores the conv weights channels-last, gives the same decisions
+    as the default layout on clean and attacked points (up to float rounding), and keys its
+    rows apart from the default audit's; a non-bool value is refused by name."""
+    from bastion.harness.audit import audit as run_audit
+    from bastion.models.user import wrap
+
+    torch.manual_seed(0)
+    net = user.load_module(f"{EXAMPLE}:build", width=4)
+    pts = _points((1, 28, 28), n=40)
+    kw = dict(eps=[0.05], attacks=["fgsm", "pgd"], out_dir=tmp_path, report=False,
+              settings=None)
+    plain = run_audit(wrap(net, input_shape=(1, 28, 28), key="logits"), pts, **kw)
+    fast_model = wrap(net, input_shape=(1, 28, 28), key="logits")
+    fast = run_audit(fast_model, pts, **kw, channels_last=True)
+    conv = next(m for m in fast_model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.config_hash != plain.config_hash
+    by_label = {(r.attack_label, r.eps): r for r in plain.rows}
+    for r in fast.rows:
+        other = by_label[(r.attack_label, r.eps)]
+        assert r.clean_accuracy == other.clean_accuracy
+        assert abs(r.robust_accuracy - other.robust_accuracy) <= 1 / 40 + 1e-9
+    with pytest.raises(BastionError, match="channels_last='yes'"):
+        run_audit(wrap(net, input_shape=(1, 28, 28), key="logits"), pts, **kw, channels_last="yes")  # type: ignore[arg-type]
+
+
 @pytest.mark.needs_data("mnist")
 def test_audit_tutorial_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     """docs/audit.md's Python block runs as written (from a working directory holding the

@@ -90,6 +90,34 @@ def test_population_checkpoint_roundtrip(tmp_path, batch):
         assert torch.allclose(back.member_logits(x), pop.member_logits(x))
 
 
+def test_declared_member_probabilities_drive_draws_expectation_and_checkpoints(tmp_path, batch):
+    """``probs``: members drawn at those rates, the expected output weighted by them,
+    ``member_probs`` as declared (uniform when omitted), the same after a checkpoint round trip."""
+    x, _ = batch
+    pop = Population(_members(3), probs=[0.7, 0.2, 0.1]).eval()
+    assert torch.allclose(pop.member_probs, torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64))
+    assert torch.allclose(Population(_members(2)).member_probs, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    xs = x[:1].expand(3000, -1, -1, -1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        all_logits = pop.member_logits(x[:1])[:, 0]  # (3, K)
+        out = pop(xs)
+        which = (out[:, None, :] - all_logits[None]).abs().amax(-1).argmin(1)
+        rates = torch.bincount(which, minlength=3).double() / 3000
+        assert torch.allclose(rates, pop.member_probs, atol=0.03)
+        weighted = (torch.softmax(pop.member_logits(x), -1) * pop.member_probs.float()[:, None, None]).sum(0)
+        assert torch.allclose(pop.expected_probs(x), weighted, atol=1e-6)
+    save_checkpoint(tmp_path / "pop", pop, {"model": pop.spec})
+    back, _ = load_model(tmp_path / "pop")
+    assert torch.allclose(back.member_probs, pop.member_probs)
+    with pytest.raises(ConfigError, match="probs has 2 entries but the population has 3"):
+        Population(_members(3), probs=[0.5, 0.5])
+    with pytest.raises(ConfigError, match="must be non-negative and sum to 1"):
+        Population(_members(2), probs=[0.9, 0.3])
+    with pytest.raises(ConfigError, match="decision='vote'"):
+        Population(_members(2), probs=[0.9, 0.1], decision="vote")
+
+
 def test_bad_arguments_name_the_field():
     with pytest.raises(ConfigError, match="decision='sometimes'"):
         Population(_members(2), decision="sometimes")

@@ -45,6 +45,8 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--autoattack-param", dest="autoattack_param", action="append",
                    help="AutoAttack hyper-parameter KEY=VALUE, e.g. n_queries=1000 (default: the paper's budget)")
     s.add_argument("--out", default="runs/audit", help="database and report directory")
+    s.add_argument("--channels-last", dest="channels_last", action="store_true",
+                   help="store the model's conv weights channels-last (faster conv/max-pool on CPU; see docs/audit.md)")
     s.set_defaults(func=run)
 
 
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                            autoattack=args.autoattack,
                            autoattack_params=parse_assignments(args.autoattack_param or [], "--autoattack-param"))
     res = audit(model, ds, eps=floats(args.eps, "--eps"), norm=args.norm,
-                attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], out_dir=args.out, settings=st)
+                attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], out_dir=args.out, settings=st,
+                channels_last=args.channels_last)
     print(res.table)
     raised = [f for f in res.flags if not f.passed]
     for f in raised:

@@ -166,7 +166,8 @@ class ULM(ModelDefense):
 def _build_population(spec: dict[str, Any]) -> Population:
     params = dict(spec.get("params") or {})
     decision = params.pop("decision", "draw")
-    return Population(build_members(spec), kind=spec["randomized"], decision=decision, params=params)
+    probs = params.pop("probs", None)
+    return Population(build_members(spec), kind=spec["randomized"], decision=decision, params=params, probs=probs)
 
 
 __all__ = [

@@ -71,12 +71,23 @@ def _fingerprint(model: nn.Module, data: ImageDataset, settings: dict[str, Any])
 
 def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: str = "linf",
           attacks: Sequence[str] = ("fgsm", "pgd"), out_dir: str | Path = "runs/audit", name: str = "audit",
-          settings: EvaluationSection | None = None, report: bool = True, device: str = "cpu") -> AuditResult:
+          settings: EvaluationSection | None = None, report: bool = True, device: str = "cpu",
+          channels_last: bool = False) -> AuditResult:
     """Evaluate ``model`` (a :class:`~bastion.models.base.Classifier`, e.g. from
-    :func:`bastion.models.user.wrap`) on ``data`` under the adaptive protocol at budgets ``eps``."""
+    :func:`bastion.models.user.wrap`) on ``data`` under the adaptive protocol at budgets ``eps``.
+
+    ``channels_last``: store the model's 4-d weights in the channels-last memory format before
+    attacking (the same function; on CPU, convolution and max-pooling layers then run on
+    PyTorch's vectorised kernels, measured 2.5-3x faster for a small CNN on 2 cores, see
+    docs/audit.md). Outputs can differ from the default layout in the last bits, so it is part of
+    the row key."""
     st = settings or EvaluationSection(protocols=[ADAPTIVE], norm=norm, batch_size=250, queries=5)
     dev = torch.device(device)
     model = model.to(dev).eval()
+    if not isinstance(channels_last, bool):
+        raise ConfigError(f"channels_last={channels_last!r} must be True or False")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if isinstance(model, Classifier):
         model.check_inputs(data.x[:1], name=f"{data.name} data")
     model, pre = pre_checks(model, data.x[:16].to(dev))
@@ -84,7 +95,8 @@ def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: s
     if not attack_list and not st.autoattack:
         raise ConfigError("attacks=[] with autoattack off: nothing to run; name an attack or turn AutoAttack on")
     h = _fingerprint(model, data, {"eps": [float(e) for e in eps], "attacks": list(attacks), "norm": st.norm,
-                                   "evaluation": {k: v for k, v in vars(st).items() if k != "report"}})
+                                   "evaluation": {k: v for k, v in vars(st).items() if k != "report"},
+                                   **({"channels_last": True} if channels_last else {})})
     db = ResultsDB(Path(out_dir) / "results.sqlite")
     key = RowKey(config_hash=h, experiment=name, dataset=data.name, model_key=f"user-{h}", name=name,
                  defense="user", protocol=ADAPTIVE, norm=st.norm)

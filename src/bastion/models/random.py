@@ -165,15 +165,30 @@ class RandomClassifier(Classifier):
 
 class Population(RandomClassifier):
     """A finite population of member classifiers; one member drawn at random per sample
-    (seed 001's ULM). :meth:`expected_probs` and :meth:`vote` are exact over all members."""
+    (seed 001's ULM). :meth:`expected_probs` and :meth:`vote` are exact over all members.
+
+    Args:
+        members: the member classifiers (same classes and channels).
+        decision: what the deployed system answers with (:data:`DECISIONS`).
+        kind: the population's kind (recorded in ``spec``).
+        params: extra ``spec`` parameters.
+        probs: the probability of drawing each member (a randomised ensemble with unequal
+            weights, e.g. boosted adversarial training); uniform when omitted. Unequal weights
+            need ``decision="draw"`` or ``"mean"`` (a weighted vote is not defined here).
+
+    :attr:`member_probs` is what attacks that know the members (ARC) read.
+    """
 
     random_expectation = False
 
     def __init__(self, members: Sequence[Classifier], *, decision: str = "draw", kind: str = "ulm",
-                 params: dict[str, Any] | None = None) -> None:
+                 params: dict[str, Any] | None = None, probs: Sequence[float] | None = None) -> None:
         members = list(members)
         if not members:
             raise ConfigError("a population needs at least one member")
+        weights = _check_probs(probs, len(members))
+        if weights is not None and decision == "vote":
+            raise ConfigError("probs: a population with unequal member probabilities cannot have decision='vote'")
         first = members[0]
         for i, m in enumerate(members[1:], 1):
             if m.num_classes != first.num_classes or m.in_channels != first.in_channels:
@@ -183,8 +198,17 @@ class Population(RandomClassifier):
                 )
         super().__init__(first, decision=decision, draws=len(members), kind=kind)
         self.members = nn.ModuleList(members)
-        self.spec = {"randomized": kind, "params": {"decision": decision, **dict(params or {})},
+        extra = {} if weights is None else {"probs": [float(p) for p in weights]}
+        self.spec = {"randomized": kind, "params": {"decision": decision, **dict(params or {}), **extra},
                      "members": [dict(m.spec) for m in members]}
+        self._probs = weights
+
+    @property
+    def member_probs(self) -> torch.Tensor:
+        """``(M,)`` float64: the probability of drawing each member (uniform unless declared)."""
+        if self._probs is None:
+            return torch.full((len(self.members),), 1.0 / len(self.members), dtype=torch.float64)
+        return self._probs.clone()
 
     def declaration(self) -> Declaration:
         return dataclasses.replace(super().declaration(), population=True)
@@ -203,7 +227,10 @@ class Population(RandomClassifier):
     def draw(self, x: torch.Tensor) -> torch.Tensor:
         # each sample is one query, answered by its own randomly chosen member; every member
         # runs only on the samples assigned to it, so a draw costs one forward pass in all
-        pick = torch.randint(len(self.members), (x.shape[0],), device=x.device)
+        if self._probs is None:
+            pick = torch.randint(len(self.members), (x.shape[0],), device=x.device)
+        else:
+            pick = torch.multinomial(self._probs.to(x.device, torch.float32), x.shape[0], replacement=True)
         return route(x, pick, len(self.members), lambda i, xi: self.members[i](xi))
 
     def sample_logits(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
@@ -213,7 +240,10 @@ class Population(RandomClassifier):
         return super().sample_logits(x, n)
 
     def expected_probs(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-        return F.softmax(self.sample_logits(x, n), dim=-1).mean(0)
+        probs = F.softmax(self.sample_logits(x, n), dim=-1)
+        if n is not None or self._probs is None:
+            return probs.mean(0)
+        return (probs * self._probs.to(probs)[:, None, None]).sum(0)
 
     def expected(self, n: int | None = None) -> ExpectedOutput:
         return ExpectedOutput(self, n)
@@ -223,6 +253,22 @@ class Population(RandomClassifier):
 
     def randomness(self) -> dict[str, Any]:
         return {**super().randomness(), "members": len(self.members)}
+
+
+def _check_probs(probs: Sequence[float] | None, m: int) -> torch.Tensor | None:
+    """``probs`` as a ``(m,)`` float64 tensor (``None`` when omitted or uniform), or
+    :class:`ConfigError` naming the bad value."""
+    if probs is None:
+        return None
+    try:
+        p = torch.as_tensor([float(v) for v in probs], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"probs={probs!r} must be a list of numbers") from None
+    if p.numel() != m:
+        raise ConfigError(f"probs has {p.numel()} entries but the population has {m} members")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or abs(float(p.sum()) - 1.0) > 1e-6:
+        raise ConfigError(f"probs={[float(v) for v in p]} must be non-negative and sum to 1")
+    return None if bool((p == p[0]).all()) else p
 
 
 def route(x: torch.Tensor, group: torch.Tensor, groups: int,
