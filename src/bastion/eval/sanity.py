@@ -382,27 +382,47 @@ def check_large_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm:
     return Flag(name, acc <= limit, detail)
 
 
-def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
-                    batch_size: int, seed: int, factor: int = 5, queries: int | None = None) -> Flag:
-    """Re-run the strongest step-based white-box attack at the largest budget on ``x`` with its
-    own parameters, then ``factor`` times the steps and one more restart (at least two) on the
-    points it left robust; raise when the stronger attack breaks more than a point more (or two
-    points of ``x``, when ``x`` is small)."""
-    name = "converged"
+def converged_row(rows: Sequence[EvaluationRow]) -> EvaluationRow | None:
+    """The row the "converged" check re-runs: the strongest step-based white-box attack at the
+    largest budget (None when there is none)."""
     cands = [r for r in rows if _kind(r) == "iterative" and "steps" in (r.attack_params or {})]
     if not cands:
-        return Flag(name, True, "not applicable: no step-based white-box attack")
+        return None
     e_max = max(float(r.eps) for r in cands)
-    row = min((r for r in cands if _eps_key(r.eps) == _eps_key(e_max)), key=lambda r: r.robust_accuracy)
-    params = row.attack_params
+    return min((r for r in cands if _eps_key(r.eps) == _eps_key(e_max)), key=lambda r: r.robust_accuracy)
+
+
+def stronger(attack: Attack, factor: int) -> tuple[Attack, dict[str, Any]]:
+    """``attack`` with ``factor`` times the steps and one more restart (at least two), and the
+    changes made."""
+    changes: dict[str, Any] = {"steps": int(attack.steps) * factor}  # type: ignore[attr-defined]
+    if hasattr(attack, "restarts"):
+        changes["restarts"] = max(2, int(attack.restarts) + 1)
+    return attack.replace(**changes), changes
+
+
+def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
+                    batch_size: int, seed: int, factor: int = 5, queries: int | None = None,
+                    row: EvaluationRow | None = None, reuse_mask: bool = False) -> Flag:
+    """Re-run the strongest step-based white-box attack at the largest budget (or ``row``) on
+    ``x`` with its own parameters, then ``factor`` times the steps and one more restart (at least
+    two) on the points it left robust; raise when the stronger attack breaks more than a point
+    more (or two points of ``x``, when ``x`` is small). ``reuse_mask``: take the first run's
+    outcomes from the row's stored per-sample mask (``x`` being the first points of the row's
+    data, in order) instead of running it again."""
+    name = "converged"
+    row = row if row is not None else converged_row(rows)
+    if row is None:
+        return Flag(name, True, "not applicable: no step-based white-box attack")
+    e_max = float(row.eps)
     base = _attack_from_row(row)
     if base is None:
         return Flag(name, True, f"not applicable: cannot rebuild {row.attack_label}")
-    changes: dict[str, Any] = {"steps": int(params["steps"]) * factor}
-    if hasattr(base, "restarts"):
-        changes["restarts"] = max(2, int(base.restarts) + 1)
-    strong = base.replace(**{k: v for k, v in changes.items() if hasattr(base, k)})
-    r0 = _attack_robust(model, base, x, y, batch_size, seed, queries)
+    strong, changes = stronger(base, factor)
+    if reuse_mask and row.robust is not None and len(row.robust) >= len(x):
+        r0 = row.robust[: len(x)].to(x.device).clone()
+    else:
+        r0 = _attack_robust(model, base, x, y, batch_size, seed, queries)
     # the stronger attack only needs to run where the row's attack failed: the accuracy under
     # both is what a stronger evaluation would report
     r1 = r0.clone()
@@ -410,7 +430,7 @@ def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Se
         r1[r0] = _attack_robust(model, strong, x[r0], y[r0], batch_size, seed + 1, queries)
     acc0, acc1 = float(r0.float().mean()), float(r1.float().mean())
     drop = acc0 - acc1
-    desc = ", ".join(f"{k}={v}" for k, v in changes.items() if hasattr(base, k))
+    desc = ", ".join(f"{k}={v}" for k, v in changes.items())
     detail = (f"{row.attack_label} at eps={e_max:g}: {_pct(acc0)} -> {_pct(acc1)} with {desc} "
               f"on {x.shape[0]} points (drop {100 * drop:.1f} points)")
     return Flag(name, drop <= _tol(x.shape[0]) + 1e-6, detail)
@@ -453,6 +473,7 @@ def run_checks(
     n_points: int = 200,
     batch_size: int = 500,
     queries: int = 5,
+    given: Sequence[Flag] = (),
 ) -> list[Flag]:
     """Run every check that applies to the evaluation ``rows`` of ``model`` under one protocol.
 
@@ -471,6 +492,8 @@ def run_checks(
             deployed decision (``model.decide``), robust only if right in a majority of
             ``queries`` independent queries (as the harness judges its rows; the paper protocol
             uses 1); ignored for deterministic models.
+        given: flags already computed (the convergence guard's "converged"): each replaces the
+            check of its name, which is then not run again.
 
     Returns one :class:`Flag` per applicable check, in :data:`CHECKS` order; checks that do
     not apply pass with a detail starting "not applicable".
@@ -491,21 +514,43 @@ def run_checks(
         raise ConfigError(f"queries={queries!r} must be an integer >= 1")
     try:
         return _all_checks(model, clf, x, y, rows, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
-                           queries=queries if rand else None)
+                           queries=queries if rand else None, given={f.name: f for f in given})
+    finally:
+        clf.train(was_training)
+
+
+def converged_flag(model: nn.Module, data: Any, rows: Sequence[EvaluationRow], *, random: bool = False,
+                   device: Any = None, seed: int = 0, n_points: int = 200, batch_size: int = 500, queries: int = 5,
+                   row: EvaluationRow | None = None, factor: int = 5, reuse_mask: bool = False) -> Flag:
+    """The "converged" check alone, on the same points and with the same judge as
+    :func:`run_checks` (see :func:`check_converged` for ``row``, ``factor`` and ``reuse_mask``)."""
+    dev = _device(model, device)
+    clf = as_classifier(model)
+    was_training = clf.training
+    clf.eval()
+    x, y = _xy(data, n_points, dev)
+    rows = [r for r in rows if r.attack not in _NOT_ATTACKS]
+    try:
+        return check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, factor=factor,
+                               queries=queries if _is_random(model, random) else None, row=row,
+                               reuse_mask=reuse_mask)
     finally:
         clf.train(was_training)
 
 
 def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
-                norm: str, num_classes: int, batch_size: int, seed: int, queries: int | None) -> list[Flag]:
+                norm: str, num_classes: int, batch_size: int, seed: int, queries: int | None,
+                given: dict[str, Flag]) -> list[Flag]:
     """Every check in :data:`CHECKS` order (``clf``: ``model`` as a classifier in eval mode;
-    ``queries`` None for a deterministic model, which skips the fixed-randomness check)."""
+    ``queries`` None for a deterministic model, which skips the fixed-randomness check;
+    ``given``: flags computed already, by name)."""
     flags = [
         check_iterative_vs_single(rows),
         check_monotone(rows),
         check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
                         queries=queries),
-        check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),
+        # (in this order: a random model's draws come from the global RNG, shared by the checks)
+        given.get("converged") or check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),
         check_black_box(rows),
         check_gradients(clf, x, y, batch_size=batch_size),
         check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),
@@ -516,4 +561,7 @@ def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tens
     return flags
 
 
-__all__ = ["CHECKS", "EXPLANATIONS", "LARGE_EPS_LINF", "PRE_CHECKS", "SINGLE_STEP", "Flag", "run_checks"]
+__all__ = [
+    "CHECKS", "EXPLANATIONS", "LARGE_EPS_LINF", "PRE_CHECKS", "SINGLE_STEP", "Flag", "converged_flag", "converged_row",
+    "run_checks", "stronger",
+]

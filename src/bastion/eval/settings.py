@@ -40,6 +40,11 @@ class EvaluationSection:
     artifacts: bool = option(True, "store a gallery of adversarial examples and a loss landscape per model")
     gallery_samples: int = option(8, "examples in each model's gallery")
     report: bool = option(True, "write the Markdown + HTML report at the end")
+    guard: bool = option(True, "adaptive: when the 'converged' check fails, rerun that row's attack stronger "
+                               "(the convergence guard, bastion.harness.guard)")
+    guard_factor: int = option(5, "the guard's rerun: this many times the steps, and one more restart (at least 2)")
+    guard_cost_cap: float = option(10.0, "the guard runs only if its estimated gradient evaluations are at most "
+                                         "this many times those of the row it reruns")
 
     def __post_init__(self) -> None:
         if not self.protocols:
@@ -55,6 +60,12 @@ class EvaluationSection:
                 raise ConfigError(f"evaluation.{name}={v!r} must be an integer >= 1")
         if self.seed < 0:
             raise ConfigError(f"evaluation.seed={self.seed!r} must be >= 0")
+        f = self.guard_factor
+        if isinstance(f, bool) or not isinstance(f, int) or f < 2:
+            raise ConfigError(f"evaluation.guard_factor={f!r} must be an integer >= 2")
+        c = self.guard_cost_cap
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+            raise ConfigError(f"evaluation.guard_cost_cap={c!r} must be a number > 0")
         self._check_autoattack_params()
 
     def _check_autoattack_params(self) -> None:

@@ -15,6 +15,8 @@ adapted to the threat model: final iterate, EOT) and what the attacker crafts on
 * :class:`Expectation` -- the adaptive attack on a random model: through its expected output
   (BPDA view of it), with EOT over the expectation's own randomness when it is random, final
   iterate, judged by the majority of ``queries``.
+* :class:`MemberAware` -- the adaptive attack on a random-submodel population that uses its
+  members and their probabilities (ARC), judged by the majority of ``queries``.
 
 :mod:`bastion.eval.protocols` maps what a model declares to a list of these.
 """
@@ -222,7 +224,29 @@ class Expectation(ThreatModel):
         return res.x_adv, res.cost
 
 
+@dataclass
+class MemberAware(ThreatModel):
+    """The adaptive attack that knows a population's members and their draw probabilities (ARC,
+    Dbouk & Shanbhag 2022) on the deployed population itself: final iterate, judged by the
+    majority of ``queries``. Members with a random forward pass of their own get ``eot_samples``
+    draws per gradient and per expected-accuracy estimate."""
+
+    eot_samples: int = 1
+    how: ClassVar[str] = "on the population's members and their probabilities (ARC), majority of k queries"
+
+    def __post_init__(self) -> None:
+        a = self.attack.final_iterate()
+        members = list(getattr(self.model, "members", []))
+        if any(getattr(m, "declaration", None) and m.declaration().random for m in members) and a.eot_samples == 1:
+            a = a.replace(eot_samples=self.eot_samples)
+        self.attack = a
+
+    def craft(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> tuple[torch.Tensor, Cost]:
+        res = self.attack(self.model, x, y, generator=g, judged_by_caller=True)
+        return res.x_adv, res.cost
+
+
 __all__ = [
-    "AdaptiveTransfer", "EngineVerdict", "Expectation", "Outcome", "PaperTransfer", "SubmodelCrafting", "ThreatModel",
-    "Transfer", "WhiteBox", "attack_label", "row_label",
+    "AdaptiveTransfer", "EngineVerdict", "Expectation", "MemberAware", "Outcome", "PaperTransfer", "SubmodelCrafting",
+    "ThreatModel", "Transfer", "WhiteBox", "attack_label", "row_label",
 ]

@@ -34,6 +34,7 @@ from bastion.eval.prechecks import pre_checks
 from bastion.eval.protocols import Subject, plan
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.harness.config import PROTOCOL_VERSION, stable_hash
+from bastion.harness.guard import guard_converged
 from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
 from bastion.models.base import Classifier
 from bastion.results.db import ResultsDB
@@ -100,12 +101,15 @@ def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: s
     db = ResultsDB(Path(out_dir) / "results.sqlite")
     key = RowKey(config_hash=h, experiment=name, dataset=data.name, model_key=f"user-{h}", name=name,
                  defense="user", protocol=ADAPTIVE, norm=st.norm)
-    todo = pending(db, key, plan(ADAPTIVE, Subject(model), attack_list, st, budgets=eps))
+    threats = plan(ADAPTIVE, Subject(model), attack_list, st, budgets=eps)
+    todo = pending(db, key, threats)
     if todo:
         measure_rows(db, key, model, todo, data, st, dev)
+    flagging = needs_flags(db, key)
+    guarded = guard_converged(db, key, model, threats, data, st, dev) if flagging else None
     store_worst_case(db, key)
-    if needs_flags(db, key):
-        store_flags(db, key, model, data, st, dev, before=pre)
+    if flagging:
+        store_flags(db, key, model, data, st, dev, before=pre, given=[guarded] if guarded else [])
     return _result(db, key, Path(out_dir), report)
 
 

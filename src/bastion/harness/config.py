@@ -275,7 +275,13 @@ class HarnessConfig:
 #: is evaluated as a random defense (EOT, AutoAttack rand, majority of k), not as a deterministic one.
 #: 5: the EOT attacks on random models keep the final iterate too (the EOT wrapper had been
 #: built from the original attack, so they still stopped at a success on one random draw).
-PROTOCOL_VERSION = 5
+#: 6: on a random-submodel population AutoAttack runs at 100 iterations at least and ARC rows
+#: join the adaptive protocol (issue 14).
+PROTOCOL_VERSION = 6
+
+#: the convergence guard's settings at their defaults (left out of :func:`config_hash`: the guard
+#: only adds rows, it never changes a stored one)
+GUARD_DEFAULTS: dict[str, Any] = {"guard": True, "guard_factor": 5, "guard_cost_cap": 10.0}
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:
@@ -305,6 +311,9 @@ def config_hash(cfg: HarnessConfig) -> str:
     ev = d["evaluation"]
     for k in ("sanity", "artifacts", "gallery_samples", "report", "batch_size"):
         ev.pop(k, None)
+    for k, default in GUARD_DEFAULTS.items():  # a config that leaves the guard alone hashes as before it existed
+        if ev.get(k) == default:
+            ev.pop(k, None)
     # rows computed by an earlier version of the protocols are not reused by a later one
     d["protocol_version"] = PROTOCOL_VERSION
     return stable_hash(d)

@@ -21,6 +21,7 @@ from bastion.eval.protocols import Subject, build_attacks, plan
 from bastion.eval.sanity import Flag
 from bastion.harness.cache import load_cached
 from bastion.harness.config import HarnessConfig
+from bastion.harness.guard import guard_converged
 from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
 from bastion.models.user import UserClassifier
 from bastion.results.db import ResultsDB
@@ -70,9 +71,13 @@ class EvalJob:
         data = data if data is not None else eval_data(cfg) if todo or sanity else None
         if todo and data is not None:
             stats["evaluated"] = measure_rows(db, key, model, todo, data, cfg.evaluation, dev, progress=self.progress)
+        guarded = None
+        if data is not None and sanity:
+            guarded = guard_converged(db, key, model, threats, data, cfg.evaluation, dev)
         store_worst_case(db, key)
         if data is not None and sanity:
-            stats["checks"], stats["raised"] = store_flags(db, key, model, data, cfg.evaluation, dev, before=pre)
+            stats["checks"], stats["raised"] = store_flags(db, key, model, data, cfg.evaluation, dev, before=pre,
+                                                           given=[guarded] if guarded else [])
         return stats
 
 

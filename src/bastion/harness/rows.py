@@ -107,16 +107,17 @@ def needs_flags(db: ResultsDB, key: RowKey) -> bool:
 
 
 def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
-                dev: torch.device, *, before: Sequence[Flag] = ()) -> tuple[int, int]:
+                dev: torch.device, *, before: Sequence[Flag] = (), given: Sequence[Flag] = ()) -> tuple[int, int]:
     """Store the flags ``before`` (checks run before attacking) and, with ``st.sanity``, the
-    sanity checks on the stored rows; returns (checks run, flags raised)."""
+    sanity checks on the stored rows (``given``: checks computed already, e.g. by the
+    convergence guard); returns (checks run, flags raised)."""
     random = is_random(model)
     if key.protocol == ADAPTIVE and not random:
         model = bpda_view(model)  # check the model the adaptive attacks actually went through
     flags = list(before)
     if st.sanity:
         flags += run_checks(model, data, key.rows(db), norm=st.norm, random=random, device=dev, seed=st.seed,
-                            queries=st.queries_for(key.protocol))
+                            queries=st.queries_for(key.protocol), given=given)
     for f in flags:
         db.add_flag(FlagRow(config_hash=key.config_hash, model_key=key.model_key, defense=key.name,
                             protocol=key.protocol, flag=f.name, passed=bool(f.passed), detail=str(f.detail)))
