@@ -33,6 +33,7 @@ FAST: dict[str, tuple[dict[str, Any], bool]] = {
     "cw": ({"steps": 10, "binary_search_steps": 1}, True),
     "lbfgs": ({"search_steps": 2, "max_iter": 5}, True),
     "gradient-ensemble": ({}, True),
+    "arc": ({"steps": 3}, False),
 }
 NEEDS_SURROGATES = {"gradient-ensemble"}
 

@@ -20,6 +20,7 @@ import builtins
 # imported here and nowhere else. autoattack composes the others.
 from bastion.attacks import (  # noqa: F401
     apgd,
+    arc,
     autoattack,
     bim,
     cw,
