@@ -161,3 +161,16 @@ def test_ten_classes_keep_the_configured_components():
     assert [c.params for c in aa.components(10)] == [c.params for c in aa.components()]
     apgd_t = aa.components(10)[1]
     assert apgd_t.params["n_target_classes"] == 9 and apgd_t.params["loss"] == "dlr"
+
+
+def test_rand_on_a_deterministic_model_uses_one_draw(lenet, batch):
+    """EOT draws of a model without randomness are identical: ``rand`` takes one (the exact
+    expected output of a population is such a model), and says so."""
+    x, y = batch
+    aa = attacks.create("autoattack", eps=0.2, version="rand", steps=3)
+    res = aa(lenet, x[:8], y[:8], generator=torch.Generator().manual_seed(0))
+    assert res.params["eot_samples"] == res.details["eot_samples"] == 1
+    assert all(c["eot_samples"] == 1 for c in res.params["components"])
+    # the same attack with one draw stated explicitly is the same computation
+    one = attacks.create("apgd-ce", eps=0.2, steps=3)(lenet, x[:8], y[:8], generator=torch.Generator().manual_seed(0))
+    assert res.cost.gradients <= 2 * one.cost.gradients + 8 * 3

@@ -9,7 +9,9 @@ parameter-free attacks", ICML 2020 (https://arxiv.org/abs/2003.01690).
 * ``version="rand"``, for randomised defenses: APGD-CE and APGD-DLR with every gradient
   averaged over 20 draws of the model's randomness (EOT); ``eot_samples`` sets another count
   (its default, 1, means the paper's 20). The result's ``params["eot_samples"]`` and
-  ``details["eot_samples"]`` give the count used.
+  ``details["eot_samples"]`` give the count used. On a model that does not declare a random
+  forward pass (e.g. the exact expected output of a population of fixed members) the draws
+  would be identical, so ``rand`` uses one (the same points at a twentieth of the cost).
 
 Few classes (a model with ``C`` classes): APGD-T and FAB-T use ``min(n_target_classes, C - 1)``
 target classes (one for a binary model); APGD-T's targeted DLR loss needs 4 classes, so with
@@ -39,7 +41,7 @@ import torch
 from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost
 from bastion.attacks.compose import Cascade
 from bastion.attacks.registry import register
-from bastion.attacks.verdict import Majority
+from bastion.attacks.verdict import Majority, is_random
 from bastion.errors import ConfigError, check_choice
 from bastion.models.base import Classifier
 
@@ -89,14 +91,15 @@ class AutoAttack(Attack):
     def needs_eot(self) -> bool:
         return self.version == "standard"
 
-    def components(self, num_classes: int | None = None) -> list[Attack]:
+    def components(self, num_classes: int | None = None, random: bool = True) -> list[Attack]:
         """The attacks of this version, in cascade order, adapted to a model with
-        ``num_classes`` classes (see the module docstring; ``None``: as configured)."""
+        ``num_classes`` classes (see the module docstring; ``None``: as configured) that is
+        ``random`` or not (``rand`` on a deterministic model uses one gradient draw)."""
         from bastion.attacks.registry import create  # the registry is complete once the package is imported
 
         common = {"eps": self.eps, "norm": self.norm, "early_stop": self.early_stop}
         if self.version == "rand":
-            eot = self.rand_eot_samples
+            eot = self.rand_eot_samples if random else 1
             ce = create("apgd-ce", steps=self.steps, eot_samples=eot, **common)
             if num_classes is not None and num_classes < 3:  # the untargeted DLR loss needs a third class
                 return [ce]
@@ -126,12 +129,13 @@ class AutoAttack(Attack):
     ) -> AttackResult:
         # targets were refused by __call__: its APGD-T and FAB-T pick their own
         classes, probe = _num_classes(clf, x)
-        cascade = Cascade(attacks=tuple(self.components(classes)), label=f"autoattack-{self.version}")
+        random = is_random(clf)
+        cascade = Cascade(attacks=tuple(self.components(classes, random)), label=f"autoattack-{self.version}")
         res = cascade._execute(clf, x, y, None, generator, verdict)
         params = {**self.params, "components": res.params["attacks"]}
         details = dict(res.details)
         if self.version == "rand":
-            params["eot_samples"] = details["eot_samples"] = self.rand_eot_samples
+            params["eot_samples"] = details["eot_samples"] = self.rand_eot_samples if random else 1
         cost = Cost(res.cost.gradients, res.cost.forwards + probe, res.cost.seconds)
         return dataclasses.replace(res, attack=self.name, params=params, details=details, cost=cost)
 

@@ -17,6 +17,9 @@ on the check's points). When that check fails, the guard
    steps on the points it left robust), and that check's verdict, with what the guard did, is
    the "converged" flag the report shows.
 
+The check compares with the row's stored outcomes (the number it reports), not a rerun, so on a
+random model the guard acts on what was reported, not on another draw of it.
+
 Settings: ``[evaluation] guard``, ``guard_factor``, ``guard_cost_cap``
 (:class:`~bastion.eval.settings.EvaluationSection`).
 """
@@ -88,7 +91,7 @@ def _guard(db: ResultsDB, key: RowKey, model: nn.Module, threats: Sequence[Threa
     acted = (f"guard acted: {flag.detail}; {row.attack_label} rerun with {how} on the {len(survivors)} points it left "
              f"robust: {100 * row.robust_accuracy:.1f}% -> {100 * guarded.robust_accuracy:.1f}% on {row.n} points "
              f"({guarded.gradients:,} gradient evaluations, cap {cap:,.0f}), stored as {guarded.attack_label}")
-    recheck = converged_flag(checked, data, [*rows, guarded], row=guarded, factor=RECHECK_FACTOR, reuse_mask=True,
+    recheck = converged_flag(checked, data, [*rows, guarded], row=guarded, factor=RECHECK_FACTOR,
                              **kw)  # type: ignore[arg-type]
     return Flag(flag.name, recheck.passed, f"{acted}; then {recheck.detail}")
 
