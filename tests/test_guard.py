@@ -35,8 +35,10 @@ def _setup(tmp_path, lenet, mnist_small, **settings):
 def test_the_guard_reruns_an_unconverged_row_stronger_and_keeps_both(tmp_path, lenet, mnist_small) -> None:
     db, key, threats, data, st = _setup(tmp_path, lenet, mnist_small)
     (before,) = key.rows(db)
-    flag = guard_converged(db, key, lenet, threats, data, st, CPU)
+    flag = guard_converged(db, key, lenet, data, st, CPU)
     assert flag is not None and flag.name == "converged" and "guard acted" in flag.detail
+    # a second level (5x again) would cost more than the cap allows: the guard stops and says so
+    assert "level 2 not run" in flag.detail and not flag.passed
     rows = {r.attack_label: r for r in key.rows(db)}
     assert set(rows) == {"pgd-1", "pgd-1" + GUARD_SUFFIX}
     guarded = rows["pgd-1" + GUARD_SUFFIX]
@@ -55,15 +57,15 @@ def test_the_guard_reruns_an_unconverged_row_stronger_and_keeps_both(tmp_path, l
     assert stored["converged"].detail == flag.detail and stored["converged"].passed == flag.passed
     # run again (a restart): the stored guard row is found, not measured again
     created = guarded.created
-    again = guard_converged(db, key, lenet, threats, data, st, CPU)
+    again = guard_converged(db, key, lenet, data, st, CPU)
     assert again is not None and "guard acted" in again.detail
     assert [r.created for r in key.rows(db) if r.attack_label.endswith(GUARD_SUFFIX)] == [created]
 
 
 def test_the_cost_cap_stops_the_guard_and_says_so(tmp_path, lenet, mnist_small) -> None:
     db, key, threats, data, st = _setup(tmp_path, lenet, mnist_small, guard_cost_cap=0.5)
-    flag = guard_converged(db, key, lenet, threats, data, st, CPU)
-    assert flag is not None and not flag.passed and "guard: not run" in flag.detail
+    flag = guard_converged(db, key, lenet, data, st, CPU)
+    assert flag is not None and not flag.passed and "guard: level 1 not run" in flag.detail
     assert [r.attack_label for r in key.rows(db)] == ["pgd-1"]
 
 
@@ -73,7 +75,7 @@ def test_the_guard_can_be_turned_off_and_is_validated(tmp_path, lenet, mnist_sma
     from bastion.errors import ConfigError
 
     db, key, threats, data, st = _setup(tmp_path, lenet, mnist_small, guard=False)
-    assert guard_converged(db, key, lenet, threats, data, st, CPU) is None
+    assert guard_converged(db, key, lenet, data, st, CPU) is None
     with pytest.raises(ConfigError, match="guard_factor=1"):
         EvaluationSection(guard_factor=1)
     with pytest.raises(ConfigError, match="guard_cost_cap=0"):

@@ -190,7 +190,7 @@ def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.T
     return m.robust.to(x.device)
 
 
-def _attack_from_row(row: EvaluationRow, **changes: Any) -> Attack | None:
+def attack_from_row(row: EvaluationRow, **changes: Any) -> Attack | None:
     """The row's attack rebuilt from its registry name and parameters (None if it cannot be)."""
     name = row.attack
     if name not in attacks.ATTACKS.names():
@@ -416,7 +416,7 @@ def check_converged(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Se
     if row is None:
         return Flag(name, True, "not applicable: no step-based white-box attack")
     e_max = float(row.eps)
-    base = _attack_from_row(row)
+    base = attack_from_row(row)
     if base is None:
         return Flag(name, True, f"not applicable: cannot rebuild {row.attack_label}")
     strong, changes = stronger(base, factor)
@@ -564,6 +564,6 @@ def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tens
 
 
 __all__ = [
-    "CHECKS", "EXPLANATIONS", "LARGE_EPS_LINF", "PRE_CHECKS", "SINGLE_STEP", "Flag", "converged_flag", "converged_row",
-    "run_checks", "stronger",
+    "CHECKS", "EXPLANATIONS", "LARGE_EPS_LINF", "PRE_CHECKS", "SINGLE_STEP", "Flag", "attack_from_row",
+    "converged_flag", "converged_row", "run_checks", "stronger",
 ]

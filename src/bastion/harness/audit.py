@@ -106,7 +106,7 @@ def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: s
     if todo:
         measure_rows(db, key, model, todo, data, st, dev)
     flagging = needs_flags(db, key)
-    guarded = guard_converged(db, key, model, threats, data, st, dev) if flagging else None
+    guarded = guard_converged(db, key, model, data, st, dev) if flagging else None
     store_worst_case(db, key)
     if flagging:
         store_flags(db, key, model, data, st, dev, before=pre, given=[guarded] if guarded else [])

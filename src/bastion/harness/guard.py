@@ -5,17 +5,22 @@ After the rows of an adaptive evaluation are measured, the guard runs the sanity
 largest budget, again with ``guard_factor`` times the steps and one more restart, at least two,
 on the check's points). When that check fails, the guard
 
-1. estimates what rerunning the row's threat model with the stronger attack on the points the
-   row left robust costs (the row's gradient evaluations per point x ``guard_factor`` x the
-   restart ratio x those points), and stops there, saying so in the flag, when the estimate is
-   above ``guard_cost_cap`` times the row's own gradient evaluations;
-2. reruns it (per-sample, resumable batch by batch like any row) and stores the result as a new
+1. estimates what rerunning the stronger attack on the points the row left robust costs (the
+   row's gradient evaluations per point x ``guard_factor`` x the restart ratio x those points),
+   and stops there, saying so in the flag, when the estimate is above ``guard_cost_cap`` times
+   the row's own gradient evaluations;
+2. reruns it under the threat model the check measured it with (on the deployed model, through
+   its BPDA view; for a random model to the final iterate, judged by the majority of
+   ``queries``), per sample and resumable batch by batch like any row, and stores the result as a new
    row labelled ``<label>+guard``: a point is robust only if both attacks failed on it. The
    original row stays as it was measured; the per-budget worst case, computed afterwards, takes
    the stronger number;
 3. checks the guarded row in turn (its stored outcomes on the check's points, then twice its
-   steps on the points it left robust), and that check's verdict, with what the guard did, is
-   the "converged" flag the report shows.
+   steps on the points it left robust). While that fails, the guard escalates: the guarded row's
+   attack with ``guard_factor`` times its steps (``<label>+guard2``, ...), as long as the
+   gradient evaluations of all levels stay within the cap (and at most :data:`MAX_LEVELS`
+   levels). The last check's verdict, with what the guard did, is the "converged" flag the
+   report shows.
 
 The check compares with the row's stored outcomes (the number it reports), not a rerun, so on a
 random model the guard acts on what was reported, not on another draw of it.
@@ -26,9 +31,7 @@ Settings: ``[evaluation] guard``, ``guard_factor``, ``guard_cost_cap``
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -37,9 +40,9 @@ from bastion.data.base import ImageDataset
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random
 from bastion.eval.loop import Measurement, measure
-from bastion.eval.sanity import Flag, converged_flag, converged_row, stronger
+from bastion.eval.sanity import Flag, attack_from_row, converged_flag, converged_row, stronger
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
-from bastion.eval.threats import ThreatModel
+from bastion.eval.threats import ThreatModel, WhiteBox
 from bastion.harness.rows import RowKey
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow
@@ -50,10 +53,13 @@ log = logging.getLogger(__name__)
 GUARD_SUFFIX = "+guard"
 #: the guarded row's own convergence check doubles its steps
 RECHECK_FACTOR = 2
+#: the guard escalates at most this many times (each level ``guard_factor`` x the steps of the
+#: last); the cost cap usually stops it first
+MAX_LEVELS = 3
 
 
-def guard_converged(db: ResultsDB, key: RowKey, model: nn.Module, threats: Sequence[ThreatModel],
-                    data: ImageDataset, st: EvaluationSection, dev: torch.device) -> Flag | None:
+def guard_converged(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
+                    dev: torch.device) -> Flag | None:
     """Run the "converged" check on the stored rows of ``key`` and, when it fails, the guard
     (module docstring). Returns the "converged" flag to store (None when the guard does not
     apply: another protocol, the guard or the sanity checks off). The global random state is
@@ -61,45 +67,72 @@ def guard_converged(db: ResultsDB, key: RowKey, model: nn.Module, threats: Seque
     if key.protocol != ADAPTIVE or not st.guard or not st.sanity:
         return None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        return _guard(db, key, model, threats, data, st, dev)
+        return _guard(db, key, model, data, st, dev)
 
 
-def _guard(db: ResultsDB, key: RowKey, model: nn.Module, threats: Sequence[ThreatModel], data: ImageDataset,
-           st: EvaluationSection, dev: torch.device) -> Flag:
+def _guard(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
+           dev: torch.device) -> Flag:
     random = is_random(model)
     checked = model if random else bpda_view(model)
     kw = {"random": random, "device": dev, "seed": st.seed, "batch_size": st.batch_size,
           "queries": st.queries_for(key.protocol)}
-    rows = [r for r in key.rows(db) if not r.attack_label.endswith(GUARD_SUFFIX)]
+    rows = [r for r in key.rows(db) if GUARD_SUFFIX not in r.attack_label]
     flag = converged_flag(checked, data, rows, factor=st.guard_factor, **kw)  # type: ignore[arg-type]
     row = converged_row(rows)
     if flag.passed or row is None or row.robust is None:
         return flag
-    threat = next((t for t in threats if t.label == row.attack_label and float(t.attack.eps) == float(row.eps)), None)
-    if threat is None:
-        return Flag(flag.name, False, f"{flag.detail}; guard: no threat model of this run measures {row.attack_label}")
-    strong, changes = stronger(threat.attack, st.guard_factor)
-    survivors = row.robust.nonzero(as_tuple=True)[0]
-    ratio = max(int(changes.get("restarts", 1)), 1) / max(int(getattr(threat.attack, "restarts", 1) or 1), 1)
-    estimate = row.gradients / max(row.n, 1) * st.guard_factor * ratio * len(survivors)
     cap = st.guard_cost_cap * row.gradients
-    if estimate > cap:
-        return Flag(flag.name, False, f"{flag.detail}; guard: not run, its estimated {estimate:,.0f} gradient "
-                                      f"evaluations exceed guard_cost_cap x the row's = {cap:,.0f}")
-    guarded = _guarded_row(db, key, dataclasses.replace(threat, attack=strong), row, survivors, data, st, dev)
+    current, spent, notes, passed = row, 0, [flag.detail], False
+    for level in range(1, MAX_LEVELS + 1):
+        nxt, note = _next_level(db, key, model, current, level, spent, cap, data, st, dev)
+        notes.append(note)
+        if nxt is None:
+            break
+        current, spent = nxt, spent + nxt.gradients
+        recheck = converged_flag(checked, data, [*rows, current], row=current, factor=RECHECK_FACTOR,
+                                 **kw)  # type: ignore[arg-type]
+        notes.append(f"then {recheck.detail}")
+        if recheck.passed:
+            passed = True
+            break
+    head = "guard acted: " if current is not row else ""
+    return Flag(flag.name, passed, head + "; ".join(notes))
+
+
+def _next_level(db: ResultsDB, key: RowKey, model: nn.Module, current: EvaluationRow, level: int, spent: int,
+                cap: float, data: ImageDataset, st: EvaluationSection,
+                dev: torch.device) -> tuple[EvaluationRow | None, str]:
+    """The guard's ``level``-th row: ``current``'s attack with ``guard_factor`` times its steps
+    (and one more restart) on the points ``current`` left robust, or None and why not."""
+    base = attack_from_row(current)
+    if base is None or current.robust is None:
+        return None, f"guard: cannot rebuild {current.attack_label}"
+    strong, changes = stronger(base, st.guard_factor)
+    survivors = current.robust.nonzero(as_tuple=True)[0]
+    attacked = int(((current.extra or {}).get("guard") or {}).get("attacked", current.n))
+    ratio = max(int(changes.get("restarts", 1)), 1) / max(int(getattr(base, "restarts", 1) or 1), 1)
+    estimate = current.gradients / max(attacked, 1) * st.guard_factor * ratio * len(survivors)
+    if spent + estimate > cap:
+        return None, (f"guard: level {level} not run, {spent:,} + an estimated {estimate:,.0f} gradient evaluations "
+                      f"exceed guard_cost_cap x the row's = {cap:,.0f}")
+    # the threat model the check measured the stronger attack under: on the deployed model (its
+    # BPDA view), final iterate and majority of k for a random one
+    k, bs = st.queries_for(key.protocol), st.batch_size
+    threat: ThreatModel = (WhiteBox(model, strong.final_iterate(), queries=k, batch_size=bs) if is_random(model)
+                           else WhiteBox.bpda(model, strong, batch_size=bs))
+    label = current.attack_label.split(GUARD_SUFFIX)[0] + GUARD_SUFFIX + (str(level) if level > 1 else "")
+    guarded = _guarded_row(db, key, threat, current, label, survivors, data, st, dev)
     how = ", ".join(f"{k}={v}" for k, v in changes.items())
-    acted = (f"guard acted: {flag.detail}; {row.attack_label} rerun with {how} on the {len(survivors)} points it left "
-             f"robust: {100 * row.robust_accuracy:.1f}% -> {100 * guarded.robust_accuracy:.1f}% on {row.n} points "
-             f"({guarded.gradients:,} gradient evaluations, cap {cap:,.0f}), stored as {guarded.attack_label}")
-    recheck = converged_flag(checked, data, [*rows, guarded], row=guarded, factor=RECHECK_FACTOR,
-                             **kw)  # type: ignore[arg-type]
-    return Flag(flag.name, recheck.passed, f"{acted}; then {recheck.detail}")
+    return guarded, (f"{current.attack_label} rerun with {how} on the {len(survivors)} points it left robust: "
+                     f"{100 * current.robust_accuracy:.1f}% -> {100 * guarded.robust_accuracy:.1f}% on {current.n} "
+                     f"points ({guarded.gradients:,} gradient evaluations; cap {cap:,.0f} in all), stored as {label}")
 
 
-def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: EvaluationRow, survivors: torch.Tensor,
-                 data: ImageDataset, st: EvaluationSection, dev: torch.device) -> EvaluationRow:
-    """The guard's row (measured now, or found in the database after a restart)."""
-    label = row.attack_label + GUARD_SUFFIX
+def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: EvaluationRow, label: str,
+                 survivors: torch.Tensor, data: ImageDataset, st: EvaluationSection,
+                 dev: torch.device) -> EvaluationRow:
+    """The guard's row ``label`` over ``row`` (measured now, or found in the database after a
+    restart)."""
     if key.stored(db, label, row.eps):
         return next(r for r in key.rows(db) if r.attack_label == label and float(r.eps) == float(row.eps))
     idx = survivors.to(data.x.device)
@@ -123,4 +156,4 @@ def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: Evaluatio
     return out
 
 
-__all__ = ["GUARD_SUFFIX", "RECHECK_FACTOR", "guard_converged"]
+__all__ = ["GUARD_SUFFIX", "MAX_LEVELS", "RECHECK_FACTOR", "guard_converged"]
