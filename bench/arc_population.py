@@ -11,10 +11,10 @@ On the first ``--n`` MNIST test points, for each eps in ``--eps`` (0.3, 0.2):
 
 * PGD-40 on the expected output (``population.expected()``, step ``2.5 eps / 40``);
 * AutoAttack rand, 100 iterations, on the expected output. The expected output of a population
-  is exact, hence deterministic: AutoAttack ``rand``'s 20 EOT draws would average 20 identical
-  gradients (measured: bit-identical points at 20x the gradients). By default
-  (``--aa-eot 1``) the bench runs ``rand``'s components (APGD-CE, APGD-DLR) as its cascade with
-  one draw each; ``--aa-eot 20`` runs them as the library's ``rand`` does;
+  is exact, hence deterministic: 20 EOT draws would average 20 identical gradients (measured:
+  bit-identical points at 20x the gradients), and the library's ``rand`` now uses one draw on a
+  model that declares no randomness. The bench runs ``rand``'s components (APGD-CE, APGD-DLR)
+  as a cascade with ``--aa-eot`` draws each (default 1; 20 reproduces the old cost);
 * ARC (``K = --arc-steps`` 20, ``eta = --arc-step-ratio * eps``, 0.25) on the population.
 
 PGD and AutoAttack run to their final iterates (their own early stop judges the expected
