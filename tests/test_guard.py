@@ -62,6 +62,21 @@ def test_the_guard_reruns_an_unconverged_row_stronger_and_keeps_both(tmp_path, l
     assert [r.created for r in key.rows(db) if r.attack_label.endswith(GUARD_SUFFIX)] == [created]
 
 
+def test_a_worst_case_stored_before_the_guard_is_replaced(tmp_path, lenet, mnist_small) -> None:
+    """A worst case stored before the guard added its row (sanity turned on later, or a restart)
+    is replaced by one that covers the guard's row; an up-to-date one is left as it is."""
+    db, key, threats, data, st = _setup(tmp_path, lenet, mnist_small)
+    store_worst_case(db, key)
+    before = next(r for r in key.rows(db) if r.attack_label == "worst case")
+    guard_converged(db, key, lenet, data, st, CPU)
+    store_worst_case(db, key)
+    rows = {r.attack_label: r for r in key.rows(db)}
+    assert rows["worst case"].robust_accuracy == rows["pgd-1" + GUARD_SUFFIX].robust_accuracy < before.robust_accuracy
+    created = rows["worst case"].created
+    store_worst_case(db, key)
+    assert next(r for r in key.rows(db) if r.attack_label == "worst case").created == created
+
+
 def test_the_cost_cap_stops_the_guard_and_says_so(tmp_path, lenet, mnist_small) -> None:
     db, key, threats, data, st = _setup(tmp_path, lenet, mnist_small, guard_cost_cap=0.5)
     flag = guard_converged(db, key, lenet, data, st, CPU)
@@ -80,3 +95,5 @@ def test_the_guard_can_be_turned_off_and_is_validated(tmp_path, lenet, mnist_sma
         EvaluationSection(guard_factor=1)
     with pytest.raises(ConfigError, match="guard_cost_cap=0"):
         EvaluationSection(guard_cost_cap=0)
+    with pytest.raises(ConfigError, match="guard='no'"):
+        EvaluationSection(guard="no")  # type: ignore[arg-type]

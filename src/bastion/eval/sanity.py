@@ -476,6 +476,7 @@ def run_checks(
     batch_size: int = 500,
     queries: int = 5,
     given: Sequence[Flag] = (),
+    reuse_mask: bool = False,
 ) -> list[Flag]:
     """Run every check that applies to the evaluation ``rows`` of ``model`` under one protocol.
 
@@ -496,6 +497,9 @@ def run_checks(
             uses 1); ignored for deterministic models.
         given: flags already computed (the convergence guard's "converged"): each replaces the
             check of its name, which is then not run again.
+        reuse_mask: "converged" starts from the row's stored outcomes, not a rerun (the harness:
+            adaptive rows, measured on the model the check attacks or a view of it; a paper
+            row's threat model, e.g. seed 001's crafting on one submodel, is not the check's).
 
     Returns one :class:`Flag` per applicable check, in :data:`CHECKS` order; checks that do
     not apply pass with a detail starting "not applicable".
@@ -516,7 +520,7 @@ def run_checks(
         raise ConfigError(f"queries={queries!r} must be an integer >= 1")
     try:
         return _all_checks(model, clf, x, y, rows, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
-                           queries=queries if rand else None, given={f.name: f for f in given})
+                           queries=queries if rand else None, given={f.name: f for f in given}, reuse_mask=reuse_mask)
     finally:
         clf.train(was_training)
 
@@ -542,7 +546,7 @@ def converged_flag(model: nn.Module, data: Any, rows: Sequence[EvaluationRow], *
 
 def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: Sequence[EvaluationRow], *,
                 norm: str, num_classes: int, batch_size: int, seed: int, queries: int | None,
-                given: dict[str, Flag]) -> list[Flag]:
+                given: dict[str, Flag], reuse_mask: bool = False) -> list[Flag]:
     """Every check in :data:`CHECKS` order (``clf``: ``model`` as a classifier in eval mode;
     ``queries`` None for a deterministic model, which skips the fixed-randomness check;
     ``given``: flags computed already, by name)."""
@@ -552,7 +556,8 @@ def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tens
         check_large_eps(clf, x, y, norm=norm, num_classes=num_classes, batch_size=batch_size, seed=seed,
                         queries=queries),
         # (in this order: a random model's draws come from the global RNG, shared by the checks)
-        given.get("converged") or check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),
+        given.get("converged") or check_converged(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries,
+                                                  reuse_mask=reuse_mask),
         check_black_box(rows),
         check_gradients(clf, x, y, batch_size=batch_size),
         check_noise(clf, x, y, rows, batch_size=batch_size, seed=seed, queries=queries),

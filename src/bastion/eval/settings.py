@@ -60,6 +60,8 @@ class EvaluationSection:
                 raise ConfigError(f"evaluation.{name}={v!r} must be an integer >= 1")
         if self.seed < 0:
             raise ConfigError(f"evaluation.seed={self.seed!r} must be >= 0")
+        if not isinstance(self.guard, bool):
+            raise ConfigError(f"evaluation.guard={self.guard!r} must be true or false")
         f = self.guard_factor
         if isinstance(f, bool) or not isinstance(f, int) or f < 2:
             raise ConfigError(f"evaluation.guard_factor={f!r} must be an integer >= 2")

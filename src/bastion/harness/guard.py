@@ -36,6 +36,8 @@ import logging
 import torch
 from torch import nn
 
+from bastion.attacks.autoattack import AutoAttack
+from bastion.attacks.base import Attack
 from bastion.data.base import ImageDataset
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random
@@ -62,11 +64,14 @@ def guard_converged(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDat
                     dev: torch.device) -> Flag | None:
     """Run the "converged" check on the stored rows of ``key`` and, when it fails, the guard
     (module docstring). Returns the "converged" flag to store (None when the guard does not
-    apply: another protocol, the guard or the sanity checks off). The global random state is
-    left as it was, so the checks that follow draw what they drew before the guard existed."""
+    apply: another protocol, the guard or the sanity checks off). The guard seeds the global
+    generator with ``st.seed`` and leaves it afterwards as it found it."""
     if key.protocol != ADAPTIVE or not st.guard or not st.sanity:
         return None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        # a random model draws from the global generator: seeded here, the guard decides the
+        # same way in a fresh run and after a restart
+        torch.manual_seed(st.seed)
         return _guard(db, key, model, data, st, dev)
 
 
@@ -111,6 +116,10 @@ def _next_level(db: ResultsDB, key: RowKey, model: nn.Module, current: Evaluatio
     survivors = current.robust.nonzero(as_tuple=True)[0]
     attacked = int(((current.extra or {}).get("guard") or {}).get("attacked", current.n))
     ratio = max(int(changes.get("restarts", 1)), 1) / max(int(getattr(base, "restarts", 1) or 1), 1)
+    # the adaptive rows of a random model attacked its expected output, itself random or not
+    declaration = getattr(model, "declaration", None)
+    measured_on_random = is_random(model) and callable(declaration) and bool(declaration().random_expectation)
+    ratio *= _draws(strong, is_random(model)) / _draws(base, measured_on_random if level == 1 else is_random(model))
     estimate = current.gradients / max(attacked, 1) * st.guard_factor * ratio * len(survivors)
     if spent + estimate > cap:
         return None, (f"guard: level {level} not run, {spent:,} + an estimated {estimate:,.0f} gradient evaluations "
@@ -126,6 +135,13 @@ def _next_level(db: ResultsDB, key: RowKey, model: nn.Module, current: Evaluatio
     return guarded, (f"{current.attack_label} rerun with {how} on the {len(survivors)} points it left robust: "
                      f"{100 * current.robust_accuracy:.1f}% -> {100 * guarded.robust_accuracy:.1f}% on {current.n} "
                      f"points ({guarded.gradients:,} gradient evaluations; cap {cap:,.0f} in all), stored as {label}")
+
+
+def _draws(attack: Attack, random: bool) -> int:
+    """Gradient draws per step ``attack`` spends on a model that is ``random`` or not."""
+    if isinstance(attack, AutoAttack) and attack.version == "rand":
+        return attack.rand_eot_samples if random else 1
+    return max(int(attack.eot_samples), 1)
 
 
 def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: EvaluationRow, label: str,

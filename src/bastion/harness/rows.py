@@ -95,9 +95,14 @@ def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[Th
 
 
 def store_worst_case(db: ResultsDB, key: RowKey) -> None:
-    """The per-budget worst case, from the stored rows (right after a restart too)."""
-    for row in worst_case_rows(key.rows(db)):
-        if not key.stored(db, WORST_CASE_LABEL, row.eps):
+    """The per-budget worst case, from the stored rows (right after a restart too). A stored
+    worst case that no longer covers every row of its budget (a row the convergence guard added
+    after it was stored) is replaced; one that does is left as it is."""
+    rows = key.rows(db)
+    stored = {float(r.eps): r for r in rows if r.attack_label == WORST_CASE_LABEL}
+    for row in worst_case_rows(rows):
+        old = stored.get(float(row.eps))
+        if old is None or (old.extra or {}).get("of") != (row.extra or {}).get("of"):
             db.add_evaluation(row)
 
 
@@ -117,7 +122,7 @@ def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset
     flags = list(before)
     if st.sanity:
         flags += run_checks(model, data, key.rows(db), norm=st.norm, random=random, device=dev, seed=st.seed,
-                            queries=st.queries_for(key.protocol), given=given)
+                            queries=st.queries_for(key.protocol), given=given, reuse_mask=key.protocol == ADAPTIVE)
     for f in flags:
         db.add_flag(FlagRow(config_hash=key.config_hash, model_key=key.model_key, defense=key.name,
                             protocol=key.protocol, flag=f.name, passed=bool(f.passed), detail=str(f.detail)))
