@@ -51,3 +51,31 @@ def test_the_arc_row_is_judged_by_the_majority_of_queries(mnist_small) -> None:
         clean_right = net(x).argmax(1) == y
     assert m.robust.shape == (16,) and bool((m.robust <= clean_right).all())
     assert m.gradients > 0 and m.label == "arc-5"
+
+
+def test_weighted_populations_keep_their_probabilities_through_every_kind_and_seed_001s_protocol(tmp_path,
+                                                                                              mnist_small) -> None:
+    """A CLM or bagging population saved with ``probs`` is rebuilt with them, and seed 001's
+    crafting protocol draws the crafting and the classifying member by them: with all the
+    weight on one member of two, every point is crafted on and classified by that member."""
+    import bastion.defenses  # noqa: F401  (registers the random model kinds)
+    from bastion.defenses.clm import CLMPopulation
+    from bastion.eval.threats import SubmodelCrafting
+    from bastion.models.random import Population
+    from bastion.train.checkpoint import load_model, save_checkpoint
+
+    members = [models.create("lenet5", seed=i) for i in range(2)]
+    clm = CLMPopulation(members, torch.zeros(6, 1, 5, 5), probs=[0.25, 0.75]).eval()
+    save_checkpoint(tmp_path / "clm", clm, {"model": clm.spec})
+    back, _ = load_model(tmp_path / "clm")
+    assert torch.allclose(back.member_probs, clm.member_probs)
+    bag = Population(members, decision="mean", kind="bagging-noise", probs=[0.5, 0.5])  # equal: stored as uniform
+    assert "probs" not in bag.spec["params"]
+    _, te = mnist_small
+    x, y = te.x[:12], te.y[:12]
+    one = Population(members, probs=[1.0, 0.0]).eval()
+    crafting = SubmodelCrafting(one, attacks.create("fgsm", eps=0.3), batch_size=12)
+    out = crafting.run(x, y, torch.Generator().manual_seed(0))
+    alone = attacks.create("fgsm", eps=0.3).final_iterate()(members[0], x, y, judged_by_caller=True)
+    with torch.no_grad():
+        assert torch.equal(out.robust, members[0](alone.x_adv).argmax(1) == y)

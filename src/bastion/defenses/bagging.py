@@ -132,7 +132,8 @@ class BaggingNoise(ModelDefense):
 def _build_bagging(spec: dict[str, Any]) -> Population:
     params = dict(spec.get("params") or {})
     decision = params.pop("decision", "mean")
-    return Population(build_members(spec), decision=decision, kind="bagging-noise", params=params)
+    probs = params.pop("probs", None)
+    return Population(build_members(spec), decision=decision, kind="bagging-noise", params=params, probs=probs)
 
 
 __all__ = ["BAGGING_DECISIONS", "BaggingNoise", "add_noise", "bootstrap"]

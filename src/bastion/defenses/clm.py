@@ -148,9 +148,9 @@ class CLMPopulation(Population):
     link_mask: torch.Tensor
 
     def __init__(self, members: Sequence[Classifier], mask: torch.Tensor, *, decision: str = "draw",
-                 params: dict[str, Any] | None = None) -> None:
+                 params: dict[str, Any] | None = None, probs: Sequence[float] | None = None) -> None:
         params = {**dict(params or {}), "mask_shape": [int(s) for s in mask.shape]}
-        super().__init__(members, decision=decision, kind="clm", params=params)
+        super().__init__(members, decision=decision, kind="clm", params=params, probs=probs)
         self.register_buffer("link_mask", mask.detach().clone().float())
 
     def randomness(self) -> dict[str, Any]:
@@ -162,9 +162,10 @@ def _build_clm(spec: dict[str, Any]) -> CLMPopulation:
     params = dict(spec.get("params") or {})
     decision = params.pop("decision", "draw")
     shape = params.pop("mask_shape", None)
+    probs = params.pop("probs", None)
     if not isinstance(shape, list):
         raise ConfigError(f"clm spec params lack mask_shape (got {shape!r})")
-    return CLMPopulation(build_members(spec), torch.zeros(shape), decision=decision, params=params)
+    return CLMPopulation(build_members(spec), torch.zeros(shape), decision=decision, params=params, probs=probs)
 
 
 # --------------------------------------------------------------------------- training

@@ -171,7 +171,8 @@ class PaperTransfer(Transfer):
 class SubmodelCrafting(ThreatModel):
     """Seed 001's protocol (Sec. 3, Fig. 2) for a population with ``members``: each point is
     crafted on a uniformly drawn submodel (final iterate) and classified by another uniformly
-    drawn submodel (one deployed query). The batch's MRA (eq. 6: mean over submodels of their
+    drawn submodel (one deployed query); drawn by ``member_probs`` instead when the population
+    declares unequal ones. The batch's MRA (eq. 6: mean over submodels of their
     accuracy on the crafted points) goes in the outcome's ``extra``."""
 
     how: ClassVar[str] = "seed 001: crafted on a random submodel (final iterate), classified by a random submodel"
@@ -189,8 +190,13 @@ class SubmodelCrafting(ThreatModel):
         m, n = len(members), len(x)
         dev = g.device if g is not None else x.device
         cpu = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=g, device=dev)))
-        craft = torch.randint(m, (n,), generator=cpu)
-        classify = torch.randint(m, (n,), generator=cpu)
+        probs = getattr(self.model, "member_probs", None)
+        if probs is None or bool((probs == probs[0]).all()):
+            craft = torch.randint(m, (n,), generator=cpu)
+            classify = torch.randint(m, (n,), generator=cpu)
+        else:
+            craft = torch.multinomial(probs.float(), n, replacement=True, generator=cpu)
+            classify = torch.multinomial(probs.float(), n, replacement=True, generator=cpu)
         x_adv, cost = craft_on_assigned(members, x, y, craft, self.attack, generator=g, batch_size=max(n, 1),
                                         device=x.device)
         correct = member_correct(members, x_adv, y, batch_size=max(n, 1), device=x.device)  # (M, N)
