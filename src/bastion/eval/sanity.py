@@ -179,13 +179,19 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
+def check_threat(model: nn.Module, attack: Attack, batch_size: int, queries: int | None = None) -> ThreatModel:
+    """The threat model the checks attack ``model`` under: the attack's own verdict on a
+    deterministic model; with ``queries`` (a random model) the final iterate (a lucky draw must
+    not stop it), robust if the deployed decision is right in a majority of the queries."""
+    if queries is None:
+        return EngineVerdict(model, attack, batch_size=batch_size, one_query=True)
+    return WhiteBox(model, attack.final_iterate(), queries=queries, batch_size=batch_size)
+
+
 def _attack_robust(model: nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                    seed: int, queries: int | None = None) -> torch.Tensor:
-    """Per-sample robust mask ``(N,)`` of ``attack`` on ``model``, in batches. With ``queries``
-    (a random model) the attack runs to its final iterate (a lucky draw must not stop it) and a
-    point is robust if the deployed decision is right in a majority of the queries."""
-    threat: ThreatModel = (EngineVerdict(model, attack, batch_size=batch_size, one_query=True) if queries is None
-                           else WhiteBox(model, attack.final_iterate(), queries=queries, batch_size=batch_size))
+    """Per-sample robust mask ``(N,)`` of ``attack`` on ``model`` (:func:`check_threat`), in batches."""
+    threat = check_threat(model, attack, batch_size, queries)
     m = measure(threat, x, y, batch_size=batch_size, seed=seed, device=x.device, seed_global=False)
     return m.robust.to(x.device)
 
@@ -570,5 +576,5 @@ def _all_checks(model: nn.Module, clf: nn.Module, x: torch.Tensor, y: torch.Tens
 
 __all__ = [
     "CHECKS", "EXPLANATIONS", "LARGE_EPS_LINF", "PRE_CHECKS", "SINGLE_STEP", "Flag", "attack_from_row",
-    "converged_flag", "converged_row", "run_checks", "stronger",
+    "check_threat", "converged_flag", "converged_row", "run_checks", "stronger",
 ]

@@ -32,7 +32,7 @@ from torch import nn
 from bastion import attacks as attacks_mod
 from bastion.attacks.base import Attack, Cost
 from bastion.eval.bpda import bpda_view
-from bastion.eval.judge import judge
+from bastion.eval.judge import is_random, judge
 
 
 @dataclass
@@ -243,7 +243,7 @@ class MemberAware(ThreatModel):
     def __post_init__(self) -> None:
         a = self.attack.final_iterate()
         members = list(getattr(self.model, "members", []))
-        if any(getattr(m, "declaration", None) and m.declaration().random for m in members) and a.eot_samples == 1:
+        if any(is_random(m) for m in members) and a.eot_samples == 1:
             a = a.replace(eot_samples=self.eot_samples)
         self.attack = a
 

@@ -39,13 +39,12 @@ from torch import nn
 from bastion.attacks.autoattack import AutoAttack
 from bastion.attacks.base import Attack
 from bastion.data.base import ImageDataset
-from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random
 from bastion.eval.loop import Measurement, measure
-from bastion.eval.sanity import Flag, attack_from_row, converged_flag, converged_row, stronger
+from bastion.eval.sanity import Flag, attack_from_row, check_threat, converged_flag, converged_row, stronger
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
-from bastion.eval.threats import ThreatModel, WhiteBox
-from bastion.harness.rows import RowKey
+from bastion.eval.threats import ThreatModel
+from bastion.harness.rows import RowKey, checked_model
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow
 
@@ -78,7 +77,7 @@ def guard_converged(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDat
 def _guard(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
            dev: torch.device) -> Flag:
     random = is_random(model)
-    checked = model if random else bpda_view(model)
+    checked = checked_model(model, key.protocol)
     kw = {"random": random, "device": dev, "seed": st.seed, "batch_size": st.batch_size,
           "queries": st.queries_for(key.protocol)}
     rows = [r for r in key.rows(db) if GUARD_SUFFIX not in r.attack_label]
@@ -124,11 +123,9 @@ def _next_level(db: ResultsDB, key: RowKey, model: nn.Module, current: Evaluatio
     if spent + estimate > cap:
         return None, (f"guard: level {level} not run, {spent:,} + an estimated {estimate:,.0f} gradient evaluations "
                       f"exceed guard_cost_cap x the row's = {cap:,.0f}")
-    # the threat model the check measured the stronger attack under: on the deployed model (its
-    # BPDA view), final iterate and majority of k for a random one
-    k, bs = st.queries_for(key.protocol), st.batch_size
-    threat: ThreatModel = (WhiteBox(model, strong.final_iterate(), queries=k, batch_size=bs) if is_random(model)
-                           else WhiteBox.bpda(model, strong, batch_size=bs))
+    # the threat model the check measured the stronger attack under
+    threat = check_threat(checked_model(model, key.protocol), strong, st.batch_size,
+                          st.queries_for(key.protocol) if is_random(model) else None)
     label = current.attack_label.split(GUARD_SUFFIX)[0] + GUARD_SUFFIX + (str(level) if level > 1 else "")
     guarded = _guarded_row(db, key, threat, current, label, survivors, data, st, dev)
     how = ", ".join(f"{k}={v}" for k, v in changes.items())

@@ -111,14 +111,19 @@ def needs_flags(db: ResultsDB, key: RowKey) -> bool:
     return not db.flags(config_hash=key.config_hash, model_key=key.model_key, protocol=key.protocol)
 
 
+def checked_model(model: nn.Module, protocol: str) -> nn.Module:
+    """The model the sanity checks (and the convergence guard) attack: under the adaptive
+    protocol a deterministic model's BPDA view, the one its adaptive attacks went through."""
+    return bpda_view(model) if protocol == ADAPTIVE and not is_random(model) else model
+
+
 def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
                 dev: torch.device, *, before: Sequence[Flag] = (), given: Sequence[Flag] = ()) -> tuple[int, int]:
     """Store the flags ``before`` (checks run before attacking) and, with ``st.sanity``, the
     sanity checks on the stored rows (``given``: checks computed already, e.g. by the
     convergence guard); returns (checks run, flags raised)."""
     random = is_random(model)
-    if key.protocol == ADAPTIVE and not random:
-        model = bpda_view(model)  # check the model the adaptive attacks actually went through
+    model = checked_model(model, key.protocol)
     flags = list(before)
     if st.sanity:
         flags += run_checks(model, data, key.rows(db), norm=st.norm, random=random, device=dev, seed=st.seed,
@@ -129,4 +134,4 @@ def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset
     return len(flags), sum(not f.passed for f in flags)
 
 
-__all__ = ["RowKey", "measure_rows", "needs_flags", "pending", "store_flags", "store_worst_case"]
+__all__ = ["RowKey", "checked_model", "measure_rows", "needs_flags", "pending", "store_flags", "store_worst_case"]
