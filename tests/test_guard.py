@@ -97,3 +97,31 @@ def test_the_guard_can_be_turned_off_and_is_validated(tmp_path, lenet, mnist_sma
         EvaluationSection(guard_cost_cap=0)
     with pytest.raises(ConfigError, match="guard='no'"):
         EvaluationSection(guard="no")  # type: ignore[arg-type]
+
+
+def test_on_a_random_model_the_guard_acts_on_the_raw_drop_and_clears_against_a_second_try(
+        tmp_path, lenet, mnist_small) -> None:
+    """A random model (two copies of one net, random by declaration, judged by the majority of 3
+    queries): the guard's trigger is the raw drop (no control), its recheck of the guarded row
+    is against a second try of that row's attack, and the flag clears once the stronger attack
+    breaks no more than that second try."""
+    from bastion.models.random import Population
+
+    _, te = mnist_small
+    data = ImageDataset(name="mnist", split="test", x=te.x[:60].clone(), y=te.y[:60].clone(),
+                        classes=tuple(str(i) for i in range(10)), mean=(0.1307,), std=(0.3081,))
+    st = EvaluationSection(protocols=[ADAPTIVE], batch_size=30, queries=3)
+    pop = Population([lenet, lenet]).eval()
+    # one step of 0.1: far from converged, while 5 steps of 0.1 reach the whole ball
+    weak = attacks.create("pgd", eps=0.3, steps=1, alpha=0.1)
+    db = ResultsDB(tmp_path / "r.sqlite")
+    key = RowKey(config_hash="h", experiment="e", dataset="mnist", model_key="p", name="pop", defense="ulm",
+                 protocol=ADAPTIVE, norm="linf")
+    measure_rows(db, key, pop, [WhiteBox(pop, weak.final_iterate(), queries=3, batch_size=30)], data, st, CPU)
+    flag = guard_converged(db, key, pop, data, st, CPU)
+    assert flag is not None and flag.detail.startswith("guard acted: "), flag.detail
+    trigger, recheck = flag.detail.split("; then ", 1)
+    assert "second try" not in trigger and "beyond a second try" in recheck
+    assert flag.passed, flag.detail
+    labels = [r.attack_label for r in key.rows(db)]
+    assert labels == ["pgd-1", "pgd-1" + GUARD_SUFFIX]

@@ -260,3 +260,53 @@ def test_random_models_are_judged_by_their_deployed_decision(lenet: models.Class
     assert flag.passed, flag.detail  # a large budget breaks the vote too (an untrained net)
     with pytest.raises(Exception, match="queries"):
         run_checks(pop, (x, y), [], queries=0)
+
+
+def test_converged_on_a_random_model_discounts_what_a_second_try_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a random model a second run of the same attack breaks points by luck (its random start,
+    a fresh majority verdict). The check reruns the row's attack unchanged as a control and
+    raises only on what the stronger attack breaks beyond it; a deterministic model has no
+    control and the raw drop decides."""
+    from bastion.eval import sanity
+
+    n = 60
+    robust = torch.zeros(n, dtype=torch.bool)
+    robust[:40] = True
+    row = eval_row("pgd", "pgd-10", 0.3, 40 / n, n=n, clean=1.0, params={"steps": 10}, robust=robust)
+    x, y = torch.zeros(n, 1, 28, 28), torch.zeros(n, dtype=torch.long)
+
+    def fake(broken_by_control: int) -> Any:
+        def attack_robust(model, attack, xs, ys, batch_size, seed, queries=None):  # noqa: ANN001, ANN202
+            out = torch.ones(len(xs), dtype=torch.bool)
+            out[: 10 if attack.steps == 50 else broken_by_control] = False  # stronger: 10 more points
+            return out
+        return attack_robust
+
+    monkeypatch.setattr(sanity, "_attack_robust", fake(9))
+    lucky = sanity.check_converged(nn.Identity(), x, y, [row], batch_size=500, seed=0, queries=3)
+    assert lucky.passed, lucky.detail  # 10 points, 9 of which another try breaks as well
+    assert "66.7% -> 51.7%" in lucky.detail and "beyond a second try" in lucky.detail
+    deterministic = sanity.check_converged(nn.Identity(), x, y, [row], batch_size=500, seed=0)
+    assert not deterministic.passed and "second try" not in deterministic.detail
+    monkeypatch.setattr(sanity, "_attack_robust", fake(0))
+    effort = sanity.check_converged(nn.Identity(), x, y, [row], batch_size=500, seed=0, queries=3)
+    assert not effort.passed, effort.detail  # another try breaks nothing: the steps did it
+
+
+def test_converged_control_leaves_a_random_model_unconverged_when_steps_matter(
+        lenet: models.Classifier, points: tuple) -> None:
+    """A real random model (two copies of one net, random by declaration) under a 1-step attack:
+    five times the steps breaks far more than the same step again, so the flag stays raised."""
+    from bastion.eval.sanity import check_converged
+    from bastion.models.random import Population
+
+    x, y = points[0][:100], points[1][:100]
+    pop = Population([lenet, lenet]).eval()
+    weak = attacks.create("pgd", eps=0.3, steps=1, alpha=0.02)
+    res = weak(lenet, x, y, generator=torch.Generator().manual_seed(0))
+    robust = ~res.success
+    row = eval_row("pgd", "pgd-1", 0.3, float(robust.float().mean()), n=100, clean=1.0, params=weak.params,
+                   robust=robust)
+    torch.manual_seed(3)
+    flag = check_converged(pop, x, y, [row], batch_size=500, seed=0, queries=3)
+    assert not flag.passed and "beyond a second try" in flag.detail, flag.detail

@@ -16,14 +16,18 @@ on the check's points). When that check fails, the guard
    original row stays as it was measured; the per-budget worst case, computed afterwards, takes
    the stronger number;
 3. checks the guarded row in turn (its stored outcomes on the check's points, then twice its
-   steps on the points it left robust). While that fails, the guard escalates: the guarded row's
-   attack with ``guard_factor`` times its steps (``<label>+guard2``, ...), as long as the
+   steps on the points it left robust; on a random model against a control, the guarded
+   row's attack run once more unchanged on those points, so that what a second try breaks by
+   luck is not counted as the attack's lack of steps). While that fails, the guard escalates:
+   the guarded row's attack with ``guard_factor`` times its steps (``<label>+guard2``, ...), as long as the
    gradient evaluations of all levels stay within the cap (and at most :data:`MAX_LEVELS`
    levels). The last check's verdict, with what the guard did, is the "converged" flag the
    report shows.
 
 The check compares with the row's stored outcomes (the number it reports), not a rerun, so on a
-random model the guard acts on what was reported, not on another draw of it.
+random model the guard acts on what was reported, not on another draw of it. Its first check
+has no control: any drop beyond the tolerance, luck included, means the stored number can be
+lowered, and the guard lowers it.
 
 Settings: ``[evaluation] guard``, ``guard_factor``, ``guard_cost_cap``
 (:class:`~bastion.eval.settings.EvaluationSection`).
@@ -81,7 +85,9 @@ def _guard(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st:
     kw = {"random": random, "device": dev, "seed": st.seed, "batch_size": st.batch_size,
           "queries": st.queries_for(key.protocol)}
     rows = [r for r in key.rows(db) if GUARD_SUFFIX not in r.attack_label]
-    flag = converged_flag(checked, data, rows, factor=st.guard_factor, **kw)  # type: ignore[arg-type]
+    # the trigger is the raw drop: on a random model a second try alone may lower the number,
+    # and whatever lowers it is worth running within the cap
+    flag = converged_flag(checked, data, rows, factor=st.guard_factor, control=False, **kw)  # type: ignore[arg-type]
     row = converged_row(rows)
     if flag.passed or row is None or row.robust is None:
         return flag
