@@ -2,8 +2,12 @@
 LeNet-5 submodels -- ULM, CLM, ULM-Adv, CLM-Adv -- and their MRA (eq. 6) under the seed's
 protocol (craft on a random submodel, answer with a random submodel) against FGSM, PGD,
 AutoAttack, MI-FGSM and PGD-EOT at eps 0.3, next to the seed's Table 2; plus the same
-populations attacked through their expected output (PGD on the mean probabilities, and
-EOT-PGD over the one-draw forward, robust = right in a majority of k queries).
+populations attacked adaptively: PGD on the mean probabilities, EOT-PGD over the one-draw
+forward, AutoAttack rand (``--aa-steps`` iterations, to the final iterate) on the mean
+probabilities, and ARC (Dbouk & Shanbhag 2022; ``--arc-steps``, ``eta = --arc-step-ratio * eps``)
+on the population's declared members; robust = right in a majority of k queries, and the
+adaptive worst case counts a point robust only if every one of these attacks failed on it.
+``--adaptive-only`` skips the seed-protocol cells (the markdown shows "--" there).
 
     python bench/clm_table.py [--members 10] [--epochs 3] [--retrain-epochs 2]
         [--train-fraction 0.1] [--adv-steps 5] [--n-eval 1000] [--out runs/clm_table]
@@ -83,6 +87,32 @@ def build_attacks(args: argparse.Namespace) -> dict[str, attacks.Attack]:
     }
 
 
+#: the adaptive worst case's label: a point is robust only if every adaptive attack failed on it
+WORST = "worst over the adaptive rows"
+
+
+def adaptive_attacks(args: argparse.Namespace,
+                     pgd: attacks.Attack) -> dict[str, tuple[attacks.Attack, int | None, bool]]:
+    """label -> (attack, EOT draws or None, whether it is given the population itself)."""
+    aa = attacks.create("autoattack", eps=args.eps, version="rand", steps=args.aa_steps, early_stop=False)
+    arc = attacks.create("arc", eps=args.eps, steps=args.arc_steps, step_ratio=args.arc_step_ratio)
+    return {
+        "PGD (expected)": (pgd, None, False),
+        "EOT-PGD (draws)": (pgd, args.eot_samples, False),
+        "AutoAttack rand (expected)": (aa, None, False),
+        f"ARC K={args.arc_steps}": (arc, None, True),
+    }
+
+
+def worst_of(cells: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """The per-point minimum over the cells ``labels`` (robust only if robust in every one)."""
+    masks = [cells[label]["robust"] for label in labels]
+    robust = [int(all(m[i] for m in masks)) for i in range(len(masks[0]))]
+    return {"robust_accuracy": sum(robust) / max(len(robust), 1), "of": labels,
+            "gradients": sum(cells[label]["gradients"] for label in labels),
+            "seconds": sum(cells[label]["seconds"] for label in labels)}
+
+
 def cached(path: Path, key: dict[str, Any], compute: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """``compute()``, or its earlier result stored at ``path`` under the same ``key``."""
     if path.is_file():
@@ -120,6 +150,9 @@ def main() -> None:
     ap.add_argument("--eot-samples", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=1, help="repeats of the random crafting draw")
     ap.add_argument("--k", type=int, default=5, help="queries per point in the expected-output rows")
+    ap.add_argument("--arc-steps", type=int, default=20, help="ARC iterations K (paper: 20)")
+    ap.add_argument("--arc-step-ratio", type=float, default=0.25, help="ARC step eta / eps (paper: 0.25)")
+    ap.add_argument("--adaptive-only", action="store_true", help="skip the seed-protocol cells")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -193,7 +226,7 @@ def main() -> None:
         else:
             base_key.pop("adv_training", None)
         cells[n]["clean"] = {"mra": mra(pop, te.x, te.y, device=dev), "members": member_clean[n]}
-        for label, atk in atks.items():
+        for label, atk in ({} if args.adaptive_only else atks).items():
             key = {**base_key, "model": n, "attack": label, "params": atk.params, "repeats": args.repeats}
             print(f"[attack] {n} / {label} (seed 001 protocol)", flush=True)
             cells[n][label] = cached(
@@ -203,17 +236,18 @@ def main() -> None:
                     pop, te, atk, repeats=args.repeats, seed=args.seed, device=dev
                 ),
             )
-        for label, eot in (("PGD (expected)", None), ("EOT-PGD (draws)", args.eot_samples)):
-            pgd = atks["PGD"]
-            key = {**base_key, "model": n, "attack": label, "params": pgd.params, "eot": eot, "k": args.k}
+        for label, (atk, eot, on_pop) in adaptive_attacks(args, atks["PGD"]).items():
+            key = {**base_key, "model": n, "attack": label, "params": atk.params, "eot": eot, "k": args.k,
+                   "on_population": on_pop}
             print(f"[attack] {n} / {label}", flush=True)
             cells[n][label] = cached(
                 out / "cells" / f"{n}__{label.split()[0]}__{_digest(key)}.json",
                 key,
-                lambda pop=pop, pgd=pgd, eot=eot: expected_output_attack(
-                    pop, te, pgd, eot=eot, k=args.k, seed=args.seed, device=dev
+                lambda pop=pop, atk=atk, eot=eot, on_pop=on_pop: expected_output_attack(
+                    pop, te, atk, eot=eot, k=args.k, seed=args.seed, device=dev, on_population=on_pop
                 ),
             )
+        cells[n][WORST] = worst_of(cells[n], list(adaptive_attacks(args, atks["PGD"])))
         atomic_write_json(out / "clm_table.partial.json", {"cells": cells})
 
     meta = {"args": vars(args), "device": str(dev), "threads": torch.get_num_threads(), "adv_alpha": adv_alpha,
@@ -256,15 +290,17 @@ def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Na
     ]
     for label in SEED001_TABLE2:
         lines.append(f"| {label} | " + " | ".join(
-            f"{pct(cells[n][label]['mra'])} / {SEED001_TABLE2[label][n]:.2f}" for n in names) + " |")
+            f"{pct(cells[n].get(label, {}).get('mra'))} / {SEED001_TABLE2[label][n]:.2f}" for n in names) + " |")
     lines += [
         "",
         ("Split of the seed-protocol PGD row: accuracy when the answering submodel is the crafting one "
          "(white-box) vs. another one (transfer):"),
         "",
         "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
-        "| same submodel | " + " | ".join(pct(cells[n]["PGD"]["same_member_accuracy"]) for n in names) + " |",
-        "| other submodel | " + " | ".join(pct(cells[n]["PGD"]["cross_member_accuracy"]) for n in names) + " |",
+        "| same submodel | " + " | ".join(pct(cells[n].get("PGD", {}).get("same_member_accuracy"))
+                                          for n in names) + " |",
+        "| other submodel | " + " | ".join(pct(cells[n].get("PGD", {}).get("cross_member_accuracy"))
+                                           for n in names) + " |",
         "",
         "Clean accuracy of the submodels (min / median / max):",
         "",
@@ -275,8 +311,17 @@ def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Na
         "",
         "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
     ]
-    for label in ("PGD (expected)", "EOT-PGD (draws)"):
+    labels = [*adaptive_attacks(args, attacks.create("pgd", eps=args.eps)), WORST]
+    for label in labels:
         lines.append(f"| {label} | " + " | ".join(pct(cells[n][label]["robust_accuracy"]) for n in names) + " |")
+    lines += ["", ("Cost of the adaptive rows: gradient evaluations per point as each attack counts them (one "
+               "gradient of the expected output or of one draw; ARC: one member's per class pair) / seconds "
+               "per point (seconds are the comparable unit):"), "",
+              "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{cells[n][label]['gradients']:,.0f} / {cells[n][label]['seconds'] / max(args.n_eval, 1):.3f}"
+            for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

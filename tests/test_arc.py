@@ -246,3 +246,23 @@ def test_targets_and_other_norms_are_refused(lenet, batch):
         attacks.create("arc", eps=0.1)(lenet, x, y, targets=(y + 1) % 10)
     with pytest.raises(ConfigError, match="norm"):
         attacks.create("arc", eps=0.1, norm="l1")
+
+
+def test_the_population_attack_of_the_seed_tables_hands_arc_the_population(lenet_population, batch):
+    """``expected_output_attack(on_population=True)`` (seed 001's table) gives ARC the population
+    itself: the same points as a direct call, judged by the majority of k queries, per point."""
+    from bastion.data.base import ImageDataset
+    from bastion.eval.mra import expected_output_attack, query_correct
+
+    x, y = batch[0][:12], batch[1][:12]
+    data = ImageDataset(name="mnist", split="test", x=x, y=y, classes=tuple(str(i) for i in range(10)),
+                        mean=(0.1307,), std=(0.3081,))
+    atk = attacks.create("arc", eps=0.3, steps=3)
+    out = expected_output_attack(lenet_population, data, atk, k=5, seed=2, on_population=True)
+    direct = atk(lenet_population, x, y, generator=torch.Generator().manual_seed(2), judged_by_caller=True)
+    votes = query_correct(lenet_population, direct.x_adv, y, k=5, seed=2)
+    assert out["protocol"] == "population" and out["robust"] == [int(v) for v in (votes.sum(0) > 2).tolist()]
+    assert out["robust_accuracy"] == pytest.approx(sum(out["robust"]) / len(y))
+    assert out["gradients"] == direct.cost.gradients / len(y)
+    with pytest.raises(ConfigError, match="eot=2"):
+        expected_output_attack(lenet_population, data, atk, eot=2, on_population=True)

@@ -241,13 +241,16 @@ def expected_output_attack(
     batch_size: int = 500,
     device: torch.device | str | None = None,
     progress: bool = False,
+    on_population: bool = False,
 ) -> dict[str, Any]:
     """The adaptive attacker against a population: ``attack`` through the expected output.
 
     * ``eot=None``: the attack runs on ``population.expected()`` (log of the mean member
       probabilities, exact over all members: PGD on the mean probabilities);
     * ``eot=n``: the attack runs on the one-draw forward (one random submodel per sample
-      and query) with every gradient averaged over ``n`` draws (``attacks.eot``; EOT-PGD).
+      and query) with every gradient averaged over ``n`` draws (``attacks.eot``; EOT-PGD);
+    * ``on_population=True``: the attack is given the population itself, for attacks that
+      use its declared members and their probabilities (``arc``); ``eot`` must be None.
 
     A point counts as robust only if the deployed decision (:meth:`Population.decide`; one
     random submodel for ULM/CLM) is right in a strict majority of ``k`` independent queries
@@ -257,16 +260,19 @@ def expected_output_attack(
         dict with ``robust_accuracy`` (majority of ``k``), ``query_accuracy`` (mean over the
         ``k`` queries), ``mra`` (eq. 6 on the adversarial points), ``clean_accuracy``
         (majority of ``k`` on clean points), ``n``, ``k``, ``eot``, ``attack``,
-        ``gradients`` (per point), ``seconds``.
+        ``gradients`` (per point), ``seconds``, ``robust`` (per point, 0/1, in data order).
     """
     from tqdm.auto import tqdm
 
     _check_int("k", k, "an integer >= 1 (queries per point)")
     if eot is not None:
         _check_int("eot", eot, "None or an integer >= 1")
+        if on_population:
+            raise ConfigError(f"eot={eot!r} with on_population=True: an attack on the population itself "
+                              "draws what it needs; give eot=None")
     dev = _device(population, device)
     population.to(dev).eval()
-    target: nn.Module = population.expected() if eot is None else population
+    target: nn.Module = population if (on_population or eot is not None) else population.expected()
     atk = attack if eot is None else attacks_mod.eot(attack, eot)
     N = len(data)
     t0 = time.perf_counter()
@@ -276,9 +282,10 @@ def expected_output_attack(
                                       dev, on_batch=lambda: bar.update(1))
     adv_votes = query_correct(population, x_adv, data.y, k=k, seed=seed, batch_size=batch_size, device=dev)
     clean_votes = query_correct(population, data.x, data.y, k=k, seed=seed + 1, batch_size=batch_size, device=dev)
+    robust = adv_votes.sum(0) * 2 > k
     return {
-        "protocol": "expected-output" if eot is None else "eot",
-        "robust_accuracy": float((adv_votes.sum(0) * 2 > k).float().mean()),
+        "protocol": "population" if on_population else "expected-output" if eot is None else "eot",
+        "robust_accuracy": float(robust.float().mean()),
         "query_accuracy": float(adv_votes.float().mean()),
         "mra": mra(population, x_adv, data.y, batch_size=batch_size, device=dev),
         "clean_accuracy": float((clean_votes.sum(0) * 2 > k).float().mean()),
@@ -286,6 +293,7 @@ def expected_output_attack(
         "attack": _attack_info(atk),
         "gradients": grads / max(N, 1),
         "seconds": time.perf_counter() - t0,
+        "robust": [int(v) for v in robust.tolist()],
     }
 
 
