@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bastion import attacks, defenses, models
+from bastion.data.base import ImageDataset
 from bastion.defenses import bagging as bagging_mod
 from bastion.defenses.clm import CLMPopulation, CounterLinked, clm_update, make_mask
 from bastion.errors import ConfigError
@@ -96,6 +97,20 @@ def test_mra_equals_hand_computation():
     # accuracies 4/4, 2/4, 1/4 -> MRA = (1 + 0.5 + 0.25) / 3
     assert mra(pop, x, y) == pytest.approx((1 + 0.5 + 0.25) / 3)
     assert mra_from_correct(torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)) == pytest.approx(0.75)
+    # declared unequal probabilities: the exact expected accuracy of one classifying draw
+    weighted = Population(list(pop.members), probs=[0.5, 0.3, 0.2])
+    assert mra(weighted, x, y) == pytest.approx(0.5 * 1 + 0.3 * 0.5 + 0.2 * 0.25)
+    with pytest.raises(ConfigError, match="probs has shape"):
+        mra_from_correct(torch.ones(3, 4, dtype=torch.bool), torch.tensor([0.5, 0.5]))
+    # seed 001's protocol draws the crafting submodels by those probabilities: member 0 crafts
+    # about half of the points (a no-op attack leaves the clean MRA, weighted too)
+    data = ImageDataset(name="toy", split="test", x=x.repeat(50, 1, 1, 1), y=y.repeat(50), classes=("a", "b", "c"),
+                        mean=(0.0,), std=(1.0,))
+    out = seed001_protocol(weighted, data, attacks.create("fgsm", eps=0.0), seed=0)
+    assert out["mra"] == pytest.approx(0.5 * 1 + 0.3 * 0.5 + 0.2 * 0.25) == out["clean_mra"]
+    # one crafting member's accuracy per point: 0.725 expected when drawn by the probabilities,
+    # 0.583 if they were drawn uniformly
+    assert out["same_member_accuracy"] == pytest.approx(0.725, abs=0.06)
 
 
 def test_seed001_protocol_on_identical_members_equals_the_single_model(mnist_small):

@@ -79,19 +79,36 @@ def member_correct(population: Population | Sequence[nn.Module], x: torch.Tensor
     return torch.stack(rows)
 
 
-def mra_from_correct(correct: torch.Tensor) -> float:
+def unequal_probs(population: nn.Module | Sequence[nn.Module]) -> torch.Tensor | None:
+    """The population's member probabilities when it declares unequal ones, else None (uniform:
+    eq. 6 as the seed writes it)."""
+    probs = getattr(population, "member_probs", None)
+    if probs is None or bool((probs == probs[0]).all()):
+        return None
+    return probs
+
+
+def mra_from_correct(correct: torch.Tensor, probs: torch.Tensor | None = None) -> float:
     """Eq. 6 from the ``(M, N)`` correctness matrix: mean over members of each member's
-    accuracy over the ``N`` points."""
+    accuracy over the ``N`` points. With ``probs`` (a population that draws its members with
+    unequal probabilities) the mean is weighted by them, so that it stays the exact expected
+    accuracy of one classifying draw."""
     if correct.dim() != 2 or correct.numel() == 0:
         raise ConfigError(f"correct must be a non-empty (members, points) matrix, got shape {tuple(correct.shape)}")
-    return float(correct.float().mean(dim=1).mean())
+    if probs is None:
+        return float(correct.float().mean(dim=1).mean())
+    if probs.shape != (correct.shape[0],):
+        raise ConfigError(f"probs has shape {tuple(probs.shape)}, expected ({correct.shape[0]},): one per member")
+    return float((probs.double().cpu() * correct.double().cpu().mean(dim=1)).sum())
 
 
 def mra(population: Population | Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *,
         batch_size: int = 1000, device: torch.device | str | None = None) -> float:
     """Seed 001's MRA (eq. 6) of ``population`` on (perturbed) points ``x`` with labels ``y``;
-    on clean points this is seed 001's Table 1 ("MRAs on benign samples")."""
-    return mra_from_correct(member_correct(population, x, y, batch_size=batch_size, device=device))
+    on clean points this is seed 001's Table 1 ("MRAs on benign samples"). Weighted by the
+    members' probabilities when the population declares unequal ones."""
+    return mra_from_correct(member_correct(population, x, y, batch_size=batch_size, device=device),
+                            unequal_probs(population))
 
 
 def _attack_info(attack: Attack) -> dict[str, Any]:
@@ -127,6 +144,17 @@ def craft_on_assigned(
     return x_adv, cost
 
 
+def draw_members(m: int, n: int, probs: torch.Tensor | None,
+                 g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed 001's crafting and classifying submodel per point, ``(n,)`` each: uniform draws
+    (``probs`` None), or by the members' declared probabilities."""
+    if probs is None:
+        return torch.randint(m, (n,), generator=g), torch.randint(m, (n,), generator=g)
+    p = probs.float().cpu()
+    return (torch.multinomial(p, n, replacement=True, generator=g),
+            torch.multinomial(p, n, replacement=True, generator=g))
+
+
 def _check_int(name: str, value: Any, what: str, *, low: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{name}={value!r} must be {what}")
@@ -144,10 +172,11 @@ class _Repeats:
     same: list[float] = field(default_factory=list)
     cross: list[float] = field(default_factory=list)
 
-    def add(self, correct: torch.Tensor, craft: torch.Tensor, classify: torch.Tensor) -> None:
+    def add(self, correct: torch.Tensor, craft: torch.Tensor, classify: torch.Tensor,
+            probs: torch.Tensor | None = None) -> None:
         m, n = correct.shape
         cols = torch.arange(n)
-        self.mra.append(mra_from_correct(correct))
+        self.mra.append(mra_from_correct(correct, probs))
         self.per_member += correct.float().mean(1)
         self.one_draw.append(float(correct[classify, cols].float().mean()))
         self.same.append(float(correct[craft, cols].float().mean()))
@@ -182,7 +211,8 @@ def seed001_protocol(
     """Seed 001's attack protocol and MRA (Sec. 3, Fig. 2, eq. 6).
 
     For each repeat ``r``: every point ``x_j`` gets a crafting submodel ``c_j`` drawn
-    uniformly (generator seeded ``seed + r``); ``attack`` is run on submodel ``c_j`` alone
+    uniformly (generator seeded ``seed + r``; by the members' probabilities when the population
+    declares unequal ones, and eq. 6 is then weighted by them); ``attack`` is run on submodel ``c_j`` alone
     (a deterministic classifier) to give ``x'_j``; then every submodel classifies every
     ``x'_j`` and eq. 6 averages. Also reported: the accuracy of one random classifying draw
     per point (what a single deployed query answers), and the split into the cases where the
@@ -209,20 +239,21 @@ def seed001_protocol(
     acc = _Repeats(torch.zeros(M))
     grads, t0 = 0, time.perf_counter()
     bar = tqdm(total=repeats * M, desc=f"seed001 {attack.name}", disable=None if progress else True, leave=False)
+    probs = unequal_probs(population)
     for r in range(repeats):
         g = torch.Generator().manual_seed(int(seed) + r)
-        craft = torch.randint(M, (N,), generator=g)
-        classify = torch.randint(M, (N,), generator=g)
+        craft, classify = draw_members(M, N, probs, g)
         atk_gen = torch.Generator(device=dev).manual_seed(int(seed) * 7919 + r)
         x_adv, cost = craft_on_assigned(members, data.x, y, craft, attack, generator=atk_gen, batch_size=batch_size,
                                         device=dev, on_member=lambda: bar.update(1))
         grads += cost.gradients
-        acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify)  # (M, N)
+        acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify,
+                probs)  # (M, N)
     bar.close()
     return {
         "protocol": "seed001",
         **acc.means(repeats),
-        "clean_mra": mra_from_correct(clean),
+        "clean_mra": mra_from_correct(clean, probs),
         "n": N, "members": M, "repeats": repeats, "seed": seed,
         "attack": _attack_info(attack),
         "gradients": grads / max(N * repeats, 1),
@@ -330,4 +361,5 @@ def query_correct(population: Population, x: torch.Tensor, y: torch.Tensor, *, k
     return out
 
 
-__all__ = ["expected_output_attack", "member_correct", "mra", "mra_from_correct", "query_correct", "seed001_protocol"]
+__all__ = ["draw_members", "expected_output_attack", "member_correct", "mra", "mra_from_correct", "query_correct",
+           "seed001_protocol", "unequal_probs"]

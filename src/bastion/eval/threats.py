@@ -184,24 +184,19 @@ class SubmodelCrafting(ThreatModel):
         raise NotImplementedError("SubmodelCrafting crafts and judges per point: use run()")
 
     def run(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator | None) -> Outcome:
-        from bastion.eval.mra import craft_on_assigned, member_correct, mra_from_correct
+        from bastion.eval.mra import craft_on_assigned, draw_members, member_correct, mra_from_correct, unequal_probs
 
         members = list(self.model.members)  # type: ignore[arg-type]
         m, n = len(members), len(x)
         dev = g.device if g is not None else x.device
         cpu = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=g, device=dev)))
-        probs = getattr(self.model, "member_probs", None)
-        if probs is None or bool((probs == probs[0]).all()):
-            craft = torch.randint(m, (n,), generator=cpu)
-            classify = torch.randint(m, (n,), generator=cpu)
-        else:
-            craft = torch.multinomial(probs.float(), n, replacement=True, generator=cpu)
-            classify = torch.multinomial(probs.float(), n, replacement=True, generator=cpu)
+        probs = unequal_probs(self.model)
+        craft, classify = draw_members(m, n, probs, cpu)
         x_adv, cost = craft_on_assigned(members, x, y, craft, self.attack, generator=g, batch_size=max(n, 1),
                                         device=x.device)
         correct = member_correct(members, x_adv, y, batch_size=max(n, 1), device=x.device)  # (M, N)
         robust = correct[classify, torch.arange(n)]
-        return Outcome(robust.to(y.device), cost, {"mra_sum": mra_from_correct(correct) * n, "members": m})
+        return Outcome(robust.to(y.device), cost, {"mra_sum": mra_from_correct(correct, probs) * n, "members": m})
 
 
 @dataclass
