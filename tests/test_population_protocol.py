@@ -9,7 +9,7 @@ from bastion import attacks, models
 from bastion.eval.loop import measure
 from bastion.eval.protocols import POPULATION_AUTOATTACK_STEPS, Subject, plan
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
-from bastion.eval.threats import MemberAware
+from bastion.eval.threats import Expectation, MemberAware
 from bastion.models.random import Population
 
 ST = EvaluationSection(protocols=[ADAPTIVE], batch_size=16, queries=3, autoattack_params={"steps": 20})
@@ -29,6 +29,10 @@ def test_a_population_gets_arc_and_full_strength_autoattack() -> None:
     assert len(arc) == 2 and all(not t.attack.early_stop for t in arc)
     aa = [t for t in threats if t.attack.name == "autoattack"]
     assert aa and all(t.attack.steps == POPULATION_AUTOATTACK_STEPS for t in aa)
+    # the expected output of a population is exact, but its argmax is not the deployed draw:
+    # every attack through it runs to the final iterate (protocol version 7)
+    through = [t for t in threats if isinstance(t, Expectation)]
+    assert len(through) == len(threats) - len(arc) and all(not t.attack.early_stop for t in through)
     # a single network: no ARC, AutoAttack as configured
     net = models.create("lenet5", seed=0).eval()
     plain = plan(ADAPTIVE, Subject(net), atk, ST)

@@ -277,7 +277,9 @@ class HarnessConfig:
 #: built from the original attack, so they still stopped at a success on one random draw).
 #: 6: on a random-submodel population AutoAttack runs at 100 iterations at least and ARC rows
 #: join the adaptive protocol (issue 14).
-PROTOCOL_VERSION = 6
+#: 7: attacks on a population's exact (deterministic) expected output keep their final iterate
+#: too: their early stop judged the expected output's argmax, not the deployed random draw.
+PROTOCOL_VERSION = 7
 
 #: the convergence guard's settings at their defaults (left out of :func:`config_hash`: the guard
 #: only adds rows, it never changes a stored one)
