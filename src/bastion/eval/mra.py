@@ -211,13 +211,12 @@ def seed001_protocol(
     """Seed 001's attack protocol and MRA (Sec. 3, Fig. 2, eq. 6).
 
     For each repeat ``r``: every point ``x_j`` gets a crafting submodel ``c_j`` drawn
-    uniformly (generator seeded ``seed + r``; by the members' probabilities when the population
-    declares unequal ones, and eq. 6 is then weighted by them); ``attack`` is run on submodel ``c_j`` alone
-    (a deterministic classifier) to give ``x'_j``; then every submodel classifies every
-    ``x'_j`` and eq. 6 averages. Also reported: the accuracy of one random classifying draw
-    per point (what a single deployed query answers), and the split into the cases where the
-    classifying submodel is the crafting one (``same_member_accuracy``, ~ white-box) or
-    another one (``cross_member_accuracy``, transfer).
+    uniformly (generator seeded ``seed + r``; by the declared probabilities when unequal, which
+    then weight eq. 6); ``attack`` is run on submodel ``c_j`` alone (a deterministic classifier)
+    to give ``x'_j``; then every submodel classifies every ``x'_j`` and eq. 6 averages. Also
+    reported: the accuracy of one random classifying draw per point (one deployed query), and
+    the split into the cases where the classifying submodel is the crafting one
+    (``same_member_accuracy``, ~ white-box) or another one (``cross_member_accuracy``, transfer).
 
     Returns:
         dict with ``mra`` (mean over repeats), ``mra_std``, ``mra_per_repeat``,
@@ -247,8 +246,7 @@ def seed001_protocol(
         x_adv, cost = craft_on_assigned(members, data.x, y, craft, attack, generator=atk_gen, batch_size=batch_size,
                                         device=dev, on_member=lambda: bar.update(1))
         grads += cost.gradients
-        acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify,
-                probs)  # (M, N)
+        acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify, probs)
     bar.close()
     return {
         "protocol": "seed001",
@@ -295,12 +293,7 @@ def expected_output_attack(
     """
     from tqdm.auto import tqdm
 
-    _check_int("k", k, "an integer >= 1 (queries per point)")
-    if eot is not None:
-        _check_int("eot", eot, "None or an integer >= 1")
-        if on_population:
-            raise ConfigError(f"eot={eot!r} with on_population=True: an attack on the population itself "
-                              "draws what it needs; give eot=None")
+    _check_expected_args(k, eot, on_population)
     dev = _device(population, device)
     population.to(dev).eval()
     target: nn.Module = population if (on_population or eot is not None) else population.expected()
@@ -326,6 +319,15 @@ def expected_output_attack(
         "seconds": time.perf_counter() - t0,
         "robust": [int(v) for v in robust.tolist()],
     }
+
+
+def _check_expected_args(k: Any, eot: Any, on_population: bool) -> None:
+    _check_int("k", k, "an integer >= 1 (queries per point)")
+    if eot is not None:
+        _check_int("eot", eot, "None or an integer >= 1")
+        if on_population:
+            raise ConfigError(f"eot={eot!r} with on_population=True: an attack on the population itself "
+                              "draws what it needs; give eot=None")
 
 
 def _craft_batches(attack: Attack, target: nn.Module, data: ImageDataset, batch_size: int, gen: torch.Generator,
