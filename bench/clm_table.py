@@ -219,6 +219,7 @@ def main() -> None:
                 "retrain_epochs": args.retrain_epochs, "train_fraction": args.train_fraction,
                 "adv_steps": args.adv_steps, "seed": args.seed}
     cells: dict[str, dict[str, Any]] = {n: {} for n in names}
+    adaptive = adaptive_attacks(args, atks["PGD"])
     for n in names:
         pop = pops[n]
         if n.endswith("-Adv"):
@@ -236,7 +237,7 @@ def main() -> None:
                     pop, te, atk, repeats=args.repeats, seed=args.seed, device=dev
                 ),
             )
-        for label, (atk, eot, on_pop) in adaptive_attacks(args, atks["PGD"]).items():
+        for label, (atk, eot, on_pop) in adaptive.items():
             key = {**base_key, "model": n, "attack": label, "params": atk.params, "eot": eot, "k": args.k,
                    "on_population": on_pop}
             print(f"[attack] {n} / {label}", flush=True)
@@ -247,7 +248,7 @@ def main() -> None:
                     pop, te, atk, eot=eot, k=args.k, seed=args.seed, device=dev, on_population=on_pop
                 ),
             )
-        cells[n][WORST] = worst_of(cells[n], list(adaptive_attacks(args, atks["PGD"])))
+        cells[n][WORST] = worst_of(cells[n], list(adaptive))
         atomic_write_json(out / "clm_table.partial.json", {"cells": cells})
 
     meta = {"args": vars(args), "device": str(dev), "threads": torch.get_num_threads(), "adv_alpha": adv_alpha,
@@ -255,7 +256,7 @@ def main() -> None:
             "seed_table2": SEED001_TABLE2, "seed_table1": SEED001_TABLE1,
             "source": "seed 001 (Jasser & Garibay), Tables 1-2, MNIST, eps 0.3"}
     atomic_write_json(out / "clm_table.json", {"meta": meta, "cells": cells})
-    md = render(names, cells, args, meta)
+    md = render(names, cells, args, meta, [*adaptive, WORST])
     atomic_write_text(out / "clm_table.md", md)
     print(md)
 
@@ -271,7 +272,9 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any]) -> str:
+def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any],
+           labels: list[str]) -> str:
+    """The markdown table; ``labels``: the adaptive rows, in order, the worst case last."""
     head = "| attack | " + " | ".join(f"{n} (ours / seed)" for n in names) + " |"
     sep = "|---|" + "---|" * len(names)
     lines = [
@@ -311,7 +314,6 @@ def render(names: list[str], cells: dict[str, dict[str, Any]], args: argparse.Na
         "",
         "| attack | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
     ]
-    labels = [*adaptive_attacks(args, attacks.create("pgd", eps=args.eps)), WORST]
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(pct(cells[n][label]["robust_accuracy"]) for n in names) + " |")
     lines += ["", ("Cost of the adaptive rows: gradient evaluations per point as each attack counts them (one "

@@ -62,13 +62,17 @@ def make_attack(name: str, eps: float, steps: int, eot: int = 1, early_stop: boo
     return attacks.eot(atk, eot) if eot > 1 else atk
 
 
+def make_aa_rand(args: argparse.Namespace) -> attacks.Attack:
+    """AutoAttack ``rand`` at ``--aa-steps`` iterations, to the final iterate."""
+    return attacks.create("autoattack", eps=args.eps, version="rand", steps=args.aa_steps, early_stop=False)
+
+
 def aa_transfer(args: argparse.Namespace, systems: dict[str, torch.nn.Module], base: torch.nn.Module,
                 x: torch.Tensor, y: torch.Tensor, out: Path) -> None:
     """AutoAttack ``rand`` (``--aa-steps``, final iterate) crafted on the base net, each system
     judged by one query of its deployed decision, as in the transfer table."""
     t0 = time.time()
-    aa = attacks.create("autoattack", eps=args.eps, version="rand", steps=args.aa_steps, early_stop=False)
-    res = aa(base, x, y, generator=torch.Generator().manual_seed(4), judged_by_caller=True)
+    res = make_aa_rand(args)(base, x, y, generator=torch.Generator().manual_seed(4), judged_by_caller=True)
     rows = {"seconds_crafting": time.time() - t0, "gradients": res.cost.gradients, "robust": {}}
     for name, s in systems.items():
         torch.manual_seed(1)
@@ -195,7 +199,7 @@ def main() -> None:
     columns = list(ATTACKS)
     if args.aa_steps:
         columns.append(AA_RAND)
-        aa = attacks.create("autoattack", eps=args.eps, version="rand", steps=args.aa_steps, early_stop=False)
+        aa = make_aa_rand(args)
         for name, s in systems.items():
             t1 = time.time()
             torch.manual_seed(0)  # a random system's draws while attacked
