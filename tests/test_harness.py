@@ -140,6 +140,32 @@ def test_paper_protocol_transfers_from_the_surrogate_and_adaptive_adds_those_row
     assert labels == ["fgsm", "transfer-fgsm"]
 
 
+def test_adaptive_protocol_transfers_autoattack_from_the_surrogate_at_every_budget():
+    """An adaptive attacker knows the base network: AutoAttack crafted on it (final iterate, the
+    surrogate's version) is a row at every budget, judged on the deployed model."""
+    from bastion import attacks, models
+
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    surrogate, model = models.create("lenet5", seed=1).eval(), models.create("lenet5", seed=2).eval()
+    st = EvaluationSection(autoattack=True, autoattack_params={"steps": 2, "n_queries": 5, "n_target_classes": 1})
+    fgsm = attacks.create("fgsm", eps=0.2)
+    rows = P.plan("adaptive", P.Subject(model, "white-box", surrogate), [fgsm], st, budgets=[0.1, 0.2])
+    assert [r.label for r in rows] == ["fgsm", "autoattack-standard", "autoattack-standard", "transfer-fgsm",
+                                       "transfer-autoattack-standard", "transfer-autoattack-standard"]
+    moved = [r for r in rows if r.label == "transfer-autoattack-standard"]
+    assert [float(r.attack.eps) for r in moved] == [0.1, 0.2]
+    assert all(r.kind == "transfer" and r.surrogate is surrogate and r.attack.early_stop is False for r in moved)
+    robust = moved[1].run(x, y, torch.Generator().manual_seed(3)).robust
+    aa = attacks.create("autoattack", eps=0.2, version="standard", early_stop=False, steps=2, n_queries=5,
+                        n_target_classes=1)
+    x_adv = aa(surrogate, x, y, generator=torch.Generator().manual_seed(3), judged_by_caller=True).x_adv
+    with torch.no_grad():
+        assert torch.equal(robust, model(x_adv).argmax(-1) == y)
+    without = P.plan("adaptive", P.Subject(model, "white-box", surrogate), [fgsm], EvaluationSection(autoattack=False))
+    assert [r.label for r in without] == ["fgsm", "transfer-fgsm"]
+
+
 def test_adaptive_attacks_on_a_random_expectation_use_eot_and_run_to_the_final_iterate():
     """On SAP-like models (whose expected output is itself random) every adaptive attack is EOT
     over ``eot_samples`` draws and has no early stop, which would judge success on one draw."""

@@ -20,7 +20,9 @@ on a random-submodel population (``declaration().population``: ULM, CLM, bagging
 least and ARC (:class:`~.threats.MemberAware`) joins at every budget. A random model's point
 counts as robust only if its deployed decision is right in a strict majority of ``queries``
 independent queries. With a surrogate, the paper's transfer rows join
-too (:class:`~.threats.AdaptiveTransfer`), so the adaptive worst case covers them.
+too (:class:`~.threats.AdaptiveTransfer`), and so does AutoAttack crafted on the surrogate at
+every budget (``standard`` on a deterministic one, final iterate), so the adaptive worst case
+covers an attacker who ignores the wrapper's randomness and attacks its base network.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def adaptive(subject: Subject, attack: Attack, settings: EvaluationSection) -> T
 def adaptive_plan(subject: Subject, attack_list: Sequence[Attack], settings: EvaluationSection,
                   budgets: Sequence[float] | None = None) -> list[ThreatModel]:
     """Every adaptive row: each attack, AutoAttack per budget (``budgets``, by default those of
-    ``attack_list``), and the transfer rows."""
+    ``attack_list``), ARC on a population, and the transfer rows (each attack and AutoAttack per
+    budget, crafted on the surrogate)."""
     eps = sorted({float(e) for e in budgets} if budgets is not None else {float(a.eps) for a in attack_list})
     population = is_population(subject.model)
     extra = autoattacks(eps, settings, is_random(subject.model), population) if settings.autoattack else []
@@ -151,10 +154,12 @@ def adaptive_plan(subject: Subject, attack_list: Sequence[Attack], settings: Eva
                              eot_samples=settings.eot_samples) for e in eps]
     if subject.surrogate is not None:
         # an adaptive attacker knows the base network (or the paper's surrogate) too: the
-        # paper's transfer attack, judged by the majority-of-k rule, is part of the adaptive
-        # worst case
+        # paper's transfer attacks and AutoAttack crafted on it, judged by the majority-of-k
+        # rule, are part of the adaptive worst case (on seed 000's Multi-SAP, AutoAttack from the
+        # base network beats every attack through the wrapper's own gradients)
+        surrogate_aa = autoattacks(eps, settings, is_random(subject.surrogate)) if settings.autoattack else []
         rows += [AdaptiveTransfer(subject.model, a, queries=settings.queries, batch_size=settings.batch_size,
-                                  surrogate=subject.surrogate) for a in attack_list]
+                                  surrogate=subject.surrogate) for a in [*attack_list, *surrogate_aa]]
     return rows
 
 

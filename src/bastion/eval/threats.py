@@ -55,7 +55,7 @@ def attack_label(attack: Attack) -> str:
 def row_label(attack: Attack, prefix: str = "") -> str:
     """Row label: e.g. ``pgd-20``, ``eot-pgd-20x10``, ``autoattack-rand``, ``transfer-pgd-20``."""
     if attack.name == "autoattack":
-        return f"autoattack-{getattr(attack, 'version', 'standard')}"
+        return f"{prefix}autoattack-{getattr(attack, 'version', 'standard')}"
     base = attack_label(attack)
     if attack.eot_samples > 1:
         base = f"eot-{base}x{attack.eot_samples}"

@@ -279,7 +279,9 @@ class HarnessConfig:
 #: join the adaptive protocol (issue 14).
 #: 7: attacks on a population's exact (deterministic) expected output keep their final iterate
 #: too: their early stop judged the expected output's argmax, not the deployed random draw.
-PROTOCOL_VERSION = 7
+#: 8: with a surrogate (a wrapper's base network), AutoAttack crafted on the surrogate at every
+#: budget joins the adaptive transfer rows, so the adaptive worst case covers it (issue 14).
+PROTOCOL_VERSION = 8
 
 #: the convergence guard's settings at their defaults (left out of :func:`config_hash`: the guard
 #: only adds rows, it never changes a stored one)
