@@ -37,7 +37,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[data,test]"
+	$(BIN)/python -m pip install -q -e ".[data,test,ray]"
 	# peers used by tests and benchmarks; torchattacks runs without its torchvision requirement
 	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)

@@ -4,6 +4,7 @@ config's protocols (paper, adaptive), run the sanity checks, store the rows, wri
     bastion run                                   # the packaged quick config
     bastion run configs/demo.toml                 # one model: LeNet-5 on MNIST, FGSM and PGD-40
     bastion run configs/seeds/seed001.toml --set dataset.eval_samples=200 --out runs/s1
+    bastion run CONFIG --executor ray [--address ADDR]   # jobs as Ray tasks (docs/scale.md)
 
 The single-experiment pipeline (``bastion demo``, ``bastion run --config``) was removed; both
 now end with a one-line error that names the replacement.
@@ -34,6 +35,11 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--set", action="append", help="override a config field, e.g. dataset.eval_samples=200 or "
                                                   "models.pgd-at.train.epochs=1")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--executor", default="inprocess", help="where the jobs run: inprocess (default) or ray "
+                                                           '(needs pip install "bastion-adv[ray]")')
+    s.add_argument("--address", help="Ray cluster address (default: start a local one); --executor ray only")
+    s.add_argument("--cpus-per-job", dest="cpus_per_job", type=float, help="CPUs each Ray task declares (default 1)")
+    s.add_argument("--gpus-per-job", dest="gpus_per_job", type=float, help="GPUs each Ray task declares (default 0)")
     s.add_argument("--no-resume", action="store_true", help=argparse.SUPPRESS)  # no effect: a run always resumes
     s.add_argument("--config", dest="removed_config", help=argparse.SUPPRESS)
     s.set_defaults(func=run)
@@ -48,6 +54,7 @@ def add_parser(sub: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from bastion.harness import load_harness_config
     from bastion.harness import run as run_harness
+    from bastion.harness.runner import make_executor
 
     if args.removed_config is not None:
         raise ConfigError(f"`run --config` was removed with single-experiment configs; give a harness config: "
@@ -59,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_resume:
         print("bastion: note: --no-resume has no effect on harness configs (delete the out_dir to start afresh)",
               file=sys.stderr)
-    summary = run_harness(hcfg, progress=not args.quiet)
+    options = {k: getattr(args, k) for k in ("address", "cpus_per_job", "gpus_per_job") if getattr(args, k) is not None}
+    executor = make_executor(args.executor, progress=not args.quiet, **options)
+    summary = run_harness(hcfg, executor=executor, progress=not args.quiet)
     print(f"{hcfg.name}: config {summary.config_hash}, {summary.trained} model(s) trained, "
           f"{summary.evaluated} evaluation(s) run, {summary.seconds:.0f}s")
     print(summary.table)

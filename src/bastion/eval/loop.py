@@ -10,8 +10,9 @@ numbers. The harness's rows (:mod:`bastion.harness.eval_job`), the library's
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from bastion.eval.threats import ThreatModel
 from bastion.results.batches import BatchLog, BatchState, capture_rng, restore_rng
+from bastion.results.shards import ShardState
 
 
 @dataclass
@@ -35,6 +37,8 @@ class Measurement:
     forwards: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the per-batch numbers ``extra`` is computed from (kept to merge shards of a row)
+    sums: dict[str, Any] = field(default_factory=dict)
 
     @property
     def robust_accuracy(self) -> float:
@@ -106,7 +110,48 @@ def measure(threat: ThreatModel, x: torch.Tensor, y: torch.Tensor, *, batch_size
     a = threat.attack
     return Measurement(attack=a.name, label=threat.label, params=a.params, eps=float(a.eps), robust=robust,
                        gradients=grads, forwards=fwds, seconds=before + time.perf_counter() - t0,
-                       extra=_row_extra(threat, sums, len(x)))
+                       extra=_row_extra(threat, sums, len(x)), sums=sums)
 
 
-__all__ = ["Measurement", "measure"]
+def shard_bounds(n: int, count: int) -> list[tuple[int, int]]:
+    """The ``count`` shards of ``n`` points: consecutive ranges as even as can be (each then
+    measured in batches of its own); with more shards than points, some are empty."""
+    return [(i * n // count, (i + 1) * n // count) for i in range(count)]
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """The seed of shard ``shard`` of a row measured with ``seed``: its own stream of draws."""
+    return int(hashlib.sha256(f"bastion-shard/{seed}/{shard}".encode()).hexdigest()[:8], 16)
+
+
+def shard_state(shard: int, start: int, m: Measurement) -> ShardState:
+    """What a finished shard keeps (:class:`~bastion.results.shards.ShardState`)."""
+    totals = {"gradients": m.gradients, "forwards": m.forwards, "seconds": m.seconds, "sums": m.sums}
+    return ShardState(shard, start, start + len(m.robust), m.robust.clone(), totals)
+
+
+def merge_shards(threat: ThreatModel, parts: Sequence[ShardState], n: int) -> Measurement:
+    """The row of ``threat`` over ``n`` points from its shards (every point covered once):
+    outcomes in order, costs added, the extra numbers computed from the added sums."""
+    robust = torch.zeros(n, dtype=torch.bool)
+    covered = 0
+    sums: dict[str, Any] = {}
+    grads = fwds = 0
+    seconds = 0.0
+    for p in sorted(parts, key=lambda s: s.start):
+        if p.start != covered:
+            raise ValueError(f"shards of {threat.label}: points {covered} to {p.start} are in none")
+        robust[p.start : p.stop] = p.robust
+        covered = p.stop
+        grads, fwds = grads + int(p.totals["gradients"]), fwds + int(p.totals["forwards"])
+        seconds += float(p.totals["seconds"])
+        for key, v in p.totals["sums"].items():
+            sums[key] = sums.get(key, 0.0) + v if key.endswith("_sum") else v
+    if covered != n:
+        raise ValueError(f"shards of {threat.label} cover {covered} of {n} points")
+    a = threat.attack
+    return Measurement(attack=a.name, label=threat.label, params=a.params, eps=float(a.eps), robust=robust,
+                       gradients=grads, forwards=fwds, seconds=seconds, extra=_row_extra(threat, sums, n), sums=sums)
+
+
+__all__ = ["Measurement", "measure", "merge_shards", "shard_bounds", "shard_seed", "shard_state"]

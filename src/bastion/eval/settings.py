@@ -18,7 +18,7 @@ ADAPTIVE = "adaptive"
 #: the protocols, in the order they run
 PROTOCOLS = (PAPER, ADAPTIVE)
 NORMS = ("linf", "l2")
-_POSITIVE = ("batch_size", "queries", "eot_samples", "expectation_draws", "gallery_samples")
+_POSITIVE = ("batch_size", "queries", "eot_samples", "expectation_draws", "gallery_samples", "shards")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class EvaluationSection:
     guard_factor: int = option(5, "the guard's rerun: this many times the steps, and one more restart (at least 2)")
     guard_cost_cap: float = option(10.0, "the guard runs only if its estimated gradient evaluations are at most "
                                          "this many times those of the row it reruns")
+    shards: int = option(1, "measure each row as this many shards of the points (jobs an executor may run in "
+                            "parallel, e.g. on Ray), merged into the one row; each shard's attack draws from its "
+                            "own seed, so 2 or more shards give other draws than 1 (and another config hash)")
 
     def __post_init__(self) -> None:
         if not self.protocols:

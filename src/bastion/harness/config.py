@@ -286,6 +286,10 @@ PROTOCOL_VERSION = 8
 #: the convergence guard's settings at their defaults (left out of :func:`config_hash`: the guard
 #: only adds rows, it never changes a stored one)
 GUARD_DEFAULTS: dict[str, Any] = {"guard": True, "guard_factor": 5, "guard_cost_cap": 10.0}
+#: evaluation fields left out of :func:`config_hash` at these values, so that a config that does
+#: not use them hashes as before they existed: the guard's (it only adds rows, it never changes a
+#: stored one) and ``shards`` (one shard is the unsharded measurement)
+HASH_DEFAULTS: dict[str, Any] = {**GUARD_DEFAULTS, "shards": 1}
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:
@@ -315,7 +319,7 @@ def config_hash(cfg: HarnessConfig) -> str:
     ev = d["evaluation"]
     for k in ("sanity", "artifacts", "gallery_samples", "report", "batch_size"):
         ev.pop(k, None)
-    for k, default in GUARD_DEFAULTS.items():  # a config that leaves the guard alone hashes as before it existed
+    for k, default in HASH_DEFAULTS.items():  # a config that leaves these alone hashes as before they existed
         if ev.get(k) == default:
             ev.pop(k, None)
     # rows computed by an earlier version of the protocols are not reused by a later one

@@ -6,6 +6,10 @@ model's declarations give, skips every row the database already holds, measures 
 and writes each row as soon as it is computed, so a killed run, started again, redoes nothing it
 finished. Then the per-budget worst case and the sanity checks. The steps are
 :mod:`bastion.harness.rows`, which an audit of a user's model shares.
+
+With ``evaluation.shards`` above 1 the runner plans, before each such job, one job per shard
+(``shard=i``): each measures its part of the points of every pending row, so shards can run on
+different workers at once; the job without ``shard`` then assembles the rows from them.
 """
 
 from __future__ import annotations
@@ -13,16 +17,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import nn
+
 from bastion import data as data_mod
 from bastion import defenses
 from bastion.data.base import ImageDataset
 from bastion.eval.prechecks import pre_checks
 from bastion.eval.protocols import Subject, build_attacks, plan
 from bastion.eval.sanity import Flag
+from bastion.eval.threats import ThreatModel
 from bastion.harness.cache import load_cached
 from bastion.harness.config import HarnessConfig
 from bastion.harness.guard import guard_converged
-from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
+from bastion.harness.rows import (
+    RowKey,
+    measure_rows,
+    measure_shard,
+    needs_flags,
+    pending,
+    store_flags,
+    store_worst_case,
+)
 from bastion.models.user import UserClassifier
 from bastion.results.db import ResultsDB
 from bastion.utils.device import resolve_device
@@ -37,7 +53,9 @@ def eval_data(cfg: HarnessConfig) -> ImageDataset:
 
 @dataclass
 class EvalJob:
-    """Evaluate model ``model_id`` under ``protocol``; store rows, worst case and flags."""
+    """Evaluate model ``model_id`` under ``protocol``; store rows, worst case and flags. With
+    ``shard`` (``evaluation.shards`` above 1), measure that shard of every pending row only and
+    keep it; the job without ``shard`` assembles the rows once their shards are kept."""
 
     config: HarnessConfig
     config_hash: str
@@ -49,10 +67,13 @@ class EvalJob:
     db_path: str
     progress: bool = False
     kind: str = "eval"
+    shard: int | None = None
 
-    def run(self) -> dict[str, Any]:
+    def _setup(self, db: ResultsDB, dev: torch.device) -> tuple[nn.Module, list[Flag], ImageDataset | None,
+                                                               RowKey, list[ThreatModel]]:
+        """The model (checked first if it is a user's), the flags of those checks, the data if
+        loaded, the rows' key and every threat model of the protocol."""
         cfg, m = self.config, self.config.model(self.model_id)
-        db, dev = ResultsDB(self.db_path), resolve_device(cfg.device)
         model = load_cached(self.out_dir, self.key, dev, evaluate=True)
         data: ImageDataset | None = None
         pre: list[Flag] = []
@@ -64,9 +85,20 @@ class EvalJob:
         threats = plan(self.protocol, subject, build_attacks(cfg.attacks, cfg.evaluation), cfg.evaluation)
         key = RowKey(config_hash=self.config_hash, experiment=cfg.name, dataset=cfg.dataset.name, model_key=self.key,
                      name=m.name, defense=m.defense, protocol=self.protocol, norm=cfg.evaluation.norm)
+        return model, pre, data, key, threats
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        db, dev = ResultsDB(self.db_path), resolve_device(cfg.device)
+        model, pre, data, key, threats = self._setup(db, dev)
         todo = pending(db, key, threats)
-        stats: dict[str, Any] = {"job": "eval", "model": m.id, "protocol": self.protocol, "evaluated": 0,
+        stats: dict[str, Any] = {"job": "eval", "model": self.model_id, "protocol": self.protocol, "evaluated": 0,
                                  "skipped": len(threats) - len(todo), "checks": 0, "raised": 0}
+        if self.shard is not None:
+            data = data if data is not None or not todo else eval_data(cfg)
+            measured = measure_shard(db, key, todo, data, cfg.evaluation, dev, self.shard) if data is not None else 0
+            return {"job": "eval-shard", "model": self.model_id, "protocol": self.protocol, "shard": self.shard,
+                    "measured": measured}
         sanity = (cfg.evaluation.sanity or bool(pre)) and needs_flags(db, key)
         data = data if data is not None else eval_data(cfg) if todo or sanity else None
         if todo and data is not None:

@@ -7,12 +7,17 @@ per-budget worst case and :func:`store_flags` the sanity checks. Each step skips
 database already holds, so a killed run, started again, redoes nothing it finished; inside a
 row, the finished batches are kept (:mod:`bastion.results.batches`), so a killed row goes on
 from its last finished batch.
+
+With ``evaluation.shards`` above 1, :func:`measure_shard` measures one shard of the points
+for every pending row (a job of its own, which an executor may run elsewhere) and keeps it
+(:mod:`bastion.results.shards`); :func:`measure_rows` then assembles each row from its shards
+instead of measuring it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +27,14 @@ from tqdm.auto import tqdm
 from bastion.data.base import ImageDataset
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random, judge
-from bastion.eval.loop import Measurement, measure
+from bastion.eval.loop import Measurement, measure, merge_shards, shard_bounds, shard_seed, shard_state
 from bastion.eval.sanity import Flag, run_checks
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.eval.threats import ThreatModel
 from bastion.results.batches import BatchLog
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow, FlagRow
+from bastion.results.shards import ShardLog, ShardState
 from bastion.results.worst_case import WORST_CASE_LABEL, worst_case_rows
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,10 @@ class RowKey:
     def batches(self, db: ResultsDB, label: str, eps: float, n: int) -> BatchLog:
         """The finished batches of the row (``label``, ``eps``) still being measured."""
         return BatchLog(db.path, (self.config_hash, self.model_key, self.protocol, label, self.norm, eps), n)
+
+    def shards(self, db: ResultsDB, n: int, count: int) -> ShardLog:
+        """The finished shards of this (run, model, protocol)'s rows of ``n`` points."""
+        return ShardLog(db.path, (self.config_hash, self.model_key, self.protocol, self.norm), n, count)
 
     def rows(self, db: ResultsDB) -> list[EvaluationRow]:
         return db.evaluations(config_hash=self.config_hash, model_key=self.model_key, protocol=self.protocol)
@@ -84,14 +94,57 @@ def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[Th
     torch.manual_seed(st.seed)
     clean = judge(model, x.to(dev), y.to(dev), queries=k, batch_size=st.batch_size).cpu()
     clean_acc = float(clean.float().mean())
+    shards = key.shards(db, len(x), st.shards) if st.shards > 1 else None
     for t in tqdm(todo, desc=f"{key.name} {key.protocol}", disable=None if progress else True, leave=False):
-        batches = key.batches(db, t.label, float(t.attack.eps), len(x))
-        row = measure(t, x, y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches)
+        row, forget = _measured(db, key, t, data, st, dev, shards)
         row.robust &= clean if not random else torch.ones_like(clean)
         db.add_evaluation(key.row(row, len(x), clean_acc, queries=k if random else 1, random=random))
-        batches.clear()
+        forget()
         log.info("%s %s %s eps=%g: %.4f", key.name, key.protocol, row.label, row.eps, row.robust_accuracy)
     return len(todo)
+
+
+def _measured(db: ResultsDB, key: RowKey, t: ThreatModel, data: ImageDataset, st: EvaluationSection,
+              dev: torch.device, shards: ShardLog | None) -> tuple[Measurement, Callable[[], None]]:
+    """The row of ``t``: measured (batch by batch, kept as it goes), or assembled from its
+    shards; and what to forget once the row is stored."""
+    eps = float(t.attack.eps)
+    if shards is not None:
+        return merge_shards(t, _all_shards(shards, t, st.shards), len(data)), lambda: shards.clear(t.label, eps)
+    batches = key.batches(db, t.label, eps, len(data))
+    return measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches), batches.clear
+
+
+def _all_shards(shards: ShardLog, t: ThreatModel, count: int) -> list[ShardState]:
+    parts = shards.finished(t.label, float(t.attack.eps))
+    missing = sorted(set(range(count)) - set(parts))
+    if missing:
+        raise RuntimeError(f"row {t.label} eps={float(t.attack.eps):g}: shard(s) {missing} of {count} are not "
+                           "measured yet (their jobs run before the row is assembled)")
+    return list(parts.values())
+
+
+def measure_shard(db: ResultsDB, key: RowKey, todo: Sequence[ThreatModel], data: ImageDataset,
+                  st: EvaluationSection, dev: torch.device, shard: int) -> int:
+    """Measure shard ``shard`` of ``st.shards`` of every row of ``todo`` not kept yet (its
+    points: :func:`~bastion.eval.loop.shard_bounds`; its draws: its own seed) and keep it;
+    returns the shards measured. Inside a shard the finished batches are kept as for a row."""
+    start, stop = shard_bounds(len(data), st.shards)[shard]
+    shards = key.shards(db, len(data), st.shards)
+    x, y = data.x[start:stop], data.y[start:stop]
+    done = 0
+    for t in todo:
+        eps = float(t.attack.eps)
+        if shards.has(t.label, eps, shard):
+            continue
+        batches = key.batches(db, f"{t.label}#shard{shard}/{st.shards}", eps, stop - start)
+        m = measure(t, x, y, batch_size=st.batch_size, seed=shard_seed(st.seed, shard), device=dev, log=batches)
+        shards.save(t.label, eps, shard_state(shard, start, m))
+        batches.clear()
+        done += 1
+        log.info("%s %s %s eps=%g: shard %d of %d measured", key.name, key.protocol, t.label, eps, shard + 1,
+                 st.shards)
+    return done
 
 
 def store_worst_case(db: ResultsDB, key: RowKey) -> None:
@@ -134,4 +187,7 @@ def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset
     return len(flags), sum(not f.passed for f in flags)
 
 
-__all__ = ["RowKey", "checked_model", "measure_rows", "needs_flags", "pending", "store_flags", "store_worst_case"]
+__all__ = [
+    "RowKey", "checked_model", "measure_rows", "measure_shard", "needs_flags", "pending", "store_flags",
+    "store_worst_case",
+]

@@ -4,11 +4,13 @@
 :class:`~bastion.harness.train_job.TrainJob` per model (a wrapper after its base), an
 :class:`~bastion.harness.eval_job.EvalJob` per (model, protocol that applies to it: see
 :meth:`~bastion.harness.config.HarnessConfig.protocols_for`), an
-:class:`~bastion.harness.artifact_job.ArtifactJob` per model -- and :func:`run` hands them to an
-executor (in-process by default), then writes the report from the database alone
-(:func:`bastion.report.write_report`) and returns a :class:`RunSummary` with the
-table. Every job is idempotent, so running the same config again trains and evaluates nothing,
-and a killed run, started again, picks up where it stopped.
+:class:`~bastion.harness.artifact_job.ArtifactJob` per model -- and :func:`run` hands them to
+an executor (in-process by default; :class:`~bastion.harness.ray_executor.RayExecutor` on
+Ray), then writes the report from the database alone (:func:`bastion.report.write_report`)
+and returns a :class:`RunSummary` with the table. With ``evaluation.shards`` above 1, each
+(model, protocol) also gets one evaluation job per shard of its points, before the job that
+assembles its rows. Every job is idempotent, so running the same config again trains and
+evaluates nothing, and a killed run, started again, picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion import report as report_mod
+from bastion.errors import ConfigError
 from bastion.harness.artifact_job import ArtifactJob
 from bastion.harness.cache import all_keys
 from bastion.harness.config import HarnessConfig, config_hash
@@ -60,6 +63,8 @@ def plan_jobs(cfg: HarnessConfig, *, progress: bool = False) -> list[Job]:
         for proto in cfg.protocols_for(m):  # a user model without a defense: no paper protocol
             source = m.base or m.surrogate  # the model the paper protocol transfers from
             source_key = keys.get(source) if source else None
+            for shard in range(cfg.evaluation.shards) if cfg.evaluation.shards > 1 else ():
+                jobs.append(EvalJob(cfg, h, m.id, keys[m.id], source_key, proto, out, db, progress, shard=shard))
             jobs.append(EvalJob(cfg, h, m.id, keys[m.id], source_key, proto, out, db, progress))
     if cfg.evaluation.artifacts:
         for m in cfg.models:
@@ -67,12 +72,32 @@ def plan_jobs(cfg: HarnessConfig, *, progress: bool = False) -> list[Job]:
     return jobs
 
 
+#: the executors :func:`run` builds by name (``bastion run --executor``)
+EXECUTORS = ("inprocess", "ray")
+
+
+def make_executor(name: str = "inprocess", *, progress: bool = True, **options: Any) -> Executor:
+    """The executor called ``name`` (one of :data:`EXECUTORS`), announcing each job on stderr
+    with ``progress``; ``options`` go to :class:`~bastion.harness.ray_executor.RayExecutor`."""
+    hooks: dict[str, Any] = {"on_start": _announce, "on_done": _report_done} if progress else {}
+    if name == "inprocess":
+        if options:
+            raise ConfigError(f"executor options {sorted(options)} apply to --executor ray only")
+        return InProcessExecutor(**hooks)
+    if name == "ray":
+        from bastion.harness.ray_executor import RayExecutor
+
+        return RayExecutor(**options, **hooks)
+    raise ConfigError(f"executor={name!r} is not one of {', '.join(map(repr, EXECUTORS))}")
+
+
 def run(cfg: HarnessConfig, *, executor: Executor | None = None, progress: bool = True,
         report_dir: str | Path | None = None) -> RunSummary:
-    """Run ``cfg`` end to end; returns the summary (the table is built from the database)."""
+    """Run ``cfg`` end to end with ``executor`` (by default in this process: :func:`make_executor`);
+    returns the summary (the table is built from the database)."""
     t0 = time.perf_counter()
     if executor is None:
-        executor = InProcessExecutor(on_start=_announce, on_done=_report_done) if progress else InProcessExecutor()
+        executor = make_executor(progress=progress)
     jobs = plan_jobs(cfg, progress=progress)
     summary = RunSummary(config_hash=config_hash(cfg), db_path=cfg.db_path)
     summary.stats = executor.run(jobs)
@@ -90,6 +115,9 @@ def _announce(i: int, n: int, job: Job) -> None:
     if job.kind == "train" and job.config.model(job.model_id).is_user:
         what = "register"  # a user model is checked and recorded, not trained
     proto = f" ({job.protocol})" if hasattr(job, "protocol") else ""
+    shard = getattr(job, "shard", None)
+    if shard is not None:
+        proto = f" ({job.protocol}, shard {shard + 1} of {job.config.evaluation.shards})"  # type: ignore[union-attr]
     print(f"[{i + 1}/{n}] {what} {job.model_id}{proto} ...", file=sys.stderr, flush=True)
 
 
@@ -99,4 +127,4 @@ def _report_done(job: Job, stats: dict[str, Any]) -> None:
     print(f"      done: {', '.join(parts) or 'nothing to do'}", file=sys.stderr, flush=True)
 
 
-__all__ = ["RunSummary", "plan_jobs", "run"]
+__all__ = ["EXECUTORS", "RunSummary", "make_executor", "plan_jobs", "run"]
