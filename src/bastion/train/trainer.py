@@ -4,6 +4,8 @@ Determinism and resumption work at epoch granularity: epoch ``e`` draws its shuf
 augmentation and dropout from seeds derived from ``(config.seed, e)`` alone, and a checkpoint
 (weights, optimiser state, metrics) is written after every epoch. A run killed at any point
 resumes from its last finished epoch and ends with the same weights as an uninterrupted run.
+Data-parallel training (``ranks``, :mod:`bastion.train.distributed`) keeps these semantics: every
+rank draws the same epoch order, trains on its part of each batch, and rank 0 alone writes.
 
 Run directory layout (``out_dir``)::
 
@@ -35,7 +37,7 @@ from bastion.config import to_dict
 from bastion.data.base import ImageDataset
 from bastion.errors import CheckpointError, ConfigError
 from bastion.models.predict import accuracy
-from bastion.train.augment import crop_flip
+from bastion.train.augment import crop_flip, draw_crop_flip
 from bastion.train.checkpoint import (
     load_optimizer,
     load_weights,
@@ -43,8 +45,8 @@ from bastion.train.checkpoint import (
     save_checkpoint,
 )
 from bastion.train.config import TrainConfig
+from bastion.train.distributed import SINGLE, Ranks
 from bastion.train.objectives import CrossEntropy, Objective
-from bastion.utils.device import resolve_device
 from bastion.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ def train(
     progress: bool = True,
     callbacks: Sequence[Callable[[EpochRecord], None]] = (),
     meta: dict[str, Any] | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_set``.
 
@@ -123,29 +126,32 @@ def train(
         progress: show a progress bar per epoch.
         callbacks: called with each epoch's :class:`EpochRecord` after its checkpoint is written.
         meta: extra metadata stored in every checkpoint (e.g. the dataset name).
+        ranks: this process's place in a data-parallel run (:func:`bastion.train.distributed.session`);
+            ``None``: one process.
     """
     config = config or TrainConfig()
     objective = objective or CrossEntropy()
-    device = resolve_device(config.device)
+    ranks = ranks or SINGLE
+    device = ranks.device(config.device)
     model.to(device)
     if config.val_fraction and val_set is None:
         train_set, val_set = train_set.split_off(config.val_fraction, seed=config.seed)
     augment = config.augment == "crop-flip" or (config.augment == "auto" and train_set.shape == (3, 32, 32))
     optimizer = make_optimizer(model, config)
     run_meta = _run_meta(model, train_set, val_set, config, objective, meta)
+    if ranks.world > 1:
+        run_meta["data_parallel"] = {"world_size": ranks.world, "backend": ranks.backend}
     out = Path(out_dir) if out_dir is not None else None
     result = TrainResult(model=model, out_dir=out)
-    start_epoch, best_acc, bad_epochs = 0, -1.0, 0
-    if out is not None and resume and (out / "latest.json").is_file():
-        start_epoch, best_acc, bad_epochs = _resume(out, model, optimizer, run_meta, result)
-        if result.stopped_early or start_epoch >= config.epochs:
-            _finish(out, model, run_meta, result)
-            return result
+    start_epoch, best_acc, bad_epochs = _start(out if resume else None, model, optimizer, run_meta, result, ranks)
+    if out is not None and (result.stopped_early or start_epoch >= config.epochs):
+        _finish(out, model, run_meta, result, ranks)
+        return result
 
-    loop = _Loop(model, train_set, val_set, config, objective, optimizer, device, augment, progress)
+    loop = _Loop(model, train_set, val_set, config, objective, optimizer, device, augment, progress, ranks)
     _fit(loop, result, start_epoch, best_acc, bad_epochs, out=out, run_meta=run_meta, callbacks=callbacks)
     if out is not None:
-        _finish(out, model, run_meta, result)
+        _finish(out, model, run_meta, result, ranks)
     elif result.best_epoch is not None and config.patience:
         log.info(
             "early stopping without out_dir: the last epoch's weights are kept (best was epoch %d)", result.best_epoch
@@ -180,6 +186,7 @@ class _Loop:
     device: torch.device
     augment: bool
     progress: bool
+    ranks: Ranks = SINGLE
 
 
 def _fit(
@@ -201,9 +208,12 @@ def _fit(
             bad_epochs += 1
         stop = (bool(config.patience) and bad_epochs >= config.patience) or bool(rec.extra.get("stop"))
         result.stopped_early = stop
-        _log_epoch(rec, config.epochs)
-        if out is not None:
+        if loop.ranks.is_writer:
+            _log_epoch(rec, config.epochs)
+        if out is not None and loop.ranks.is_writer:
             _save_epoch(out, loop.model, loop.optimizer, run_meta, result, best_acc, bad_epochs)
+        if out is not None:
+            loop.ranks.barrier()  # every rank's callbacks run once the checkpoint is written
         for cb in callbacks:
             cb(rec)
         if stop:
@@ -218,7 +228,7 @@ def _run_epoch(loop: _Loop, epoch: int, step: int) -> tuple[EpochRecord, int]:
     t0 = time.perf_counter()
     seed = _epoch_seed(config.seed, epoch)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout and any other randomness inside the model
+    torch.manual_seed(loop.ranks.rank_seed(seed))  # dropout and any other randomness inside the model
     lr = lr_at(config, epoch)
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
@@ -227,48 +237,68 @@ def _run_epoch(loop: _Loop, epoch: int, step: int) -> tuple[EpochRecord, int]:
     model.train()
     perm = torch.randperm(len(loop.train_set), generator=gen)
     loss_sum, correct, seen, step = _train_batches(loop, epoch, perm, gen, step)
+    loss_total, right, count = loop.ranks.total(loss_sum, correct, seen)  # over the ranks
+    loop.ranks.average_buffers(model)
     extra = loop.objective.end_epoch(model, epoch)
     val_set = loop.val_set
-    val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=loop.device) if val_set else None
+    val_acc = None
+    if val_set and loop.ranks.is_writer:
+        val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=loop.device)
+    extra, val_acc = loop.ranks.settle(model, (extra, val_acc))  # rank 0's weights and metrics
     seconds = time.perf_counter() - t0
-    rec = EpochRecord(epoch + 1, lr, loss_sum / max(seen, 1), correct / max(seen, 1), val_acc, seconds, extra)
+    rec = EpochRecord(epoch + 1, lr, loss_total / max(count, 1), right / max(count, 1), val_acc, seconds, extra)
     return rec, step
 
 
 def _train_batches(
     loop: _Loop, epoch: int, perm: torch.Tensor, gen: torch.Generator, step: int
 ) -> tuple[float, int, int, int]:
-    """One pass over the training set in the order ``perm`` (augmentation drawn from ``gen``):
-    ``(loss summed over the points, points classified right, points seen, step count after)``."""
+    """One pass over the training set in the order ``perm`` (augmentation drawn from ``gen``),
+    this rank training on its part of each batch: ``(loss summed over this rank's points, those
+    classified right, points seen, step count after)``."""
     config, model, train_set = loop.config, loop.model, loop.train_set
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(
         range(math.ceil(len(train_set) / config.batch_size)), desc=f"epoch {epoch + 1}/{config.epochs}",
-        disable=None if loop.progress else True, leave=False, unit="batch",
+        disable=None if loop.progress and loop.ranks.is_writer else True, leave=False, unit="batch",
     )
     for b in bar:
         idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
-        xb = train_set.x[idx]
-        if loop.augment:
-            xb = crop_flip(xb, config.crop_padding, gen)
-        xb, yb = xb.to(loop.device, non_blocking=True), train_set.y[idx].to(loop.device, non_blocking=True)
-        loss, logits = loop.objective(model, xb, yb)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {float(loss)} at epoch {epoch + 1}, batch {b}; lower lr={config.lr}"
-            )
-        loop.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        xb, yb = _batch(loop, idx, gen)
+        if not len(yb):  # a rank's part is empty only when the batch has fewer points than ranks
+            loop.optimizer.zero_grad(set_to_none=True)
+        else:
+            loss, logits = loop.objective(model, xb, yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {float(loss)} at epoch {epoch + 1}, batch {b}; lower lr={config.lr}"
+                )
+            loop.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+        loop.ranks.reduce_grads(model, len(yb), len(idx))
         loop.optimizer.step()
         loop.objective.after_step(model, step)
         step += 1
-        loss_sum += float(loss.detach()) * len(idx)
-        correct += int((logits.argmax(1) == yb).sum())
-        seen += len(idx)
-        if b % 20 == 0:
+        if b % 20 == 0 and seen:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
     bar.close()
     return loss_sum, correct, seen, step
+
+
+def _batch(loop: _Loop, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the batch ``idx``, on the device; augmentation is drawn from ``gen``
+    for the whole batch, so every rank's generator stays in step and a point gets the draw it
+    would get in one process."""
+    part = loop.ranks.share(len(idx))
+    xb = loop.train_set.x[idx[part]]
+    if loop.augment:
+        off, flip = draw_crop_flip(len(idx), loop.config.crop_padding, gen)
+        xb = crop_flip(xb, loop.config.crop_padding, draws=(off[part], flip[part]))
+    yb = loop.train_set.y[idx[part]]
+    return xb.to(loop.device, non_blocking=True), yb.to(loop.device, non_blocking=True)
 
 
 def _log_epoch(rec: EpochRecord, epochs: int) -> None:
@@ -336,6 +366,20 @@ def _resume(
     return epoch, (float(best) if best is not None else -1.0), int(meta.get("bad_epochs", 0))
 
 
+def _start(
+    out: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_meta: dict[str, Any],
+    result: TrainResult, ranks: Ranks,
+) -> tuple[int, float, int]:
+    """Where the run starts, the same on every rank: ``(0, -1, 0)`` afresh, or ``_resume``'s
+    ``(epoch, best validation accuracy, bad epochs)`` when ``out`` holds a run to resume."""
+    start = (0, -1.0, 0)
+    if out is not None and (out / "latest.json").is_file():
+        start = _resume(out, model, optimizer, run_meta, result)
+    ranks.agree(start[0], f"the epoch to resume after in {out}")
+    ranks.broadcast_model(model)
+    return start
+
+
 def _first_difference(old: Any, new: Any) -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
@@ -344,11 +388,16 @@ def _first_difference(old: Any, new: Any) -> str:
     return f"{old!r} there, {new!r} now"
 
 
-def _finish(out: Path, model: nn.Module, run_meta: dict[str, Any], result: TrainResult) -> None:
-    """Write the final model (the best validation epoch under early stopping) to ``out``."""
+def _finish(out: Path, model: nn.Module, run_meta: dict[str, Any], result: TrainResult, ranks: Ranks) -> None:
+    """Write the final model (the best validation epoch under early stopping) to ``out`` (rank 0
+    writes; every rank ends with the final weights)."""
     config = run_meta["config"]
     if config.get("patience") and result.best_epoch is not None:
+        ranks.barrier()  # rank 0 has written the best epoch's checkpoint
         load_weights(_epoch_dir(out, result.best_epoch), model)
+    if not ranks.is_writer:
+        ranks.barrier()
+        return
     history = [asdict(r) for r in result.history]
     meta = {
         **run_meta,
@@ -359,3 +408,4 @@ def _finish(out: Path, model: nn.Module, run_meta: dict[str, Any], result: Train
         "final": True,
     }
     save_checkpoint(out / "final", model, meta)
+    ranks.barrier()
