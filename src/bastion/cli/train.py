@@ -4,7 +4,7 @@
     bastion train ... --defense pgd-at --defense-param eps=0.3
     bastion train ... --defense ulm|clm|bagging-noise|sap|multi-sap   # a population / random model
     bastion train ... --nproc 2                   # data-parallel: 2 local processes (gloo / nccl)
-    torchrun --nproc-per-node 2 -m bastion.cli train ...             # the same, launched by torchrun
+    torchrun --nproc-per-node 2 -m bastion train ...             # the same, launched by torchrun
 
 A killed run resumes from its last finished epoch when run again (unless ``--no-resume``).
 Data-parallel training is described in :mod:`bastion.train.distributed` and ``docs/ddp.md``.

@@ -109,8 +109,8 @@ def run(cfg: HarnessConfig, *, executor: Executor | None = None, progress: bool 
     return summary
 
 
-def _announce(i: int, n: int, job: Job) -> None:
-    """One line per job on stderr, so that a long run shows where it is (also in a log file)."""
+def _what(job: Job) -> str:
+    """A job in words: ``evaluate multi-sap (adaptive, shard 2 of 4)``."""
     what = {"train": "train", "eval": "evaluate", "artifacts": "artifacts"}.get(job.kind, job.kind)
     if job.kind == "train" and job.config.model(job.model_id).is_user:
         what = "register"  # a user model is checked and recorded, not trained
@@ -118,13 +118,19 @@ def _announce(i: int, n: int, job: Job) -> None:
     shard = getattr(job, "shard", None)
     if shard is not None:
         proto = f" ({job.protocol}, shard {shard + 1} of {job.config.evaluation.shards})"  # type: ignore[union-attr]
-    print(f"[{i + 1}/{n}] {what} {job.model_id}{proto} ...", file=sys.stderr, flush=True)
+    return f"{what} {job.model_id}{proto}"
+
+
+def _announce(i: int, n: int, job: Job) -> None:
+    """One line per job on stderr, so that a long run shows where it is (also in a log file)."""
+    print(f"[{i + 1}/{n}] {_what(job)} ...", file=sys.stderr, flush=True)
 
 
 def _report_done(job: Job, stats: dict[str, Any]) -> None:
+    """One line per finished job; it names the job, since jobs run at once may end in any order."""
     parts = [f"{k}={v:.0f}s" if k == "seconds" else f"{k}={v}" for k, v in stats.items()
-             if k not in ("job", "model", "protocol") and isinstance(v, (int, float))]
-    print(f"      done: {', '.join(parts) or 'nothing to do'}", file=sys.stderr, flush=True)
+             if k not in ("job", "model", "protocol", "shard") and isinstance(v, (int, float))]
+    print(f"      done ({_what(job)}): {', '.join(parts) or 'nothing to do'}", file=sys.stderr, flush=True)
 
 
 __all__ = ["EXECUTORS", "RunSummary", "make_executor", "plan_jobs", "run"]

@@ -1,6 +1,6 @@
 """Data-parallel training: N processes, one shard of every batch each, gradients all-reduced.
 
-A run is started by ``torchrun --nproc-per-node N -m bastion.cli train ...`` or by
+A run is started by ``torchrun --nproc-per-node N -m bastion train ...`` or by
 ``bastion train --nproc N ...``, which launches the same N local processes itself through
 :mod:`torch.distributed.run` (torchrun's ``--standalone`` mode, in-process). Each process reads
 its place from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and joins
