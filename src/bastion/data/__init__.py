@@ -37,6 +37,8 @@ def data_dir() -> Path:
 # Loaders register themselves on import; they are imported here and nowhere else.
 from bastion.data import cifar10, digits, image_folder, mnist  # noqa: E402,F401
 from bastion.data.image_folder import from_image_folder  # noqa: E402
+from bastion.data.lazy import LazyImages  # noqa: E402
+from bastion.data.stream import FolderPoints, iter_batches, open_image_folder, plan_image_folder  # noqa: E402
 
 
 def list() -> builtins.list[str]:  # noqa: A001 - the registry API is list()/load()
@@ -82,6 +84,7 @@ def from_path(path: str | os.PathLike[str]) -> ImageDataset:
 
 
 __all__ = [
-    "DATASETS", "ImageDataset", "data_dir", "from_image_folder", "from_path", "from_tensor_file", "list", "load",
-    "register", "sha256_arrays", "validate",
+    "DATASETS", "FolderPoints", "ImageDataset", "LazyImages", "data_dir", "from_image_folder", "from_path",
+    "from_tensor_file", "iter_batches", "list", "load", "open_image_folder", "plan_image_folder", "register",
+    "sha256_arrays", "validate",
 ]

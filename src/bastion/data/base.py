@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from bastion.data.lazy import LazyImages, rows_of
 from bastion.errors import ConfigError, DataIntegrityError, check_fraction
 
 
@@ -18,7 +19,10 @@ class ImageDataset:
     Attributes:
         name: registry name (``mnist``, ``cifar10``, ...).
         split: ``train`` or ``test`` (or ``val`` after :meth:`split_off`).
-        x: float32 tensor ``(N, C, H, W)`` with values in ``[0, 1]``.
+        x: float32 tensor ``(N, C, H, W)`` with values in ``[0, 1]``; for a set too large for
+            memory a :class:`~bastion.data.lazy.LazyImages` that reads its images on demand
+            (``x[i:j]`` reads a batch; :meth:`select`, :meth:`take`, :meth:`subset` and
+            :meth:`split_off` stay lazy).
         y: int64 tensor ``(N,)`` with values in ``[0, num_classes)``.
         classes: class names, index = label.
         mean, std: per-channel statistics of the *training* split (used inside models).
@@ -63,13 +67,13 @@ class ImageDataset:
 
     def select(self, idx: torch.Tensor) -> ImageDataset:
         """The points at indices ``idx`` (a 1-D int tensor)."""
-        return replace(self, x=self.x[idx], y=self.y[idx])
+        return replace(self, x=rows_of(self.x, idx), y=self.y[idx])
 
     def take(self, n: int) -> ImageDataset:
         """The first ``n`` points (all if ``n`` exceeds the size)."""
         if not isinstance(n, int) or n < 1:
             raise ConfigError(f"n={n!r} must be a positive integer")
-        return replace(self, x=self.x[:n], y=self.y[:n])
+        return replace(self, x=rows_of(self.x, slice(0, n)), y=self.y[:n])
 
     def split_off(self, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
         """Split into ``(rest, held_out)`` with ``fraction`` of the points held out (e.g. validation)."""
@@ -100,7 +104,9 @@ def validate(ds: ImageDataset) -> None:
         raise DataIntegrityError(
             f"{where}: labels span [{int(ds.y.min())}, {int(ds.y.max())}] but there are {len(ds.classes)} classes"
         )
-    if ds.x.numel() and (float(ds.x.min()) < 0.0 or float(ds.x.max()) > 1.0):
+    # lazily read images are uint8 / 255 by construction, and reading them all to check is what
+    # a lazy set exists to avoid
+    if not isinstance(ds.x, LazyImages) and ds.x.numel() and (float(ds.x.min()) < 0.0 or float(ds.x.max()) > 1.0):
         raise DataIntegrityError(f"{where}: pixel values must lie in [0, 1]")
 
 

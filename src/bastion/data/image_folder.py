@@ -32,6 +32,7 @@ one channel, ``RGB`` three).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,8 @@ NAME = "image-folder"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
 
 
-def _check_size(size: Any) -> tuple[int, int] | None:
-    """Normalise the ``size`` option to ``(H, W)`` or ``None``."""
+def _check_size(size: Any, field: str = "size") -> tuple[int, int] | None:
+    """Normalise the option ``field`` (an int or ``(H, W)``) to ``(H, W)`` or ``None``."""
     if size is None:
         return None
     if isinstance(size, int) and not isinstance(size, bool):
@@ -58,20 +59,27 @@ def _check_size(size: Any) -> tuple[int, int] | None:
         or len(size) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
     ):
-        raise ConfigError(f"size={size!r} must be a positive int or a pair (H, W) of positive ints")
+        raise ConfigError(f"{field}={size!r} must be a positive int or a pair (H, W) of positive ints")
     return int(size[0]), int(size[1])
 
 
 def _class_dirs(folder: Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders of ``folder``."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def _image_names(folder: Path) -> list[str]:
+    """Sorted names of the image files directly inside ``folder`` (a listing, no stat per file)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries
+                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in EXTENSIONS
+                      and e.is_file())
 
 
 def _image_files(folder: Path) -> list[Path]:
     """Sorted image files directly inside ``folder``."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS
-    )
+    return [folder / n for n in _image_names(folder)]
 
 
 def _read_split(
@@ -129,23 +137,39 @@ def _read_split(
     return np.stack(arrays), np.asarray(labels, dtype=np.int64)
 
 
-def _stats(images: np.ndarray, block: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of ``images / 255`` for ``(N, C, H, W)`` uint8 images.
+class Moments:
+    """Per-channel mean and (population) std of ``images / 255``, accumulated in float64 over
+    blocks of ``(N, C, H, W)`` uint8 images, so that memory stays small. A constant channel gets
+    std 1 (no scaling) instead of 0."""
 
-    Accumulated in float64 over blocks of ``block`` images, so memory stays small. A constant
-    channel gets std 1 (no scaling) instead of 0.
-    """
-    total = np.zeros(images.shape[1], dtype=np.float64)
-    total_sq = np.zeros(images.shape[1], dtype=np.float64)
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.total_sq: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, images: np.ndarray) -> None:
+        part = images.astype(np.float64) / 255.0
+        s, sq = part.sum(axis=(0, 2, 3)), np.square(part).sum(axis=(0, 2, 3))
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.count += images.shape[0] * images.shape[2] * images.shape[3]
+
+    def result(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.total is None or self.total_sq is None or not self.count:
+            raise DataIntegrityError("no images to compute the mean and std of")
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0.0))
+        std = np.where(std > 1e-12, std, 1.0)
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _stats(images: np.ndarray, block: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of ``images / 255`` for ``(N, C, H, W)`` uint8
+    images (:class:`Moments` over blocks of ``block`` images)."""
+    moments = Moments()
     for start in range(0, images.shape[0], block):
-        part = images[start : start + block].astype(np.float64) / 255.0
-        total += part.sum(axis=(0, 2, 3))
-        total_sq += np.square(part).sum(axis=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    std = np.where(std > 1e-12, std, 1.0)
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        moments.add(images[start : start + block])
+    return moments.result()
 
 
 #: Pillow modes read by :func:`from_image_folder`, and the channels each gives ("1" is 1-bit grey)
@@ -171,24 +195,25 @@ def _decode_native(f: Path) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _folder_files(base: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """The classes (sorted sub-folder names) of ``base`` and its image files with their labels."""
+def _folder_files(base: Path, field: str = "data") -> tuple[list[str], list[str], list[int]]:
+    """The classes (sorted sub-folder names) of ``base`` (the option ``field``), and its image
+    files as ``<class>/<file>`` names with their labels, interleaved by class."""
     if not base.is_dir():
-        raise DatasetNotFoundError(f"data={str(base)!r} is not a folder; expected {base}/<class>/<images>")
+        raise DatasetNotFoundError(f"{field}={str(base)!r} is not a folder; expected {base}/<class>/<images>")
     classes = _class_dirs(base)
     if not classes:
-        raise DatasetNotFoundError(f"data={str(base)!r} has no class folders; expected {base}/<class>/<images>")
-    per_class = [_image_files(base / c) for c in classes]
+        raise DatasetNotFoundError(f"{field}={str(base)!r} has no class folders; expected {base}/<class>/<images>")
+    per_class = [_image_names(base / c) for c in classes]
     # interleaved by class (the first image of each class, then the second, ...), so that the
     # first N points, which `bastion audit -n N` takes, cover every class
-    files = [(fs[j], i) for j in range(max(map(len, per_class))) for i, fs in enumerate(per_class) if j < len(fs)]
-    if not files:
+    order = [(j, i) for j in range(max(map(len, per_class))) for i, fs in enumerate(per_class) if j < len(fs)]
+    if not order:
         nested = [c for c in classes if _class_dirs(base / c)]
         hint = (f"; {base / nested[0]} holds folders: pass the folder of one split, e.g. {base / nested[0]}"
                 if nested else "")
-        raise DatasetNotFoundError(f"data={str(base)!r}: no images ({', '.join(EXTENSIONS)}) in "
+        raise DatasetNotFoundError(f"{field}={str(base)!r}: no images ({', '.join(EXTENSIONS)}) in "
                                    f"{base}/<class>/{hint}")
-    return classes, files
+    return classes, [f"{classes[i]}/{per_class[i][j]}" for j, i in order], [i for _, i in order]
 
 
 def from_image_folder(path: str | Path) -> ImageDataset:
@@ -205,17 +230,18 @@ def from_image_folder(path: str | Path) -> ImageDataset:
     images.
     """
     base = Path(path).expanduser()
-    classes, files = _folder_files(base)
+    classes, names, label_list = _folder_files(base)
     arrays: list[np.ndarray] = []
-    for f, _ in files:
+    for name in names:
+        f = base / name
         arr = _decode_native(f)
         if arrays and arr.shape != arrays[0].shape:
             (c0, h0, w0), (c, h, w) = arrays[0].shape, arr.shape
-            raise DataIntegrityError(f"{f}: image is {h}x{w} with {c} channel(s) but {files[0][0]} is {h0}x{w0} "
+            raise DataIntegrityError(f"{f}: image is {h}x{w} with {c} channel(s) but {base / names[0]} is {h0}x{w0} "
                                      f"with {c0}; every image of data={str(base)!r} must share one size and mode "
                                      "(Bastion does not resize)")
         arrays.append(arr)
-    images, labels = np.stack(arrays), np.asarray([i for _, i in files], dtype=np.int64)
+    images, labels = np.stack(arrays), np.asarray(label_list, dtype=np.int64)
     mean, std = _stats(images)
     x, y = _common.to_tensors(images, labels, 255.0, images.shape[1:])
     return ImageDataset(base.name or str(base), "test", x, y, tuple(classes), mean, std, str(base))
