@@ -173,3 +173,44 @@ def test_ray_gives_the_in_process_rows_resumes_and_reports_failures(tmp_path, tr
     with sqlite3.connect(c.db_path) as con:
         done = {r[0] for r in con.execute("SELECT DISTINCT model_key FROM evaluations")}
     assert len(done) == 1 and next(iter(done)).startswith("none-")
+
+
+def test_harness_evaluates_a_user_model_on_a_streamed_image_folder(tmp_path):
+    """``dataset.path``: the hashed subset of an image folder, read lazily or in memory, gives
+    the same rows; the folder's path is not in the config hash, its points are."""
+    from PIL import Image
+
+    from bastion import data
+    from bastion.data.lazy import LazyImages
+    from test_harness_user_models import EXAMPLE, _weights
+    from test_harness_user_models import TINY as USER
+
+    weights = _weights(tmp_path / "user_net.pt")
+
+    def _config(out: str, text: str, overrides: dict) -> hc.HarnessConfig:
+        p = tmp_path / f"{out}.toml"
+        p.write_text(text.format(out=tmp_path / out, example=EXAMPLE, weights=weights))
+        return hc.load_harness_config(p, overrides)
+
+    mnist = data.load("mnist", "test").take(100)  # every digit
+    folder = tmp_path / "folder"
+    for i, (img, label) in enumerate(zip(mnist.x, mnist.y, strict=True)):
+        (folder / str(int(label))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[0] * 255).round().byte().numpy(), mode="L").save(folder / str(int(label)) / f"{i}.png")
+    text = USER.split("[[models]]\nid = \"fgsm-at\"")[0] + USER[USER.index("[[attacks]]"):]
+    over = {"dataset.path": str(folder), "dataset.eval_samples": 24, "evaluation.protocols": ["adaptive"],
+            "evaluation.report": False}
+    rows = {}
+    for stream in (True, False):
+        cfg = _config(f"s{stream}", text, {**over, "dataset.stream": stream})
+        assert isinstance(eval_data(cfg).x, LazyImages) is stream
+        runner.run(cfg, progress=False)
+        rows[stream] = _rows(cfg.db_path)
+    assert rows[True] == rows[False] and len(rows[True]) == 4  # fgsm and the worst case at 2 budgets
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    assert hc.config_hash(_config("m", text, {**over, "dataset.path": str(moved)})) == rows[True][0][0]
+    with pytest.raises(ConfigError, match=r"dataset.path=.* would be trained here"):
+        _config("t", USER, {"dataset.path": str(folder)})
+    with pytest.raises(ConfigError, match=r"dataset.path='/nonexistent' is not a directory"):
+        _config("t", text, {"dataset.path": "/nonexistent"})

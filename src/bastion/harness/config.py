@@ -59,8 +59,17 @@ class DatasetSection:
     subset_seed: int = option(0, "seed choosing the training subset")
     eval_split: str = option("test", "split to evaluate on: test or train")
     eval_samples: int = option(1000, "evaluate on the first N points of eval_split (0: all)")
+    path: str | None = option(None, "evaluate on this image folder (class folders of JPEG/PNG files, ImageNet's "
+                                    "validation layout) instead of eval_split: its eval_samples points are a "
+                                    "hashed subset (seed subset_seed), read lazily when they exceed 256 MiB")
+    channels: int | None = option(None, "image folder: convert every image to 1 or 3 channels")
+    resize: int | None = option(None, "image folder: scale the shorter side to this many pixels")
+    crop: int | None = option(None, "image folder: then cut the centre square of this side")
+    num_workers: int = option(0, "image folder: DataLoader workers decoding ahead of the attacks")
+    stream: bool | None = option(None, "image folder: true streams, false reads into memory, unset decides by size")
 
     def __post_init__(self) -> None:
+        self._check_folder()
         data_mod.DATASETS.get(self.name)
         if self.eval_split not in data_mod.SPLITS:
             raise ConfigError(f"dataset.eval_split={self.eval_split!r} is not one of 'train', 'test'")
@@ -70,6 +79,32 @@ class DatasetSection:
             raise ConfigError(f"dataset.subset_seed={self.subset_seed!r} must be >= 0")
         if self.eval_samples < 0:
             raise ConfigError(f"dataset.eval_samples={self.eval_samples!r} must be >= 0")
+
+    def _check_folder(self) -> None:
+        for field in ("resize", "crop"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"dataset.{field}={v!r} must be an integer >= 1")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"dataset.channels={self.channels!r} must be 1 or 3")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ConfigError(f"dataset.num_workers={self.num_workers!r} must be an integer >= 0")
+        if self.path is None:
+            return
+        if not Path(self.path).is_dir():
+            raise ConfigError(f"dataset.path={self.path!r} is not a directory (an image folder: path/<class>/<image>)")
+        if self.eval_split != "test":
+            raise ConfigError(f"dataset.eval_split={self.eval_split!r}: with dataset.path the folder is what is "
+                              "evaluated; leave eval_split at 'test'")
+
+    def folder_digest(self) -> str | None:
+        """With ``path``: the digest of the evaluated points (labels, paths, sizes) and the
+        pixel settings, which :func:`config_hash` uses instead of the folder's path."""
+        if self.path is None:
+            return None
+        plan = data_mod.plan_image_folder(self.path, samples=self.eval_samples, seed=self.subset_seed,
+                                          channels=self.channels, resize=self.resize, crop=self.crop, headers=False)
+        return str(plan.manifest()["points_sha256"])
 
 
 @dataclass(frozen=True)
@@ -234,6 +269,11 @@ class HarnessConfig:
             if m.base is not None and self.model(m.base).is_user:
                 raise ConfigError(f"models[{m.id}].base={m.base!r} is a user model; a wrapper defense is built only "
                                   "around a model Bastion trained")
+        trained = [m.id for m in self.models if not m.is_user]
+        if self.dataset.path is not None and trained:
+            raise ConfigError(f"dataset.path={self.dataset.path!r} evaluates on an image folder, but models {trained} "
+                              "would be trained here on dataset.name's training split; with dataset.path give only "
+                              "user models (source = ...)")
         for m in self.models:
             self.train_config(m)  # every model's training config is valid
             if not self.protocols_for(m):
@@ -316,6 +356,13 @@ def config_hash(cfg: HarnessConfig) -> str:
         else:  # the content of its files, not only their names
             entry["digest"] = user_models.source_digest(str(m.source), m.weights)
     d["dataset"].pop("root", None)
+    for k in ("path", "num_workers", "stream"):  # where the folder is and how it is read change no number
+        d["dataset"].pop(k, None)
+    if cfg.dataset.path is not None:  # which points, by content
+        d["dataset"]["points"] = cfg.dataset.folder_digest()
+    for k in ("channels", "resize", "crop"):  # a config without a folder hashes as before they existed
+        if d["dataset"].get(k) is None:
+            d["dataset"].pop(k, None)
     ev = d["evaluation"]
     for k in ("sanity", "artifacts", "gallery_samples", "report", "batch_size"):
         ev.pop(k, None)

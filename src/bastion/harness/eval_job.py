@@ -45,7 +45,13 @@ from bastion.utils.device import resolve_device
 
 
 def eval_data(cfg: HarnessConfig) -> ImageDataset:
-    """The evaluation subset: the first ``eval_samples`` points of ``eval_split``."""
+    """The evaluation subset: the first ``eval_samples`` points of ``eval_split``; with
+    ``dataset.path``, the hashed subset of ``eval_samples`` points of that image folder, read
+    lazily when large (:func:`bastion.data.open_image_folder`)."""
+    d = cfg.dataset
+    if d.path is not None:
+        return data_mod.open_image_folder(d.path, samples=d.eval_samples, seed=d.subset_seed, channels=d.channels,
+                                          resize=d.resize, crop=d.crop, num_workers=d.num_workers, stream=d.stream)
     kw: dict[str, Any] = {"root": cfg.dataset.root} if cfg.dataset.root else {}
     ds = data_mod.load(cfg.dataset.name, cfg.dataset.eval_split, **kw)
     return ds.take(cfg.dataset.eval_samples) if cfg.dataset.eval_samples else ds

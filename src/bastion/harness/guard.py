@@ -156,7 +156,8 @@ def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: Evaluatio
         return next(r for r in key.rows(db) if r.attack_label == label and float(r.eps) == float(row.eps))
     idx = survivors.to(data.x.device)
     batches = key.batches(db, label, float(row.eps), len(idx))
-    m = measure(threat, data.x[idx], data.y[idx], batch_size=st.batch_size, seed=st.seed, device=dev, log=batches)
+    part = data.select(idx)  # a lazy (streamed) data set stays lazy
+    m = measure(threat, part.x, part.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches)
     assert row.robust is not None
     robust = row.robust.clone()
     robust[survivors] = m.robust.to(robust.device) & robust[survivors]

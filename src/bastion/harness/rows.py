@@ -131,14 +131,15 @@ def measure_shard(db: ResultsDB, key: RowKey, todo: Sequence[ThreatModel], data:
     returns the shards measured. Inside a shard the finished batches are kept as for a row."""
     start, stop = shard_bounds(len(data), st.shards)[shard]
     shards = key.shards(db, len(data), st.shards)
-    x, y = data.x[start:stop], data.y[start:stop]
+    part = data.select(torch.arange(start, stop))  # a lazy (streamed) data set stays lazy
     done = 0
     for t in todo:
         eps = float(t.attack.eps)
         if shards.has(t.label, eps, shard):
             continue
         batches = key.batches(db, f"{t.label}#shard{shard}/{st.shards}", eps, stop - start)
-        m = measure(t, x, y, batch_size=st.batch_size, seed=shard_seed(st.seed, shard), device=dev, log=batches)
+        m = measure(t, part.x, part.y, batch_size=st.batch_size, seed=shard_seed(st.seed, shard), device=dev,
+                    log=batches)
         shards.save(t.label, eps, shard_state(shard, start, m))
         batches.clear()
         done += 1
