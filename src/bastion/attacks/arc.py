@@ -265,6 +265,7 @@ class ARC(Attack):
 
     norms = ("linf", "l2")
     supports_targets: ClassVar[bool] = False
+    precisions = ("fp32",)  # its gradients are its own (one backward per candidate class), not the engine's
 
     steps: int = 20
     step_ratio: float = 0.25

@@ -98,20 +98,21 @@ class AutoAttack(Attack):
         from bastion.attacks.registry import create  # the registry is complete once the package is imported
 
         common = {"eps": self.eps, "norm": self.norm, "early_stop": self.early_stop}
+        grad = {**common, "precision": self.precision}  # Square uses no gradients
         if self.version == "rand":
             eot = self.rand_eot_samples if random else 1
-            ce = create("apgd-ce", steps=self.steps, eot_samples=eot, **common)
+            ce = create("apgd-ce", steps=self.steps, eot_samples=eot, **grad)
             if num_classes is not None and num_classes < 3:  # the untargeted DLR loss needs a third class
                 return [ce]
-            return [ce, create("apgd-dlr", steps=self.steps, eot_samples=eot, **common)]
+            return [ce, create("apgd-dlr", steps=self.steps, eot_samples=eot, **grad)]
         targets = self.n_target_classes if num_classes is None else min(self.n_target_classes, num_classes - 1)
         apgd_t: dict[str, Any] = {"n_target_classes": targets}
         if num_classes is not None and num_classes < 4:  # the targeted DLR loss needs a fourth class
             apgd_t["loss"] = "ce"
         return [
-            create("apgd-ce", steps=self.steps, **common),
-            create("apgd-t", steps=self.steps, **apgd_t, **common),
-            create("fab", steps=self.steps, targeted_classes=targets, **common),
+            create("apgd-ce", steps=self.steps, **grad),
+            create("apgd-t", steps=self.steps, **apgd_t, **grad),
+            create("fab", steps=self.steps, targeted_classes=targets, **grad),
             create("square", n_queries=self.n_queries, **common),
         ]
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bastion.attacks.memory import halving, rng_snapshot
+from bastion.attacks.precision import DEFAULT_PRECISION, PRECISIONS, autocast_dtype, check_precision, gradient_autocast
 from bastion.attacks.verdict import DEFAULT_QUERIES, Majority, RandomModelWarning, check_queries, is_random
 from bastion.errors import ConfigError, InputError, check_choice
 from bastion.models.base import Classifier, as_classifier
@@ -207,8 +209,14 @@ class AttackRun:
         generator: torch.Generator | None,
         minimal: bool = False,
         eot_samples: int = 1,
+        precision: str = DEFAULT_PRECISION,
     ) -> None:
         self.model = model
+        #: autocast dtype of the gradient passes (None: fp32, no autocast)
+        self.autocast = autocast_dtype(precision, x.device)
+        #: low-precision successes judged again in fp32, and those fp32 did not confirm
+        self.rechecked = 0
+        self.overturned = 0
         self.minimal = minimal
         self.eot_samples = eot_samples
         self.targeted = targeted
@@ -279,6 +287,11 @@ class AttackRun:
         the loss, gradient and logits are averaged over ``k`` forward/backward passes, i.e.
         over ``k`` draws of a randomised model's randomness; each pass counts as a gradient
         evaluation.
+
+        With a low ``precision`` the passes run under autocast, and the points whose returned
+        logits call them adversarial are judged again in fp32 (:meth:`_confirm`): their logits
+        are replaced by the fp32 ones, so the returned logits, the recorded success and every
+        early stop agree with fp32.
         """
         x_adv = self._enforce(x_adv)
         loss_fn = loss if loss is not None else self.default_loss
@@ -290,14 +303,36 @@ class AttackRun:
             per_sample = torch.stack([d[0] for d in draws]).mean(0)
             grad = torch.stack([d[1] for d in draws]).mean(0)
             logits = torch.stack([d[2] for d in draws]).mean(0)
+        if self.autocast is not None:
+            logits = self._confirm(x_adv, logits)
         self._record(x_adv, logits)
         return per_sample, grad, logits
+
+    def _confirm(self, x_adv: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the rows the criterion holds for replaced by fp32 logits at those
+        points (averaged over ``eot_samples`` forward passes, counted as forwards)."""
+        claimed = self.criterion(logits).nonzero().squeeze(1)
+        if claimed.numel() == 0:
+            return logits
+        with torch.no_grad():
+            xs = x_adv.index_select(0, claimed)
+            exact = torch.stack([self.model(xs) for _ in range(self.eot_samples)]).mean(0)
+        self.forwards += int(claimed.numel()) * self.eot_samples
+        logits = logits.index_copy(0, claimed, exact.to(logits.dtype))
+        self.rechecked += int(claimed.numel())
+        self.overturned += int((~self.criterion(logits).index_select(0, claimed)).sum())
+        return logits
 
     def _gradient_pass(self, x_adv: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward/backward pass: (per-sample loss, input gradient, logits), detached."""
         xg = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.model(xg)
+            if self.autocast is None:
+                logits = self.model(xg)
+            else:
+                with gradient_autocast(self.autocast, xg.device):
+                    logits = self.model(xg)
+                logits = logits.to(xg.dtype)  # the loss and its first backward step in full precision
             per_sample = loss_fn(logits, self.labels)
             (grad,) = torch.autograd.grad(per_sample.sum(), xg)
         return per_sample.detach(), grad, logits.detach()
@@ -372,12 +407,16 @@ class Attack(ABC):
             run the plain algorithm, e.g. for comparing iterates with another library. A direct
             call on a random model turns it off (see :meth:`__call__`).
         eot_samples: gradient draws per step (EOT) for a randomised model; 1 = no EOT.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the dtype the gradient
+            passes run in under ``torch.autocast``; every success is judged again in fp32
+            (:mod:`bastion.attacks.precision`). Only in ``params`` when not ``"fp32"``.
     """
 
     eps: float = EPS_UNSET
     norm: str = "linf"
     early_stop: bool = True
     eot_samples: int = 1
+    precision: str = DEFAULT_PRECISION
 
     #: registry name, set by :func:`bastion.attacks.register`
     name: ClassVar[str] = ""
@@ -390,6 +429,9 @@ class Attack(ABC):
     gradient_free: ClassVar[bool] = False
     #: whether the attack can be called with ``targets``; the engine refuses them otherwise
     supports_targets: ClassVar[bool] = True
+    #: the precisions its gradients can run in: all of them when they come from
+    #: :meth:`AttackRun.loss_grad`, only fp32 for an attack that computes them itself
+    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
 
     def __post_init__(self) -> None:
         check_choice("norm", self.norm, self.norms)
@@ -398,17 +440,33 @@ class Attack(ABC):
         _check_eps(self.eps, self.minimal)
         if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
             raise ConfigError(f"eot_samples={self.eot_samples!r} must be an integer >= 1")
+        self._check_precision()
         self.validate()
+
+    def _check_precision(self, why: str = "") -> None:
+        """:class:`ConfigError` unless ``precision`` is one this attack can run in (``why``: the
+        reason an attack that allows only fp32 gives)."""
+        name = self.name or type(self).__name__
+        if why:
+            check_precision(self.precision, self.precisions, f"{name} {why}")
+        elif self.gradient_free:
+            check_precision(self.precision, (DEFAULT_PRECISION,), f"{name} uses no gradients")
+        else:
+            check_precision(self.precision, self.precisions,
+                            f"{name} computes its gradients outside the engine's loss_grad")
 
     def validate(self) -> None:
         """Check the subclass's own hyper-parameters; raise :class:`ConfigError` naming the field."""
 
     @property
     def params(self) -> dict[str, Any]:
-        """The hyper-parameters as a plain dict (JSON-serialisable; an unset ``eps`` is ``None``)."""
+        """The hyper-parameters as a plain dict (JSON-serialisable; an unset ``eps`` is ``None``;
+        ``precision`` only when it is not the default, so default rows hash as before)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if "eps" in out and not eps_is_set(out["eps"]):
             out["eps"] = None
+        if out.get("precision") == DEFAULT_PRECISION:
+            del out["precision"]
         return out
 
     def replace(self, **changes: Any) -> Attack:
@@ -488,7 +546,8 @@ class Attack(ABC):
         are counted in ``cost.forwards``, and ``details["verdict"]`` says how the points were
         judged. Without EOT (:meth:`needs_eot`) it also emits a :class:`RandomModelWarning`.
 
-        The model is put in eval mode for the call and restored afterwards.
+        The model is put in eval mode for the call and restored afterwards. After a CUDA out of
+        memory error the call goes on in half batches, with a warning (:mod:`.memory`).
         """
         self._refuse_unsupported_targets(targets)
         clf = as_classifier(model)
@@ -511,9 +570,25 @@ class Attack(ABC):
         was_training = clf.training
         clf.eval()
         try:
-            return attack._execute(clf, x, y, targets, generator, verdict)
+            return attack._execute_in_batches(clf, x, y, targets, generator, verdict)
         finally:
             clf.train(was_training)
+
+    def _execute_in_batches(self, clf: Classifier, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None,
+                            generator: torch.Generator | None, verdict: Majority | None) -> AttackResult:
+        """:meth:`_execute`, in batches of half the size after each CUDA out-of-memory error."""
+        start = time.perf_counter()
+
+        def piece(i: int, j: int) -> AttackResult:
+            if (i, j) == (0, x.shape[0]):
+                return self._execute(clf, x, y, targets, generator, verdict)
+            return self._execute(clf, x[i:j], y[i:j], None if targets is None else targets[i:j], generator, verdict)
+
+        def merge(parts: list[AttackResult]) -> AttackResult:
+            return merge_results(parts, time.perf_counter() - start)
+
+        return halving(piece, x.shape[0], merge, snapshot=lambda: rng_snapshot(generator, x.device),
+                       what=self.name or type(self).__name__)
 
     def _execute(
         self,
@@ -539,6 +614,7 @@ class Attack(ABC):
             generator=generator,
             minimal=self.minimal,
             eot_samples=self.eot_samples,
+            precision=self.precision,
         )
         run.check(x)
         clean_success = run.success.clone()
@@ -549,7 +625,10 @@ class Attack(ABC):
         outcome = CallOutcome(run.best, run.success, clean_success, cost)
         if verdict is not None:
             outcome = judge_outcome(verdict, x, y if targets is None else targets, outcome, targets is not None)
-        return outcome.result(self, x, start, targets is not None, verdict)
+        details = None
+        if run.autocast is not None:
+            details = {"fp32_recheck": {"checked": run.rechecked, "overturned": run.overturned}}
+        return outcome.result(self, x, start, targets is not None, verdict, details)
 
 
 def _check_eps(eps: object, minimal: bool) -> None:
@@ -618,6 +697,42 @@ def judge_outcome(
     keep_clean = (clean & ~adv).view(-1, *([1] * (x.dim() - 1)))
     cost = Cost(found.cost.gradients, found.cost.forwards + spent_clean + spent_adv, found.cost.seconds)
     return CallOutcome(torch.where(keep_clean, x, found.x_adv), clean | adv, clean, cost)
+
+
+def merge_results(parts: list[AttackResult], seconds: float) -> AttackResult:
+    """One result from the results of consecutive pieces of a batch (the same attack): per-sample
+    tensors concatenated, costs added (``seconds``: the whole call's wall time). ``details``
+    entries equal in every piece are kept; ``fp32_recheck`` counts are added; the others go
+    per piece into ``details["batch_split"]``, which also gives the pieces' sizes."""
+    first = parts[0]
+    cost = sum((p.cost for p in parts[1:]), first.cost)
+    details: dict[str, Any] = {}
+    pieces: list[dict[str, Any]] = [{"points": int(p.success.shape[0])} for p in parts]
+    for key in dict.fromkeys(k for p in parts for k in p.details):
+        values = [p.details.get(key) for p in parts]
+        if key == "fp32_recheck":
+            details[key] = {c: sum(int(v[c]) for v in values if v) for c in ("checked", "overturned")}
+        elif all(_same_value(v, values[0]) for v in values):
+            details[key] = values[0]
+        else:
+            for piece, v in zip(pieces, values, strict=True):
+                piece[key] = v
+    details["batch_split"] = pieces
+    return dataclasses.replace(
+        first,
+        x_adv=torch.cat([p.x_adv for p in parts]),
+        success=torch.cat([p.success for p in parts]),
+        clean_success=torch.cat([p.clean_success for p in parts]),
+        distances=torch.cat([p.distances for p in parts]),
+        cost=Cost(cost.gradients, cost.forwards, seconds),
+        details=details,
+    )
+
+
+def _same_value(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return bool(a == b)
 
 
 def _check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) -> torch.Tensor:

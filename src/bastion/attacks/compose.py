@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, eps_is_set, same_eps, success_distances
+from bastion.attacks.precision import DEFAULT_PRECISION
 from bastion.attacks.verdict import Majority
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier
@@ -37,7 +38,10 @@ class Cascade(Attack):
     attacks: tuple[Attack, ...] = ()
     label: str = "cascade"
 
+    precisions = (DEFAULT_PRECISION,)
+
     def __post_init__(self) -> None:
+        self._check_precision("runs each attack in that attack's own precision: set it on the attacks")
         if not self.attacks:
             raise ConfigError("attacks: a composition needs at least one attack")
         for i, a in enumerate(self.attacks):
@@ -113,6 +117,7 @@ class Cascade(Attack):
                     "broke": int((broken_by == i).sum()),
                     "robust_after": float((~success).float().mean()),
                     "cost": dataclasses.asdict(res.cost),
+                    **{k: v for k, v in res.details.items() if k == "fp32_recheck"},
                 }
             )
         if clean_success is None:  # pragma: no cover - the first attack always runs
@@ -120,6 +125,7 @@ class Cascade(Attack):
         details: dict[str, Any] = {"per_attack": per_attack, "broken_by": broken_by.cpu().tolist()}
         if verdict is not None:
             details["verdict"] = verdict.describe()
+        details.update(_total_rechecks(per_attack))
         return AttackResult(
             x_adv=x_adv,
             success=success,
@@ -132,6 +138,12 @@ class Cascade(Attack):
             norm=self.norm,
             details=details,
         )
+
+
+def _total_rechecks(per_attack: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"fp32_recheck": totals}`` over the attacks that ran in low precision (none: ``{}``)."""
+    done = [p["fp32_recheck"] for p in per_attack if "fp32_recheck" in p]
+    return {"fp32_recheck": {k: sum(d[k] for d in done) for k in ("checked", "overturned")}} if done else {}
 
 
 def worst_case(attacks: list[Attack] | tuple[Attack, ...], label: str = "cascade") -> Cascade:

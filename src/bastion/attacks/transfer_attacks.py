@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bastion.attacks.base import Attack, AttackResult, AttackRun, CallOutcome, Cost, eps_is_set, flat_norm, project
+from bastion.attacks.precision import DEFAULT_PRECISION
 from bastion.attacks.registry import register
 from bastion.attacks.verdict import Majority
 from bastion.errors import ConfigError
@@ -81,7 +82,10 @@ class Transfer(Attack):
     attack: Attack | None = None
     surrogates: tuple[nn.Module, ...] = ()
 
+    precisions = (DEFAULT_PRECISION,)
+
     def __post_init__(self) -> None:
+        self._check_precision("crafts in the precision of its attack: set it there")
         if not isinstance(self.attack, Attack):
             raise ConfigError(f"attack={self.attack!r} must be an Attack (bastion.attacks.create)")
         if not self.surrogates:
@@ -157,6 +161,8 @@ class GradientEnsemble(Attack):
     step: float | None = None
     steps: int | None = None
     require_all: bool = True
+
+    precisions = (DEFAULT_PRECISION,)  # its gradients are its own, not the engine's
 
     def validate(self) -> None:
         if not self.surrogates:
