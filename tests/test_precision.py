@@ -179,3 +179,12 @@ def test_retry_after_out_of_memory_draws_the_same_random_numbers() -> None:
 
     got = halving(draw, 10, torch.cat, snapshot=lambda: rng_snapshot(g, CPU))
     assert torch.equal(got, torch.rand(10, generator=torch.Generator().manual_seed(7)))
+
+
+def test_a_low_precision_row_has_its_own_label():
+    """A bf16 row and an fp32 row of one attack can sit in one run: their labels differ."""
+    from bastion import attacks
+    from bastion.eval.threats import row_label
+
+    fp32, bf16 = (attacks.create("pgd", eps=0.1, steps=20, precision=p) for p in ("fp32", "bf16"))
+    assert row_label(fp32) == "pgd-20" and row_label(bf16) == "pgd-20-bf16"
