@@ -1,11 +1,12 @@
 """Kill the Ray driver of a harness run halfway, start it again, and check that it redoes no
 finished job and ends with the rows of an uninterrupted run (issue 15).
 
-    python bench/ray_resume.py CONFIG --models DIR --reference DB [--after 4] [--out FILE]
+    python bench/ray_resume.py CONFIG --models DIR [--reference DB] [--set K=V ...] [--after 4] [--out FILE]
 
 * ``--models``: a model cache (``<out_dir>/models`` of an earlier run of CONFIG) copied into
-  the run's own out dir, so only evaluation and artifact jobs run; ``--reference``: that
-  earlier, uninterrupted run's results database.
+  the run's own out dir, so only evaluation and artifact jobs run; ``--reference``: an
+  uninterrupted run's results database (without it, an uninterrupted Ray run of the same
+  config is made first); ``--set``: config overrides, passed on.
 * The run (``python -m bastion run CONFIG --executor ray``) is SIGKILLed (the driver process
   alone) once ``--after`` jobs have reported done. Whatever Ray processes of the killed run
   are still alive a few seconds later are listed, then ended by their PIDs.
@@ -34,8 +35,9 @@ DONE = re.compile(r"^\s+done \((.+?)\): (.*)$")
 NOTHING = r"^(trained=0|evaluated=0|written=0|measured=0)\b"
 
 
-def start(config: str, out: Path, log: Path) -> subprocess.Popen[bytes]:
+def start(config: str, out: Path, log: Path, sets: list[str]) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "bastion", "run", config, "--out", str(out), "--executor", "ray"]
+    cmd += [a for kv in sets for a in ("--set", kv)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True)
 
 
@@ -65,7 +67,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("--models", required=True)
-    ap.add_argument("--reference", required=True)
+    ap.add_argument("--reference")
+    ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--after", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -73,8 +76,13 @@ def main() -> int:
     out = root / "run"
     shutil.copytree(args.models, out / "models")
     first, second = root / "first.log", root / "second.log"
+    if args.reference is None:
+        shutil.copytree(args.models, root / "reference" / "models")
+        if start(args.config, root / "reference", root / "reference.log", args.set).wait() != 0:
+            raise SystemExit("the uninterrupted reference run failed: " + (root / "reference.log").read_text()[-2000:])
+        args.reference = str(root / "reference" / "results.sqlite")
     t0 = time.time()
-    proc = start(args.config, out, first)
+    proc = start(args.config, out, first, args.set)
     while len(done_lines(first)) < args.after and proc.poll() is None:
         time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
@@ -86,13 +94,13 @@ def main() -> int:
     for p in left:
         os.kill(p, signal.SIGKILL)
     t1 = time.time()
-    rc = start(args.config, out, second).wait()
+    rc = start(args.config, out, second, args.set).wait()
     again = dict(done_lines(second))
     redone = [job for job, _ in finished if job in again and not re.search(NOTHING, again[job])]
     cmp = subprocess.run([sys.executable, "scripts/compare_results.py", args.reference, str(out / "results.sqlite")],
                          capture_output=True, text=True)
-    lines = [f"# bench/ray_resume.py {args.config}: driver SIGKILLed after {len(finished)} finished job(s), "
-             f"{killed_at:.0f} s in; restart exit status {rc}, {time.time() - t1:.0f} s",
+    lines = [f"# bench/ray_resume.py {args.config} {' '.join(args.set)}: driver SIGKILLed after {len(finished)} "
+             f"finished job(s), {killed_at:.0f} s in; restart exit status {rc}, {time.time() - t1:.0f} s",
              f"Ray processes of the killed driver alive 5 s after the kill (then killed by PID): {len(left)}",
              "jobs finished before the kill: " + "; ".join(f"{j} [{s}]" for j, s in finished),
              "the same jobs after the restart: " + "; ".join(f"{j} [{again.get(j, 'not run')}]" for j, _ in finished),
