@@ -214,3 +214,23 @@ def test_harness_evaluates_a_user_model_on_a_streamed_image_folder(tmp_path):
         _config("t", USER, {"dataset.path": str(folder)})
     with pytest.raises(ConfigError, match=r"dataset.path='/nonexistent' is not a directory"):
         _config("t", text, {"dataset.path": "/nonexistent"})
+
+
+def test_audit_fingerprint_of_a_streamed_folder_is_the_in_memory_one(tmp_path):
+    """`bastion audit --data DIR` reads a large folder lazily (data.from_path); its results
+    are found again whether the folder was streamed or not."""
+    from PIL import Image
+
+    from bastion import data, models
+    from bastion.data.lazy import LazyImages
+    from bastion.harness.audit import _fingerprint
+
+    for i in range(12):
+        (tmp_path / str(i % 3)).mkdir(exist_ok=True)
+        pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / str(i % 3) / f"{i}.png")
+    lazy = data.open_image_folder(tmp_path, stream=True)
+    loaded = data.from_path(tmp_path)
+    assert isinstance(lazy.x, LazyImages) and not isinstance(loaded.x, LazyImages)
+    model = models.create("lenet5", seed=0)
+    assert _fingerprint(model, lazy, {}) == _fingerprint(model, loaded, {})

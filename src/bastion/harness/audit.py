@@ -29,6 +29,7 @@ from torch import nn
 from bastion import attacks as attacks_mod
 from bastion import report as report_mod
 from bastion.data.base import ImageDataset
+from bastion.data.lazy import LazyImages
 from bastion.errors import ConfigError
 from bastion.eval.prechecks import pre_checks
 from bastion.eval.protocols import Subject, plan
@@ -60,7 +61,11 @@ def _fingerprint(model: nn.Module, data: ImageDataset, settings: dict[str, Any])
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    h.update(data.x.numpy().tobytes())
+    if isinstance(data.x, LazyImages):  # a streamed folder: the same bytes, read batch by batch
+        for batch in data.x.batches(batch_size=256):
+            h.update(batch.cpu().contiguous().numpy().tobytes())
+    else:
+        h.update(data.x.numpy().tobytes())
     h.update(data.y.numpy().tobytes())
     # what the model declares is part of it: the same weights behind another output adapter, or
     # with a stand-in declared, are another model
