@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from bastion.results.db import pack_bits, unpack_bits
+from bastion.results.db import pack_bits, transaction, unpack_bits
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS row_batches (
@@ -93,13 +92,8 @@ class BatchLog:
         with self._tx() as con:
             con.executescript(_SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=60)) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            with con:
-                yield con
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     _WHERE = "config_hash=? AND model_key=? AND protocol=? AND attack_label=? AND norm=? AND eps=?"
 

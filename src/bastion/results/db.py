@@ -37,7 +37,7 @@ import platform
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -217,6 +217,19 @@ def unpack_bits(blob: bytes, n: int) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool))
 
 
+@contextmanager
+def transaction(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """One transaction on the database at ``path`` (WAL, full sync; rows as
+    :class:`sqlite3.Row`): committed on success, rolled back on any error. Every table of the
+    results database (rows, batches, shards, snapshots) is written through it."""
+    with closing(sqlite3.connect(path, timeout=60)) as con:
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        with con:  # commits or rolls back
+            yield con
+
+
 class ResultsDB:
     """The results database at ``path`` (created on first use).
 
@@ -242,15 +255,8 @@ class ResultsDB:
         with self._tx() as con:
             _migrate(con)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction: committed on success, rolled back on any error."""
-        with closing(sqlite3.connect(self.path, timeout=60)) as con:
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            with con:  # commits or rolls back
-                yield con
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     # ------------------------------------------------------------------ writes
     def add_evaluation(self, row: EvaluationRow) -> None:
@@ -378,4 +384,4 @@ class ResultsDB:
             ).fetchone() is not None
 
 
-__all__ = ["INTERVAL_COLUMNS", "ResultsDB", "SCHEMA_VERSION", "pack_bits", "unpack_bits", "versions"]
+__all__ = ["INTERVAL_COLUMNS", "ResultsDB", "SCHEMA_VERSION", "pack_bits", "transaction", "unpack_bits", "versions"]

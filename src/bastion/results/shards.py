@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bastion.results.db import pack_bits, unpack_bits
+from bastion.results.db import pack_bits, transaction, unpack_bits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS row_shards (
@@ -66,13 +65,8 @@ class ShardLog:
         with self._tx() as con:
             con.executescript(SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=60)) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            with con:
-                yield con
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.path)
 
     def _key(self, label: str, eps: float) -> tuple[Any, ...]:
         c, m, p, norm = self.scope

@@ -14,14 +14,11 @@ transport between Bastion's processes; no file a user hands in is read here.
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 from bastion.results import batches, shards
-from bastion.results.db import ResultsDB
+from bastion.results.db import ResultsDB, transaction
 
 #: every table a job writes, with the natural key of its rows
 KEYS: dict[str, tuple[str, ...]] = {
@@ -37,16 +34,6 @@ Snapshot = dict[str, list[dict[str, Any]]]
 Changes = dict[str, dict[str, list[Any]]]
 
 
-@contextmanager
-def _tx(path: str | Path) -> Iterator[sqlite3.Connection]:
-    with closing(sqlite3.connect(path, timeout=60)) as con:
-        con.row_factory = sqlite3.Row
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        with con:
-            yield con
-
-
 #: databases this process has made sure of, by (path, inode): checked once, not at every job
 _ENSURED: set[tuple[str, int]] = set()
 
@@ -57,7 +44,7 @@ def ensure(path: str | Path) -> None:
     if p.exists() and (str(p.resolve()), p.stat().st_ino) in _ENSURED:
         return
     ResultsDB(p)
-    with _tx(p) as con:
+    with transaction(p) as con:
         con.executescript(batches._SCHEMA)
         con.executescript(shards.SCHEMA)
     _ENSURED.add((str(p.resolve()), p.stat().st_ino))
@@ -68,7 +55,7 @@ def export(path: str | Path, model_key: str, config_hash: str | None = None) -> 
     the order they were written, without their row ids."""
     ensure(path)
     out: Snapshot = {}
-    with _tx(path) as con:
+    with transaction(path) as con:
         for table in KEYS:
             if table == "trainings":
                 rows = con.execute("SELECT * FROM trainings WHERE model_key=? ORDER BY rowid", (model_key,))
@@ -110,7 +97,7 @@ def diff(before: Snapshot, after: Snapshot) -> Changes:
 def apply(path: str | Path, changes: Changes) -> None:
     """Apply ``changes`` (:func:`diff`) to the database at ``path``, in one transaction."""
     ensure(path)
-    with _tx(path) as con:
+    with transaction(path) as con:
         for table, change in changes.items():
             if table not in KEYS:
                 raise ValueError(f"snapshot table {table!r} is not one of {sorted(KEYS)}")
