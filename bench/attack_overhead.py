@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from _timing import timed
 from bastion import attacks, data, models
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
 from bastion.utils.device import resolve_device
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def raw_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
@@ -39,14 +34,6 @@ def raw_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step
         xi = x.detach().requires_grad_(True)
         loss = F.cross_entropy(model(xi), y, reduction="sum")
         torch.autograd.grad(loss, xi)
-
-
-def timed(fn: Callable[[], object], dev: torch.device) -> float:
-    _sync(dev)
-    t = time.perf_counter()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t
 
 
 def main() -> None:

@@ -19,27 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from _timing import timed
 from bastion import attacks, models
 from bastion.attacks.base import AttackResult
 from bastion.utils.device import resolve_device
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], dev: torch.device) -> float:
-    _sync(dev)
-    t = time.perf_counter()
-    fn()
-    _sync(dev)
-    return time.perf_counter() - t
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _timing import sync
 from bastion import attacks, data, defenses, models
 from bastion.train import TrainConfig, train
 from bastion.utils.device import resolve_device
@@ -46,11 +47,6 @@ def _model(kind: str, dev: torch.device) -> models.Classifier:
         at = defenses.create("pgd-at", eps=0.3, attack_params={"steps": 5, "alpha": 0.1})
         train(m, tr, cfg, objective=at, out_dir=Path("runs/bench/lenet5-pgdat"), progress=False)
     return m.to(dev).eval()
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _robust(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> float:
@@ -106,17 +102,17 @@ def main() -> None:
                     model, norm="Linf", eps=args.eps, version="standard", n_classes=10, seed=0
                 )
             gen = torch.Generator(device=dev).manual_seed(0)
-            _sync(dev)
+            sync(dev)
             t = time.perf_counter()
             ours = _run_batched(
                 lambda a, b, f=ours_atk, m=model, g=gen: f(m, a, b, generator=g).x_adv, x, y, args.batch_size
             )
-            _sync(dev)
+            sync(dev)
             t_ours = time.perf_counter() - t
             torch.manual_seed(0)
             t = time.perf_counter()
             theirs = _run_batched(lambda a, b, f=theirs_atk: f(a, b), x, y, args.batch_size)
-            _sync(dev)
+            sync(dev)
             t_theirs = time.perf_counter() - t
             acc_ours, acc_theirs = _robust(model, ours, y), _robust(model, theirs, y)
             row = {
