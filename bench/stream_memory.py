@@ -12,18 +12,25 @@ Each child reports ``ru_maxrss`` of itself (the evaluating process) and of its c
 largest DataLoader worker; a forked worker's resident set counts the pages it shares with the
 process it was forked from), so the peak is measured per process, not estimated.
 
-Every child runs twice: under glibc's default malloc settings and with
-``MALLOC_MMAP_THRESHOLD_=1048576``. By default glibc raises its mmap threshold the first time a
-large block (here the model's activations, 16 MB a batch) is freed, after which such blocks come
-from the heap, which is not given back to the system: the peak then grows with the number of
-batches whatever holds the data (``rss_after_trim_mib``, the resident set after ``malloc_trim``
-with the data set still held, shows that none of it is live). A fixed
-threshold keeps large blocks in mmap and shows what the data path itself holds. (Under the
-default settings the peak also varies from run to run with the order of allocations.)
+Every child runs three ways (``--heap``):
+
+* ``release`` (what Bastion does): glibc's default malloc settings, and the streamed reads hand
+  the free heap back to the system before every batch (:mod:`bastion.utils.heap`);
+* ``no-release``: the same without that call. By default glibc raises its mmap threshold the
+  first time a large block (here the model's activations, 16 MB a batch) is freed, after which
+  such blocks come from the heap, which fragments and grows by a few MiB a batch: the peak then
+  grows with the number of batches whatever holds the data (``rss_after_trim_mib``, the
+  resident set after ``malloc_trim`` with the data set still held, shows that none of it is
+  live). Under these settings the peak also varies from run to run;
+* ``mmap-1MiB``: no release, but ``MALLOC_MMAP_THRESHOLD_=1048576``, which keeps large blocks in
+  mmap (the alternative fix, for comparison).
+
+Then, at the smallest size, the streamed evaluation is timed ``--repeats`` times with and
+without the release, alternated, and the ratio of the medians printed: the cost of the call.
 
 The folders are deleted afterwards. Writes bench/results/stream_memory_<date>_cpu<cpus>.{txt,json}.
 
-    .venv/bin/python bench/stream_memory.py [--sizes 2000 20000] [--workers 2] [--threads 1]
+    .venv/bin/python bench/stream_memory.py [--sizes 2000 20000] [--workers 2] [--threads 1] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,8 +55,9 @@ import numpy as np
 from bastion.utils.io import atomic_write_text
 
 CLASSES, HW, BATCH, EPS = 10, 32, 250, 8 / 255
-#: the allocator settings each child runs under (environment variables added)
-MALLOC = {"default": {}, "mmap-1MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+#: how each child treats the heap: environment variables added, and bastion.utils.heap.RELEASE_EVERY
+HEAP: dict[str, tuple[dict[str, str], int]] = {
+    "release": ({}, 1), "no-release": ({}, 0), "mmap-1MiB": ({"MALLOC_MMAP_THRESHOLD_": "1048576"}, 0)}
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> float:
@@ -94,14 +103,16 @@ def rss_after_trim_mib() -> float | None:
         return None
 
 
-def child(folder: str, mode: str, workers: int, threads: int) -> None:
+def child(folder: str, mode: str, workers: int, threads: int, release_every: int) -> None:
     """Evaluate over ``folder`` one way and print one JSON line with the peaks."""
     import torch
 
     from bastion import attacks, data
     from bastion.eval.robust import evaluate
+    from bastion.utils import heap
 
     torch.set_num_threads(threads)
+    heap.RELEASE_EVERY = release_every
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if mode == "stream":
@@ -125,21 +136,36 @@ def child(folder: str, mode: str, workers: int, threads: int) -> None:
     }))
 
 
-def run_child(folder: Path, mode: str, workers: int, threads: int, malloc: str) -> dict[str, Any]:
+def run_child(folder: Path, mode: str, workers: int, threads: int, how: str) -> dict[str, Any]:
+    extra, every = HEAP[how]
     cmd = [sys.executable, __file__, "--child", str(folder), "--mode", mode, "--workers", str(workers),
-           "--threads", str(threads)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | MALLOC[malloc]
+           "--threads", str(threads), "--release-every", str(every)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    result: dict[str, Any] = {"malloc": malloc, **json.loads(out.stdout.strip().splitlines()[-1])}
+    result: dict[str, Any] = {"heap": how, **json.loads(out.stdout.strip().splitlines()[-1])}
     return result
 
 
+def release_cost(folder: Path, workers: int, threads: int, repeats: int) -> tuple[list[str], dict[str, Any]]:
+    """The streamed evaluation timed with and without the release, alternated; the median ratio."""
+    secs: dict[str, list[float]] = {"release": [], "no-release": []}
+    for _ in range(repeats):
+        for how in secs:
+            secs[how].append(run_child(folder, "stream", workers, threads, how)["seconds"])
+    med = {how: statistics.median(v) for how, v in secs.items()}
+    ratio = med["release"] / med["no-release"]
+    line = (f"release cost, streamed evaluation of {folder.name}, {repeats} alternated runs each: median "
+            f"{med['release']:.2f} s with the release vs {med['no-release']:.2f} s without, ratio {ratio:.3f} "
+            f"(runs: {secs})")
+    return [line], {"seconds": secs, "ratio": ratio}
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    head = (f"{'malloc':<11}{'mode':<7}{'points':>8}{'workers':>8}{'main peak MiB':>15}{'worker peak MiB':>17}"
+    head = (f"{'heap':<11}{'mode':<7}{'points':>8}{'workers':>8}{'main peak MiB':>15}{'worker peak MiB':>17}"
             f"{'after imports':>15}{'after trim':>12}{'seconds':>9}{'clean':>8}{'fgsm':>8}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['malloc']:<11}{r['mode']:<7}{r['n']:>8}{r['workers']:>8}{r['peak_rss_main_mib']:>15.1f}"
+        lines.append(f"{r['heap']:<11}{r['mode']:<7}{r['n']:>8}{r['workers']:>8}{r['peak_rss_main_mib']:>15.1f}"
                      f"{r['peak_rss_largest_worker_mib']:>17.1f}{r['rss_after_imports_mib']:>15.1f}"
                      f"{r['rss_after_trim_mib'] or float('nan'):>12.1f}"
                      f"{r['seconds']:>9.1f}{100 * r['clean_accuracy']:>7.1f}%{100 * r['fgsm_robust_accuracy']:>7.1f}%")
@@ -153,25 +179,32 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each child")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--cpus", type=int, default=2, help="cores of the machine, for the file name")
+    ap.add_argument("--repeats", type=int, default=5, help="alternated timing runs of the release's cost (0: skip)")
+    ap.add_argument("--release-every", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="stream", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.mode, args.workers, args.threads)
+        child(args.child, args.mode, args.workers, args.threads, args.release_every)
         return
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     rows: list[dict[str, Any]] = []
     made: dict[int, float] = {}
+    cost_lines: list[str] = []
+    cost: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bastion_stream_"))
     try:
         for n in args.sizes:
             folder = tmp / f"folder_{n}"
             made[n] = make_folder(folder, n)
             print(f"made {n} PNG files in {made[n]:.1f} s", flush=True)
-            for malloc in MALLOC:
+            for how in HEAP:
                 for mode in ("stream", "memory"):
-                    rows.append(run_child(folder, mode, args.workers, args.threads, malloc))
+                    rows.append(run_child(folder, mode, args.workers, args.threads, how))
                     print(_table(rows[-1:])[-1], flush=True)
+            if n == min(args.sizes) and args.repeats > 0:
+                cost_lines, cost = release_cost(folder, args.workers, args.threads, args.repeats)
+                print(cost_lines[0], flush=True)
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,13 +212,13 @@ def main() -> None:
              f"{CLASSES} classes of {HW}x{HW} RGB PNG; clean + FGSM eps={EPS:.4f} via bastion.eval.robust.evaluate, "
              f"batch {BATCH}; peak RSS = ru_maxrss of the evaluating process and of its largest child (a "
              "DataLoader worker); the machine's 2 cores are shared, so seconds are indicative only",
-             *_table(sorted(rows, key=lambda r: (r["malloc"], r["mode"], r["n"]))),
+             *_table(sorted(rows, key=lambda r: (r["heap"], r["mode"], r["n"]))), *cost_lines,
              "folder generation seconds: " + ", ".join(f"{n}: {s:.1f}" for n, s in made.items())]
     date = datetime.date.today().isoformat()
     stem = Path(args.out) / f"stream_memory_{date}_cpu{args.cpus}"
     atomic_write_text(stem.with_suffix(".txt"), "\n".join(lines) + "\n")
-    atomic_write_text(stem.with_suffix(".json"), json.dumps({"when": stamp, "rows": rows, "made_s": made}, indent=1)
-                      + "\n")
+    record = {"when": stamp, "rows": rows, "made_s": made, "release_cost": cost}
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     print("\n".join(lines))
     print(f"wrote {stem}.txt and .json")
 

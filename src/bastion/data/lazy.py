@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Sampler
 
 from bastion.errors import BastionError, ConfigError, InputError
+from bastion.utils import heap
 
 #: the largest pixel value of the uint8 images a source gives
 SCALE = 255.0
@@ -170,12 +171,18 @@ class LazyImages(torch.Tensor):
             raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1")
         pos = self.positions if order is None else self.positions[torch.as_tensor(order, dtype=torch.int64).cpu()]
         if self.num_workers == 0:
-            return (_stack([self.source[int(i)] for i in pos[s : s + batch_size]])
-                    for s in range(0, len(pos), batch_size))
+            return heap.releasing(_stack([self.source[int(i)] for i in pos[s : s + batch_size]])
+                                  for s in range(0, len(pos), batch_size))
+        # a generator of its own: without one, starting the workers draws their base seed from
+        # torch's global generator, and the random starts or dropout drawn from it afterwards
+        # would differ from those of the same set held in memory
         loader: DataLoader[torch.Tensor] = DataLoader(
             self.source, batch_sampler=_Chunks(pos, batch_size),  # type: ignore[arg-type]
-            num_workers=self.num_workers, collate_fn=_stack, pin_memory=self.device.type == "cuda")
-        return iter(loader)
+            num_workers=self.num_workers, collate_fn=_stack, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator())
+        # the free heap goes back to the system every few batches, so resident memory does not
+        # grow with the number of batches read (bastion.utils.heap explains why it would)
+        return heap.releasing(loader)
 
     def load(self) -> torch.Tensor:
         """Every point, read into one ordinary ``(N, C, H, W)`` tensor (as much memory as that takes)."""

@@ -1,0 +1,55 @@
+"""Giving the free heap back while streaming (bastion.utils.heap): how often it is called, that
+glibc's call is found on Linux, and that a streamed read calls it once per batch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bastion import data
+from bastion.utils import heap
+
+
+def test_releasing_calls_the_release_before_every_nth_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    items: list[int] = []
+
+    def record() -> bool:
+        calls.append(len(items))  # how many items had been handed out when it was called
+        return True
+
+    monkeypatch.setattr(heap, "release_free_heap", record)
+    for every, expected in ((1, [0, 1, 2, 3, 4, 5, 6]), (3, [0, 3, 6]), (0, [])):
+        calls.clear()
+        items.clear()
+        for i in heap.releasing(range(7), every=every):
+            items.append(i)
+        assert items == list(range(7))
+        assert calls == expected, every
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_glibc_release_is_found_and_runs() -> None:
+    assert heap.release_free_heap() is True
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_streamed_read_releases_once_per_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 workers: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
+    ds = data.open_image_folder(tmp_path, stream=True, num_workers=workers)
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
+    batches = list(ds.x.batches(batch_size=3))
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+    assert len(calls) == 4
+    assert torch.equal(torch.cat(batches), data.from_image_folder(tmp_path).x)
