@@ -93,15 +93,40 @@ def test_mixed_at_weights_clean_loss_by_alpha():
     assert "clean_weight" not in defenses.create("mixed-at").describe()
 
 
+def pgd_by_hand(x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """Madry et al.'s PGD written out: uniform random start from the global RNG, ``steps`` signed
+    steps projected onto the box, the final iterate returned whatever it is classified as. The
+    model is built first, as the callers build it before the attack draws its start."""
+    net = tiny()
+    x_adv = (x + (torch.empty_like(x).uniform_(-eps, eps))).clamp(0, 1)
+    for _ in range(steps):
+        xg = x_adv.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(net(xg), y, reduction="sum"), xg)
+        x_adv = torch.min(torch.max(x_adv + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
 def test_pgd_at_loss_is_ce_at_the_final_pgd_iterate():
     x, y = points()
     d = defenses.create("pgd-at", eps=0.1, attack_params={"steps": 5, "alpha": 0.03})
     torch.manual_seed(3)
     loss, _ = d(tiny(), x, y)
     torch.manual_seed(3)
-    x_adv = attacks.create("pgd", eps=0.1, steps=5, alpha=0.03, early_stop=False)(tiny(), x, y).x_adv
+    x_adv = pgd_by_hand(x, y, 0.1, 0.03, 5)
     assert float(loss.detach()) == pytest.approx(ce_by_hand(x_adv, y), abs=1e-5)
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_training_examples_are_final_iterates():
+    """Steps of 0.2 in a budget of 0.25: training takes the final iterate, written out by hand
+    (tests/test_lean.py shows the case where the full path returns an earlier one)."""
+    x, y = points(64, seed=4)
+    d = defenses.create("pgd-at", eps=0.25, attack_params={"steps": 6, "alpha": 0.2})
+    torch.manual_seed(9)
+    crafted = d.craft(tiny(), x, y)
+    torch.manual_seed(9)
+    assert torch.allclose(crafted, pgd_by_hand(x, y, 0.25, 0.2, 6), atol=1e-6)
+    assert d.describe()["examples"] == "final-iterate"
 
 
 def test_fgsm_pgd_at_averages_both_adversarial_sets():

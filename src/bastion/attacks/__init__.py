@@ -37,6 +37,7 @@ from bastion.attacks import (  # noqa: F401
 )
 from bastion.attacks.base import Attack, AttackResult, AttackRun, Cost, project
 from bastion.attacks.compose import Cascade, worst_case
+from bastion.attacks.lean import craft, runs_lean
 from bastion.attacks.registry import ATTACKS, create, register
 from bastion.attacks.transfer_attacks import GradientEnsemble, Transfer, transfer  # registers gradient-ensemble
 from bastion.attacks.verdict import DEFAULT_QUERIES, RandomModelWarning
@@ -58,5 +59,6 @@ def eot(attack: Attack, samples: int) -> Attack:
 
 __all__ = [
     "ATTACKS", "DEFAULT_QUERIES", "Attack", "AttackResult", "AttackRun", "Cascade", "Cost", "GradientEnsemble",
+    "craft", "runs_lean",
     "RandomModelWarning", "Transfer", "create", "eot", "list", "project", "register", "transfer", "worst_case",
 ]

@@ -265,6 +265,12 @@ class AttackRun:
         pred = logits.argmax(dim=1)
         return pred == self.labels if self.targeted else pred != self.labels
 
+    def finish(self, x_adv: torch.Tensor) -> None:
+        """Hand in the working set's last iterate: evaluated and recorded like :meth:`check`
+        (an attack calls this when it does not read the logits, so that the lean path of
+        :func:`bastion.attacks.lean.craft` can skip the forward)."""
+        self.check(x_adv)
+
     def check(self, x_adv: torch.Tensor) -> torch.Tensor:
         """Evaluate ``x_adv`` (forward only), record it, and return its logits."""
         x_adv = self._enforce(x_adv)
@@ -427,6 +433,10 @@ class Attack(ABC):
     minimal: ClassVar[bool] = False
     #: a score-based (black-box) attack that never asks for gradients
     gradient_free: ClassVar[bool] = False
+    #: the update rule reads no verdict of the engine (it ends with :meth:`AttackRun.finish` and
+    #: uses :meth:`AttackRun.check` only for logits it needs), so :func:`bastion.attacks.lean.craft`
+    #: can run it without the engine's evaluation-only work
+    lean: ClassVar[bool] = False
     #: whether the attack can be called with ``targets``; the engine refuses them otherwise
     supports_targets: ClassVar[bool] = True
     #: the precisions its gradients can run in: all of them when they come from

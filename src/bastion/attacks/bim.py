@@ -42,6 +42,8 @@ class BIM(Attack):
             ``steps * alpha = 1.25 * eps``).
     """
 
+    lean = True  # ends with run.finish: lean.craft can run it
+
     norms = ("linf", "l2")
 
     steps: int = 10

@@ -39,6 +39,8 @@ class FFGSM(Attack):
         alpha: step size; ``None`` means ``1.25 * eps`` (Wong et al.).
     """
 
+    lean = True  # ends with run.finish: lean.craft can run it
+
     norms = ("linf",)
 
     alpha: float | None = None
@@ -58,4 +60,4 @@ class FFGSM(Attack):
         x_adv, grad = run.prune(x_adv, grad)
         if run.done:
             return
-        run.check(x_adv + self.step_size * grad.sign())
+        run.finish(x_adv + self.step_size * grad.sign())

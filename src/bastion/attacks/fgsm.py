@@ -19,8 +19,10 @@ from bastion.attacks.registry import register
 class FGSM(Attack):
     """One gradient step of size ``eps``; cost: one gradient evaluation per point."""
 
+    lean = True  # ends with run.finish: lean.craft can run it
+
     norms = ("linf", "l2")
 
     def _run(self, run: AttackRun) -> None:
         _, grad, _ = run.loss_grad(run.x)
-        run.check(run.x + self.eps * steepest_ascent(grad, self.norm))
+        run.finish(run.x + self.eps * steepest_ascent(grad, self.norm))

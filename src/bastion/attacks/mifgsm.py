@@ -41,6 +41,8 @@ class MIFGSM(Attack):
         decay: momentum factor ``mu`` >= 0 (1.0 in the paper; 0 gives I-FGSM / BIM).
     """
 
+    lean = True  # ends with run.finish: lean.craft can run it
+
     norms = ("linf", "l2")
 
     steps: int = 10
@@ -72,4 +74,4 @@ class MIFGSM(Attack):
             normalised = torch.where(scale > 0, grad / scale.clamp_min(1e-30), torch.zeros_like(grad))
             momentum = normalised + self.decay * momentum
             x_adv = run.project(x_adv + alpha * steepest_ascent(momentum, self.norm))
-        run.check(x_adv)
+        run.finish(x_adv)

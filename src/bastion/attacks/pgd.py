@@ -35,7 +35,7 @@ def iterate(run: AttackRun, x_adv: torch.Tensor, alpha: float, steps: int, norm:
         if run.done:
             return
         x_adv = run.project(x_adv + alpha * steepest_ascent(grad, norm))
-    run.check(x_adv)
+    run.finish(x_adv)
 
 
 @register("pgd", summary="Projected gradient descent (Madry et al. 2018), random start + restarts")
@@ -49,6 +49,8 @@ class PGD(Attack):
         random_start: start from a uniformly random point of the budget (else from ``x``).
         restarts: number of random restarts.
     """
+
+    lean = True  # ends with run.finish: lean.craft can run it
 
     norms = ("linf", "l2")
 

@@ -42,6 +42,8 @@ class RFGSM(Attack):
             paper). Pass ``step_size=alpha`` for torchattacks' multi-step variant.
     """
 
+    lean = True  # ends with run.finish: lean.craft can run it
+
     norms = ("linf",)
 
     alpha: float | None = None
@@ -81,4 +83,4 @@ class RFGSM(Attack):
             if run.done:
                 return
             x_adv = run.project(x_adv + beta * grad.sign())
-        run.check(x_adv)
+        run.finish(x_adv)

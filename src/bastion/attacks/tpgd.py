@@ -44,6 +44,8 @@ class TPGD(Attack):
         init_std: standard deviation of the Gaussian start (0.001 in TRADES), >= 0.
     """
 
+    lean = True  # ends with run.finish: lean.craft can run it
+
     supports_targets = False
 
     norms = ("linf",)
@@ -74,4 +76,4 @@ class TPGD(Attack):
             if run.done:
                 return
             x_adv = run.project(x_adv + alpha * grad.sign())
-        run.check(x_adv)
+        run.finish(x_adv)

@@ -13,9 +13,12 @@ the seeds use ``eps = 8/255``, pass ``eps=8/255`` and the matching attack steps)
   ``1.25 * eps``) plus a catastrophic-overfitting check after every epoch.
 * ``trades``      Zhang et al., ICML 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))``.
 
-Every attack is built at use with :func:`bastion.attacks.create` (``early_stop=False``:
-training uses the attack's final iterate for every point, as in Madry et al., not the first
-misclassified one). Attacks put the model in eval mode while crafting and restore train mode.
+Every attack is built at use with :func:`bastion.attacks.create` and runs on the engine's lean
+path (:func:`bastion.attacks.lean.craft`): no clean check, no success tracking, no final check,
+and each point's **final iterate** is trained on, as in Madry et al. and Wong et al. (not the
+first misclassified iterate, nor the last one). Attacks that choose their output from the
+engine's checks (APGD, ...) run the full path. Attacks put the model in eval mode while
+crafting and restore train mode.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ from bastion.errors import ConfigError, check_choice, check_positive
 
 #: how adversarial examples are refreshed (see :class:`AdversarialTraining`)
 REGENERATE = ("batch", "epoch")
+#: which iterate a point is trained on, in :meth:`AdversarialTraining.describe` and so in a
+#: trained model's cache key and checkpoint: models trained before the lean path, on the last
+#: iterate that fooled the model, are not taken for these
+EXAMPLES = "final-iterate"
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -138,9 +145,11 @@ class AdversarialTraining(Defense):
         return model
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None) -> torch.Tensor:
-        """Adversarial examples of ``(x, y)`` (detached)."""
-        attack = attack or self.build_attack()
-        return attack(self.target_model(model), x, y, judged_by_caller=True).x_adv.detach()
+        """Adversarial examples of ``(x, y)`` (detached): each point's final iterate (lean path)."""
+        return attacks.craft(attack or self.build_attack(), self.target_model(model), x, y)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "examples": EXAMPLES}
 
     def start_epoch(self, model: nn.Module, epoch: int) -> None:
         if self.regenerate == "epoch":
