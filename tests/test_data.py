@@ -683,7 +683,10 @@ def test_a_folder_of_images_as_audit_data(tmp_path: Path) -> None:
     assert ds.classes == ("a", "b", "c") and ds.y.tolist() == [0, 1, 2, 0, 2, 0]
     order = [grey["a"][0], grey["b"][0], grey["c"][0], grey["a"][1], grey["c"][1], grey["a"][2]]
     assert ds.x.shape == (6, 1, 4, 5) and torch.equal(ds.x, torch.from_numpy(np.stack(order)[:, None] / 255).float())
-    assert ds.name == "digits" and ds.split == "test" and ds.source == str(tmp_path / "digits")
+    plan = data.plan_image_folder(tmp_path / "digits")  # from_path reads a folder with open_image_folder
+    assert ds.name == "digits" and ds.split == "test"
+    assert ds.source == f"{tmp_path / 'digits'} (points sha256 {plan.points_sha256})"
+    assert ds.source.startswith(data.from_image_folder(tmp_path / "digits").source)
     assert ds.mean == pytest.approx((float(ds.x.mean()),), abs=1e-6)
     assert ds.take(3).y.tolist() == [0, 1, 2]
 
@@ -703,7 +706,7 @@ def test_a_folder_of_images_that_does_not_fit_names_the_file(tmp_path: Path) -> 
     with pytest.raises(DataIntegrityError, match=r"b/00.png: image is 4x5 with 1 channel\(s\) but .*a/00.png is 4x4"):
         data.from_path(tmp_path / "size")
     _write_images(tmp_path / "mode", {"a": [ok], "b": [np.zeros((4, 4, 3), np.uint8)]})
-    mode_error = r"b/00.png: image is 4x4 with 3 channel\(s\) but .*a/00.png is 4x4 with 1;"
+    mode_error = r"b/00.png: image is 4x4 with 3 channel\(s\) but .*a/00.png is 4x4 with 1 channel\(s\); .*channels="
     with pytest.raises(DataIntegrityError, match=mode_error):
         data.from_path(tmp_path / "mode")
     (tmp_path / "rgba" / "a").mkdir(parents=True)
@@ -720,7 +723,7 @@ def test_a_folder_of_images_that_does_not_fit_names_the_file(tmp_path: Path) -> 
         data.from_image_folder(tmp_path / "nowhere")
     _write_images(tmp_path / "decode", {"a": [ok]})
     (tmp_path / "decode" / "a" / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(DataIntegrityError, match="bad.png: cannot decode"):
+    with pytest.raises(DataIntegrityError, match="bad.png: cannot open image"):  # its header, before any pixel
         data.from_path(tmp_path / "decode")
 
 

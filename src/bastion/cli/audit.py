@@ -3,6 +3,11 @@
     bastion audit --model examples/net.py:build --weights net.pt --dataset mnist -n 500 --eps 0.1,0.3
     bastion audit --model pkg.module:build --model-arg width=2 --key logits --data points.npz --eps 0.03
     bastion audit --model net.py:build --weights net.pt --data my_images/ --eps 0.03   # my_images/<class>/*.png
+    bastion audit ... --data imagenet/val --channels 3 --resize 256 --crop 224 --num-workers 8 -n 5000
+
+A folder is read with :func:`bastion.data.open_image_folder`: into memory when its float32
+pixels take at most 256 MiB, batch by batch above that (``--stream on|off`` forces either; the
+flags are those of :mod:`bastion.cli._folder`); ``-n`` then takes its first N points lazily.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from bastion.cli._args import floats, parse_assignments
+from bastion.cli._folder import add_folder_options, folder_options, refuse_folder_options
 
 if TYPE_CHECKING:
     from bastion.cli._args import Subparsers
@@ -33,7 +39,8 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--random", action="store_true", help="the model's forward pass is random (EOT, majority of k)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a registered dataset (see `bastion list datasets`)")
-    src.add_argument("--data", help="a folder DIR/<class>/<image> (PNG, JPEG, ...; one size, L or RGB), or an .npz or "
+    src.add_argument("--data", help="a folder DIR/<class>/<image> (PNG, JPEG, ...; one size and mode unless --resize/"
+                                    "--crop/--channels; read batch by batch when large, see --stream), or an .npz or "
                                     ".safetensors file with x (N,C,H,W in [0,1]) and y")
     s.add_argument("--split", default="test", help="split of --dataset")
     s.add_argument("-n", type=int, default=500, help="evaluate the first N points (default 500)")
@@ -47,6 +54,7 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--out", default="runs/audit", help="database and report directory")
     s.add_argument("--channels-last", dest="channels_last", action="store_true",
                    help="store the model's conv weights channels-last (faster conv/max-pool on CPU; see docs/audit.md)")
+    add_folder_options(s)
     s.set_defaults(func=run)
 
 
@@ -77,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     from bastion.eval.settings import EvaluationSection
     from bastion.harness.audit import audit
 
-    ds = data.load(args.dataset, args.split) if args.dataset else data.from_path(args.data)
+    if args.dataset:
+        refuse_folder_options(args, f"--dataset {args.dataset}")
+        ds = data.load(args.dataset, args.split)
+    else:
+        ds = data.from_path(args.data, **folder_options(args))
     ds = ds.take(args.n)
     model = _model(args, tuple(ds.x.shape[1:]))  # type: ignore[arg-type]
     st = EvaluationSection(protocols=["adaptive"], norm=args.norm, batch_size=250, queries=args.queries,

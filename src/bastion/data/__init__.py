@@ -20,7 +20,7 @@ from typing import Any
 
 from bastion.data.base import ImageDataset, from_tensor_file, sha256_arrays, validate
 from bastion.data.registry import DATASETS, register
-from bastion.errors import check_choice
+from bastion.errors import ConfigError, check_choice
 
 SPLITS = ("train", "test")
 
@@ -75,12 +75,26 @@ def load(
     return ds
 
 
-def from_path(path: str | os.PathLike[str]) -> ImageDataset:
-    """Evaluation points from a path: a folder ``path/<class>/<image>``
-    (:func:`~bastion.data.image_folder.from_image_folder`), or arrays ``x`` and ``y`` in a
-    ``.npz`` or ``.safetensors`` file (:func:`~bastion.data.base.from_tensor_file`)."""
+def from_path(path: str | os.PathLike[str], *, channels: int | None = None, resize: int | None = None,
+              crop: int | tuple[int, int] | None = None, num_workers: int = 0,
+              stream: bool | None = None) -> ImageDataset:
+    """Evaluation points from a path: a folder ``path/<class>/<image>``, read with
+    :func:`~bastion.data.stream.open_image_folder` (into memory up to
+    :data:`~bastion.data.stream.STREAM_ABOVE_BYTES` of float32 pixels, lazily above it, or as
+    ``stream`` forces; ``channels``, ``resize``, ``crop`` and ``num_workers`` as there), or arrays
+    ``x`` and ``y`` in a ``.npz`` or ``.safetensors`` file
+    (:func:`~bastion.data.base.from_tensor_file`), which take none of those options."""
     p = Path(path).expanduser()
-    return from_image_folder(p) if p.is_dir() else from_tensor_file(p)
+    if p.is_dir():
+        return open_image_folder(p, channels=channels, resize=resize, crop=crop, num_workers=num_workers,
+                                 stream=stream)
+    folder_only = {"channels": channels, "resize": resize, "crop": crop, "num_workers": num_workers or None,
+                   "stream": stream}
+    given = [f"{k}={v!r}" for k, v in folder_only.items() if v is not None]
+    if given and p.is_file():
+        raise ConfigError(f"data={str(p)!r} is a file of arrays, not an image folder; {', '.join(given)} "
+                          "apply only to a folder path/<class>/<image>")
+    return from_tensor_file(p)
 
 
 __all__ = [

@@ -333,8 +333,10 @@ def _check_expected_args(k: Any, eot: Any, on_population: bool) -> None:
 def _craft_batches(attack: Attack, target: nn.Module, data: ImageDataset, batch_size: int, gen: torch.Generator,
                    dev: torch.device, on_batch: Callable[[], None]) -> tuple[torch.Tensor, int]:
     """``attack`` on ``target`` over ``data`` in batches: the adversarial points (on the CPU)
-    and the gradient evaluations spent."""
-    x_adv = data.x.clone()
+    and the gradient evaluations spent. Every point's slot is written by its batch, so the output
+    is allocated, not copied from ``data.x`` (which a lazily read set would refuse, and which
+    would read every image twice)."""
+    x_adv = torch.empty(tuple(data.x.shape), dtype=data.x.dtype)
     grads = 0
     for s in range(0, len(data), batch_size):
         res = attack(target, data.x[s:s + batch_size].to(dev), data.y[s:s + batch_size].to(dev), generator=gen,

@@ -24,7 +24,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from bastion.config import to_dict
 from bastion.data.base import ImageDataset
+from bastion.data.stream import iter_batches
 from bastion.errors import CheckpointError, ConfigError
 from bastion.models.predict import accuracy
 from bastion.train.augment import crop_flip, draw_crop_flip
@@ -118,7 +119,9 @@ def train(
     Args:
         model: the model (usually from :func:`bastion.models.create`), trained in place.
         train_set: training data. With ``config.val_fraction > 0`` a validation split is held
-            out of it (seeded), unless ``val_set`` is given.
+            out of it (seeded), unless ``val_set`` is given. A lazily read set
+            (:class:`~bastion.data.lazy.LazyImages` ``x``) is read batch by batch, ahead by its
+            DataLoader workers, and gives the weights of the same set held in memory.
         config: hyper-parameters (defaults: :class:`TrainConfig`).
         objective: the loss of a batch (default: cross-entropy).
         out_dir: where checkpoints go; ``None`` trains without checkpoints.
@@ -262,9 +265,10 @@ def _train_batches(
         range(math.ceil(len(train_set) / config.batch_size)), desc=f"epoch {epoch + 1}/{config.epochs}",
         disable=None if loop.progress and loop.ranks.is_writer else True, leave=False, unit="batch",
     )
+    pixels = _epoch_pixels(loop, perm)
     for b in bar:
         idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
-        xb, yb = _batch(loop, idx, gen)
+        xb, yb = _batch(loop, idx, next(pixels), gen)
         if not len(yb):  # a rank's part is empty only when the batch has fewer points than ranks
             loop.optimizer.zero_grad(set_to_none=True)
         else:
@@ -288,12 +292,31 @@ def _train_batches(
     return loss_sum, correct, seen, step
 
 
-def _batch(loop: _Loop, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of the batch ``idx``, on the device; augmentation is drawn from ``gen``
-    for the whole batch, so every rank's generator stays in step and a point gets the draw it
-    would get in one process."""
+def _epoch_pixels(loop: _Loop, perm: torch.Tensor) -> Iterator[torch.Tensor]:
+    """This rank's part of each batch of the epoch order ``perm``, in order, on the CPU: read
+    ahead by the DataLoader workers of a lazily read set (:func:`bastion.data.iter_batches`;
+    nothing else of the set is read), indexed as ``x[idx]`` in memory. Every full batch gives
+    this rank a part of one size, so those parts are one ordered pass; the last, shorter batch
+    is read on its own."""
+    x, size, n = loop.train_set.x, loop.config.batch_size, len(perm)
+    full = n - n % size
+    part = loop.ranks.share(size)
+    own = perm[:full].view(-1, size)[:, part].reshape(-1)
+    width = part.stop - part.start
+    if width:
+        yield from (xb for xb, _ in iter_batches(loop.train_set, own, width))
+    else:  # fewer points in a batch than ranks: this rank's parts are empty
+        yield from (x[own[:0]] for _ in range(full // size))
+    if full < n:
+        last = perm[full:]
+        yield x[last[loop.ranks.share(len(last))]]
+
+
+def _batch(loop: _Loop, idx: torch.Tensor, xb: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the batch ``idx``, with its images ``xb`` (:func:`_epoch_pixels`), on
+    the device; augmentation is drawn from ``gen`` for the whole batch, so every rank's generator
+    stays in step and a point gets the draw it would get in one process."""
     part = loop.ranks.share(len(idx))
-    xb = loop.train_set.x[idx[part]]
     if loop.augment:
         off, flip = draw_crop_flip(len(idx), loop.config.crop_padding, gen)
         xb = crop_flip(xb, loop.config.crop_padding, draws=(off[part], flip[part]))
