@@ -328,8 +328,8 @@ PROTOCOL_VERSION = 8
 GUARD_DEFAULTS: dict[str, Any] = {"guard": True, "guard_factor": 5, "guard_cost_cap": 10.0}
 #: evaluation fields left out of :func:`config_hash` at these values, so that a config that does
 #: not use them hashes as before they existed: the guard's (it only adds rows, it never changes a
-#: stored one) and ``shards`` (one shard is the unsharded measurement)
-HASH_DEFAULTS: dict[str, Any] = {**GUARD_DEFAULTS, "shards": 1}
+#: stored one), ``shards`` (one shard is the unsharded measurement) and ``compile`` (off: eager)
+HASH_DEFAULTS: dict[str, Any] = {**GUARD_DEFAULTS, "shards": 1, "compile": False}
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from bastion.config import to_dict
 from bastion.data.base import ImageDataset
 from bastion.data.stream import iter_batches
 from bastion.errors import CheckpointError, ConfigError
+from bastion.models.compiled import compile_model
 from bastion.models.predict import accuracy
 from bastion.train.augment import crop_flip, draw_crop_flip
 from bastion.train.checkpoint import (
@@ -51,6 +52,9 @@ from bastion.train.objectives import CrossEntropy, Objective
 from bastion.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+#: config fields a resumed run may change: how long it goes on, where and how fast it runs
+_MAY_CHANGE_ON_RESUME = ("epochs", "device", "compile")
 
 
 @dataclass
@@ -137,6 +141,8 @@ def train(
     ranks = ranks or SINGLE
     device = ranks.device(config.device)
     model.to(device)
+    if config.compile:
+        compile_model(model)
     if config.val_fraction and val_set is None:
         train_set, val_set = train_set.split_off(config.val_fraction, seed=config.seed)
     augment = config.augment == "crop-flip" or (config.augment == "auto" and train_set.shape == (3, 32, 32))
@@ -371,8 +377,8 @@ def _resume(
     for key in ("model", "config", "objective"):
         old, new = meta.get(key), run_meta.get(key)
         if key == "config" and isinstance(old, dict) and isinstance(new, dict):
-            old = {k: v for k, v in old.items() if k not in ("epochs", "device")}
-            new = {k: v for k, v in new.items() if k not in ("epochs", "device")}
+            old = {k: v for k, v in old.items() if k not in _MAY_CHANGE_ON_RESUME}
+            new = {k: v for k, v in new.items() if k not in _MAY_CHANGE_ON_RESUME}
         if old != new:
             diff = _first_difference(old, new)
             raise ConfigError(
