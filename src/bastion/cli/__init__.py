@@ -1,7 +1,7 @@
 """The ``bastion`` command line: one module per command, each with ``add_parser`` and ``run``.
 
     bastion list [datasets|models|attacks|defenses]                        (list_.py)
-    bastion train --dataset mnist --model lenet5 --out runs/lenet5 [...]   (train.py)
+    bastion train --dataset mnist --model lenet5 --out runs/lenet5 [...]   (train.py; --data DIR: a folder)
     bastion pool --dataset mnist --model lenet5 --members 5 --out DIR      (pool.py)
     bastion eval runs/lenet5 --attacks fgsm,pgd --eps 0.1,0.2,0.3          (eval_.py)
     bastion attack runs/lenet5 --attacks pgd --eps 0.3 --out adv/          (attack.py)
