@@ -5,8 +5,10 @@ ratio to eager PyTorch's (the floor), measured side by side in one run.
         [--device auto]
 
 For each model (LeNet-5 on MNIST-shaped inputs; the others on CIFAR-10-shaped ones), four copies
-with the same weights: eager, eager channels-last, compiled (:func:`bastion.models.compile_model`)
-and compiled channels-last. Each is timed on
+with the same weights: eager, eager with channels-last weights, compiled
+(:func:`bastion.models.compile_model`) and compiled with channels-last weights. The inputs are
+ordinary (NCHW) tensors, as the attack engine and the trainer hand them over; a convolution with
+channels-last weights computes in channels-last. Each is timed on
 
 * an attack step: forward, summed cross-entropy, gradient to the input (what PGD pays per step);
 * a training step: forward, cross-entropy, backward to the weights, SGD step;
@@ -36,24 +38,23 @@ from bastion.utils.device import resolve_device
 SHAPES = {"lenet5": (1, 28, 28)}
 
 
-def _attack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, memory_format: torch.memory_format) -> None:
-    xg = x.contiguous(memory_format=memory_format).requires_grad_(True)
+def _attack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    xg = x.clone().requires_grad_(True)  # NCHW, as the engine hands it over
     torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                memory_format: torch.memory_format) -> None:
-    loss = F.cross_entropy(model(x.contiguous(memory_format=memory_format)), y)
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def _contenders(name: str, dev: torch.device) -> dict[str, tuple[nn.Module, torch.memory_format]]:
+def _contenders(name: str, dev: torch.device) -> dict[str, nn.Module]:
     shape = SHAPES.get(name, (3, 32, 32))
     torch.manual_seed(0)
     base = models.create(name, num_classes=10, in_channels=shape[0]).to(dev)
-    out: dict[str, tuple[nn.Module, torch.memory_format]] = {}
+    out: dict[str, nn.Module] = {}
     for label, compiled, cl in (("eager", False, False), ("eager-cl", False, True), ("compiled", True, False),
                                 ("compiled-cl", True, True)):
         m = copy.deepcopy(base)
@@ -61,19 +62,18 @@ def _contenders(name: str, dev: torch.device) -> dict[str, tuple[nn.Module, torc
             models.compile_model(m, channels_last=cl)
         elif cl:
             m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        out[label] = (m, torch.channels_last if cl else torch.contiguous_format)
+        out[label] = m
     return out
 
 
-def _stepper(kind: str, m: nn.Module, fmt: torch.memory_format, x: torch.Tensor, y: torch.Tensor
-             ) -> Callable[[], None]:
+def _stepper(kind: str, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One attack step (eval mode) or one training step (train mode, its own SGD) of ``m``."""
     if kind == "attack":
         m.eval()
-        return lambda: _attack_step(m, x, y, fmt)
+        return lambda: _attack_step(m, x, y)
     m.train()
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-    return lambda: _train_step(m, opt, x, y, fmt)
+    return lambda: _train_step(m, opt, x, y)
 
 
 def _repeat(step: Callable[[], None], n: int) -> Callable[[], None]:
@@ -92,8 +92,8 @@ def bench_model(name: str, args: argparse.Namespace, dev: torch.device) -> list[
     for kind in ("attack", "train"):
         runs: dict[str, Callable[[], None]] = {}
         compile_s: dict[str, float] = {}
-        for label, (m, fmt) in _contenders(name, dev).items():
-            step = _stepper(kind, m, fmt, x, y)
+        for label, m in _contenders(name, dev).items():
+            step = _stepper(kind, m, x, y)
             t = time.perf_counter()
             step()
             step()  # the first calls compile

@@ -16,7 +16,7 @@ from bastion.data.base import ImageDataset
 from bastion.errors import ConfigError
 from bastion.harness.cache import all_keys
 from bastion.harness.config import config_hash, load_harness_config
-from bastion.models import compile_model, is_compiled
+from bastion.models import compile_model, is_compiled, speed_up
 from bastion.models.base import NormalizedClassifier
 from bastion.train.checkpoint import load_weights
 from bastion.train.config import TrainConfig
@@ -63,11 +63,25 @@ def test_a_compiled_model_is_the_same_module_with_the_same_gradients(tmp_path: P
         assert torch.allclose(p, q, atol=1e-5)
 
 
-def test_compile_settings_stay_out_of_the_hashes_when_off() -> None:
+def test_channels_last_weights_give_the_same_logits_and_gradients() -> None:
+    eager, cl = small(), speed_up(small(), channels_last=True)
+    conv = next(m for m in cl.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(9, 1, 8, 8, requires_grad=True)
+    (ge,) = torch.autograd.grad(eager(x).logsumexp(1).sum(), x)
+    (gc,) = torch.autograd.grad(cl(x).logsumexp(1).sum(), x)
+    assert torch.allclose(eager(x), cl(x), atol=1e-6) and torch.allclose(ge, gc, atol=1e-6)
+
+
+def test_speed_settings_stay_out_of_the_hashes_when_off() -> None:
     cfg = load_harness_config(None)
-    on = load_harness_config(None, {"evaluation.compile": True})
-    assert config_hash(cfg) != config_hash(on)
-    assert all_keys(load_harness_config(None, {"training.compile": True})) == all_keys(cfg)  # like the device
+    for name in ("compile", "channels_last"):
+        on = load_harness_config(None, {f"evaluation.{name}": True})
+        assert config_hash(cfg) != config_hash(on)
+        # like the device: a model trained with them is the same model for the cache
+        assert all_keys(load_harness_config(None, {f"training.{name}": True})) == all_keys(cfg)
+    with pytest.raises(ConfigError, match="evaluation.channels_last=1"):
+        load_harness_config(None, {"evaluation.channels_last": 1})
     with pytest.raises(ConfigError, match="evaluation.compile='yes'"):
         load_harness_config(None, {"evaluation.compile": "yes"})
     with pytest.raises(ConfigError, match="channels_last=1"):

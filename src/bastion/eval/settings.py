@@ -48,6 +48,8 @@ class EvaluationSection:
     compile: bool = option(False, "compile each model's forward pass (torch.compile, in place) before attacking "
                                   "it: faster steps on some models and devices after slow first calls; its float "
                                   "order may differ from eager PyTorch's, so it is another config hash")
+    channels_last: bool = option(False, "store each model's 4-d weights channels-last before attacking it (faster "
+                                        "convolutions on CPUs with oneDNN); another config hash, as compile")
     shards: int = option(1, "measure each row as this many shards of the points (jobs an executor may run in "
                             "parallel, e.g. on Ray), merged into the one row; each shard's attack draws from its "
                             "own seed, so 2 or more shards give other draws than 1 (and another config hash)")
@@ -58,8 +60,9 @@ class EvaluationSection:
         for p in self.protocols:
             if p not in PROTOCOLS:
                 raise ConfigError(f"evaluation.protocols: {p!r} is not one of 'paper', 'adaptive'")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"evaluation.compile={self.compile!r} must be true or false")
+        for name in ("compile", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"evaluation.{name}={getattr(self, name)!r} must be true or false")
         if self.norm not in NORMS:
             raise ConfigError(f"evaluation.norm={self.norm!r} is not one of 'linf', 'l2'")
         for name in _POSITIVE:

@@ -33,7 +33,7 @@ from bastion.models.random import as_random
 from bastion.train.checkpoint import load_model
 
 #: TrainConfig fields that do not change the trained weights
-_NOT_DETERMINING = ("device", "eval_batch_size", "compile")
+_NOT_DETERMINING = ("device", "eval_batch_size", "compile", "channels_last")
 
 
 def defense_params(m: ModelEntry) -> dict[str, Any]:

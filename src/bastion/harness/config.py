@@ -328,8 +328,9 @@ PROTOCOL_VERSION = 8
 GUARD_DEFAULTS: dict[str, Any] = {"guard": True, "guard_factor": 5, "guard_cost_cap": 10.0}
 #: evaluation fields left out of :func:`config_hash` at these values, so that a config that does
 #: not use them hashes as before they existed: the guard's (it only adds rows, it never changes a
-#: stored one), ``shards`` (one shard is the unsharded measurement) and ``compile`` (off: eager)
-HASH_DEFAULTS: dict[str, Any] = {**GUARD_DEFAULTS, "shards": 1, "compile": False}
+#: stored one), ``shards`` (one shard is the unsharded measurement), ``compile`` and
+#: ``channels_last`` (off: eager PyTorch, as before they existed)
+HASH_DEFAULTS: dict[str, Any] = {**GUARD_DEFAULTS, "shards": 1, "compile": False, "channels_last": False}
 
 
 def plain(cfg: HarnessConfig) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from bastion.harness.rows import (
     store_flags,
     store_worst_case,
 )
-from bastion.models.compiled import compile_model
+from bastion.models.compiled import speed_up
 from bastion.models.user import UserClassifier
 from bastion.results.db import ResultsDB
 from bastion.utils.device import resolve_device
@@ -81,17 +81,17 @@ class EvalJob:
         """The model (checked first if it is a user's), the flags of those checks, the data if
         loaded, the rows' key and every threat model of the protocol."""
         cfg, m = self.config, self.config.model(self.model_id)
-        model = load_cached(self.out_dir, self.key, dev, evaluate=True)
-        if cfg.evaluation.compile:
-            compile_model(model)
+        ev = cfg.evaluation
+        model = speed_up(load_cached(self.out_dir, self.key, dev, evaluate=True), compile=ev.compile,
+                         channels_last=ev.channels_last)
         data: ImageDataset | None = None
         pre: list[Flag] = []
         if isinstance(model, UserClassifier):  # a model Bastion did not train: checks before attacking
             data = eval_data(cfg)
             model, pre = pre_checks(model, data.x[:16].to(dev))
         surrogate = load_cached(self.out_dir, self.base_key, dev) if self.base_key else None
-        if surrogate is not None and cfg.evaluation.compile:
-            compile_model(surrogate)
+        if surrogate is not None:
+            speed_up(surrogate, compile=ev.compile, channels_last=ev.channels_last)
         subject = Subject(model, defenses.paper_threat_model(m.defense), surrogate)
         threats = plan(self.protocol, subject, build_attacks(cfg.attacks, cfg.evaluation), cfg.evaluation)
         key = RowKey(config_hash=self.config_hash, experiment=cfg.name, dataset=cfg.dataset.name, model_key=self.key,

@@ -31,7 +31,7 @@ import builtins
 from bastion.models import lenet, mobilenet, resnet, small_cnns, vgg  # noqa: F401
 from bastion.models.base import Classifier, Declaration, NormalizedClassifier, as_classifier
 from bastion.models.build import build_members, create, for_dataset, from_spec
-from bastion.models.compiled import compile_model, is_compiled
+from bastion.models.compiled import compile_model, is_compiled, speed_up
 from bastion.models.init import INITS, init_weights
 from bastion.models.registry import MODELS, register
 
@@ -44,4 +44,5 @@ def list() -> builtins.list[str]:  # noqa: A001 - the registry API is list()/cre
 __all__ = [
     "Classifier", "Declaration", "INITS", "MODELS", "NormalizedClassifier", "as_classifier", "build_members",
     "compile_model", "create", "for_dataset", "from_spec", "init_weights", "is_compiled", "list", "register",
+    "speed_up",
 ]

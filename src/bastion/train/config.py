@@ -45,6 +45,8 @@ class TrainConfig:
     eval_batch_size: int = option(1000, "batch size for validation and test accuracy")
     compile: bool = option(False, "compile the model's forward pass (torch.compile, in place) before training: "
                                   "faster steps on some models and devices after slow first calls")
+    channels_last: bool = option(False, "store the model's 4-d weights channels-last before training (faster "
+                                        "convolutions on CPUs with oneDNN)")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "step_size", "eval_batch_size"):

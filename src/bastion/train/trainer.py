@@ -37,7 +37,7 @@ from bastion.config import to_dict
 from bastion.data.base import ImageDataset
 from bastion.data.stream import iter_batches
 from bastion.errors import CheckpointError, ConfigError
-from bastion.models.compiled import compile_model
+from bastion.models.compiled import speed_up
 from bastion.models.predict import accuracy
 from bastion.train.augment import crop_flip, draw_crop_flip
 from bastion.train.checkpoint import (
@@ -54,7 +54,7 @@ from bastion.utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 #: config fields a resumed run may change: how long it goes on, where and how fast it runs
-_MAY_CHANGE_ON_RESUME = ("epochs", "device", "compile")
+_MAY_CHANGE_ON_RESUME = ("epochs", "device", "compile", "channels_last")
 
 
 @dataclass
@@ -141,8 +141,7 @@ def train(
     ranks = ranks or SINGLE
     device = ranks.device(config.device)
     model.to(device)
-    if config.compile:
-        compile_model(model)
+    speed_up(model, compile=config.compile, channels_last=config.channels_last)
     if config.val_fraction and val_set is None:
         train_set, val_set = train_set.split_off(config.val_fraction, seed=config.seed)
     augment = config.augment == "crop-flip" or (config.augment == "auto" and train_set.shape == (3, 32, 32))
