@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bastion.defenses.adversarial import EXAMPLES
 from bastion.errors import ConfigError
 from bastion.harness import config as hc
 from bastion.harness import runner, user_models
@@ -188,9 +189,12 @@ def test_configs_without_user_models_hash_as_before(tmp_path: Path) -> None:
         pytest.skip("not a git checkout: no earlier code to compare with")
     paths = [None, *sorted(str(p) for p in (REPO / "configs").rglob("*.toml") if p.name != "user_model.toml")]
     # the protocol version is part of every hash; it has moved on since (its own test is the
-    # version bump), so the earlier code hashes with today's
+    # version bump), so the earlier code hashes with today's. So has the description of the
+    # adversarial-training examples (final iterates, tests/test_lean.py), in every AT model's key
     script = ("import json, sys\nfrom bastion.harness.config import load_harness_config, config_hash\n"
               f"import bastion.harness.config as _c\n_c.PROTOCOL_VERSION = {hc.PROTOCOL_VERSION}\n"
+              "import bastion.defenses.adversarial as _a\n_d = _a.AdversarialTraining.describe\n"
+              f"_a.AdversarialTraining.describe = lambda self: {{**_d(self), 'examples': {EXAMPLES!r}}}\n"
               "from bastion.harness.cache import all_keys\n"
               "out = {}\nfor p in json.loads(sys.argv[1]):\n"
               "    c = load_harness_config(p)\n    out[str(p)] = [config_hash(c), all_keys(c)]\n"

@@ -140,8 +140,7 @@ def train(
     objective = objective or CrossEntropy()
     ranks = ranks or SINGLE
     device = ranks.device(config.device)
-    model.to(device)
-    speed_up(model, compile=config.compile, channels_last=config.channels_last)
+    speed_up(model.to(device), compile=config.compile, channels_last=config.channels_last)
     if config.val_fraction and val_set is None:
         train_set, val_set = train_set.split_off(config.val_fraction, seed=config.seed)
     augment = config.augment == "crop-flip" or (config.augment == "auto" and train_set.shape == (3, 32, 32))
