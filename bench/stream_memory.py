@@ -14,8 +14,9 @@ process it was forked from), so the peak is measured per process, not estimated.
 
 Every child runs three ways (``--heap``):
 
-* ``release`` (what Bastion does): glibc's default malloc settings, and the streamed reads hand
-  the free heap back to the system before every batch (:mod:`bastion.utils.heap`);
+* ``release`` (what Bastion does): glibc's default malloc settings; before every batch the
+  streamed reads look at the heap and hand its free part back to the system when it exceeds
+  64 MiB (:mod:`bastion.utils.heap`; ``releases`` counts how often that happened);
 * ``no-release``: the same without that call. By default glibc raises its mmap threshold the
   first time a large block (here the model's activations, 16 MB a batch) is freed, after which
   such blocks come from the heap, which fragments and grows by a few MiB a batch: the peak then
@@ -113,6 +114,13 @@ def child(folder: str, mode: str, workers: int, threads: int, release_every: int
 
     torch.set_num_threads(threads)
     heap.RELEASE_EVERY = release_every
+    releases = [0]
+    trim = heap.release_free_heap
+
+    def counted() -> bool:
+        releases[0] += 1
+        return trim()
+    heap.release_free_heap = counted
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if mode == "stream":
@@ -132,7 +140,7 @@ def child(folder: str, mode: str, workers: int, threads: int, release_every: int
         "peak_rss_main_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_rss_largest_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "rss_after_trim_mib": rss_after_trim_mib(),  # the data set still held
-        "n_held": len(ds),
+        "n_held": len(ds), "releases": releases[0],
     }))
 
 
@@ -162,13 +170,14 @@ def release_cost(folder: Path, workers: int, threads: int, repeats: int) -> tupl
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     head = (f"{'heap':<11}{'mode':<7}{'points':>8}{'workers':>8}{'main peak MiB':>15}{'worker peak MiB':>17}"
-            f"{'after imports':>15}{'after trim':>12}{'seconds':>9}{'clean':>8}{'fgsm':>8}")
+            f"{'after imports':>15}{'after trim':>12}{'seconds':>9}{'clean':>8}{'fgsm':>8}{'releases':>10}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['heap']:<11}{r['mode']:<7}{r['n']:>8}{r['workers']:>8}{r['peak_rss_main_mib']:>15.1f}"
                      f"{r['peak_rss_largest_worker_mib']:>17.1f}{r['rss_after_imports_mib']:>15.1f}"
                      f"{r['rss_after_trim_mib'] or float('nan'):>12.1f}"
-                     f"{r['seconds']:>9.1f}{100 * r['clean_accuracy']:>7.1f}%{100 * r['fgsm_robust_accuracy']:>7.1f}%")
+                     f"{r['seconds']:>9.1f}{100 * r['clean_accuracy']:>7.1f}%{100 * r['fgsm_robust_accuracy']:>7.1f}%"
+                     f"{r.get('releases', 0):>10}")
     return lines
 
 

@@ -4,6 +4,7 @@ checkpoints and resumes, and settings that stay out of the hashes when off."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ def small(seed: int = 0) -> NormalizedClassifier:
     return net
 
 
+#: torch.compile's CPU backend generates C++ and needs a compiler
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="torch.compile on CPU needs a C++ compiler")
+
+
+@needs_compiler
 def test_a_compiled_model_is_the_same_module_with_the_same_gradients(tmp_path: Path) -> None:
     eager, compiled = small(), small()
     keys = list(compiled.state_dict())

@@ -117,16 +117,32 @@ def test_pgd_at_loss_is_ce_at_the_final_pgd_iterate():
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
 
 
-def test_training_examples_are_final_iterates():
-    """Steps of 0.2 in a budget of 0.25: training takes the final iterate, written out by hand
-    (tests/test_lean.py shows the case where the full path returns an earlier one)."""
-    x, y = points(64, seed=4)
-    d = defenses.create("pgd-at", eps=0.25, attack_params={"steps": 6, "alpha": 0.2})
-    torch.manual_seed(9)
-    crafted = d.craft(tiny(), x, y)
-    torch.manual_seed(9)
-    assert torch.allclose(crafted, pgd_by_hand(x, y, 0.25, 0.2, 6), atol=1e-6)
+class Wave(nn.Module):
+    """Logits ``(sin(20 m), 0)``, ``m`` the mean pixel: a signed step of 0.15 moves ``m`` half a
+    period of the sine, so the predicted class flips at every step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        return torch.stack([torch.sin(20 * m), torch.zeros_like(m)], 1)
+
+
+def test_training_examples_are_final_iterates_not_the_last_that_fooled_the_model():
+    """On iterates that cross the decision boundary and back, the defense trains on the final
+    one (classified correctly again), not on the last one that fooled the model."""
+    wave = NormalizedClassifier(Wave(), mean=[0.0], std=[1.0], num_classes=2).eval()
+    x = torch.full((4, 1, 2, 2), 0.5) + torch.linspace(0, 0.01, 4).view(4, 1, 1, 1)
+    y = wave(x).argmax(1)
+    d = defenses.create("pgd-at", eps=0.45, attack_params={"steps": 4, "alpha": 0.15, "random_start": False})
+    crafted = d.craft(wave, x, y)
+    final = x.clone()
+    for _ in range(4):  # the iterates by hand: signed steps of the CE gradient, clipped to the box
+        xg = final.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(wave(xg), y, reduction="sum"), xg)
+        final = torch.min(torch.max(final + 0.15 * g.sign(), x - 0.45), x + 0.45).clamp(0, 1)
+    assert torch.allclose(crafted, final, atol=1e-6)
+    assert bool((wave(crafted).argmax(1) == y).any())  # some final iterates fool the model no more
     assert d.describe()["examples"] == "final-iterate"
+    assert "examples" not in defenses.create("pgd-at", attack="apgd-ce", attack_params={"steps": 5}).describe()
 
 
 def test_fgsm_pgd_at_averages_both_adversarial_sets():

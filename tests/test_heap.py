@@ -1,9 +1,10 @@
-"""Giving the free heap back while streaming (bastion.utils.heap): how often it is called, that
-glibc's call is found on Linux, and that a streamed read calls it once per batch."""
+"""Giving the free heap back while streaming (bastion.utils.heap): how often it looks, that it
+releases only a large free heap, that glibc's calls are found, and that a streamed read looks
+once per batch."""
 
 from __future__ import annotations
 
-import sys
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def test_releasing_calls_the_release_before_every_nth_item(monkeypatch: pytest.M
         calls.append(len(items))  # how many items had been handed out when it was called
         return True
 
-    monkeypatch.setattr(heap, "release_free_heap", record)
+    monkeypatch.setattr(heap, "release_if_large", record)
     for every, expected in ((1, [0, 1, 2, 3, 4, 5, 6]), (3, [0, 3, 6]), (0, [])):
         calls.clear()
         items.clear()
@@ -32,9 +33,20 @@ def test_releasing_calls_the_release_before_every_nth_item(monkeypatch: pytest.M
         assert calls == expected, every
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim and mallinfo2 are glibc's")
 def test_glibc_release_is_found_and_runs() -> None:
     assert heap.release_free_heap() is True
+    assert isinstance(heap.free_heap_bytes(), int)
+
+
+def test_the_heap_is_released_only_when_its_free_part_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    released: list[int] = []
+    monkeypatch.setattr(heap, "release_free_heap", lambda: released.append(1) or True)
+    for free, above, expected in ((10, 100, False), (200, 100, True), (None, 100, True)):
+        monkeypatch.setattr(heap, "free_heap_bytes", lambda free=free: free)
+        released.clear()
+        assert heap.release_if_large(above) is expected
+        assert len(released) == int(expected)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -48,7 +60,7 @@ def test_a_streamed_read_releases_once_per_batch(tmp_path: Path, monkeypatch: py
         Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(tmp_path / f"c{i % 2}" / f"{i}.png")
     ds = data.open_image_folder(tmp_path, stream=True, num_workers=workers)
     calls: list[int] = []
-    monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(heap, "release_if_large", lambda: calls.append(1) or True)
     batches = list(ds.x.batches(batch_size=3))
     assert [len(b) for b in batches] == [3, 3, 3, 1]
     assert len(calls) == 4

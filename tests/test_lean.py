@@ -14,6 +14,7 @@ from _checks import TOL
 from bastion import attacks
 from bastion.attacks import lean
 from bastion.attacks.base import AttackRun, flat_norm
+from bastion.errors import InputError
 from bastion.models.base import NormalizedClassifier
 
 # (name, norm, eps, params): every attack with ``lean = True``
@@ -150,3 +151,12 @@ def test_the_full_path_and_the_lean_path_differ_where_a_point_was_broken_and_los
     lost = wave(out).argmax(1) == y
     assert bool(lost.any())  # the final iterate is classified correctly again at these points
     assert not torch.equal(full.x_adv[lost], out[lost])
+
+
+def test_lean_checks_the_labels_as_a_full_call_does(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    pgd = attacks.create("pgd", eps=0.2, steps=2)
+    with pytest.raises(InputError, match="y has labels in"):
+        lean.craft(pgd, net, x, torch.full_like(y, 10))
+    out = lean.craft(pgd, net, x, y.to(torch.int32), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, lean.craft(pgd, net, x, y, generator=torch.Generator().manual_seed(0)))

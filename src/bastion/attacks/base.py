@@ -433,9 +433,10 @@ class Attack(ABC):
     minimal: ClassVar[bool] = False
     #: a score-based (black-box) attack that never asks for gradients
     gradient_free: ClassVar[bool] = False
-    #: the update rule reads no verdict of the engine (it ends with :meth:`AttackRun.finish` and
-    #: uses :meth:`AttackRun.check` only for logits it needs), so :func:`bastion.attacks.lean.craft`
-    #: can run it without the engine's evaluation-only work
+    #: the update rule reads no verdict of the engine (it ends with :meth:`AttackRun.finish`, uses
+    #: :meth:`AttackRun.check` only for logits it needs and drops no point with ``prune(keep=...)``),
+    #: so :func:`bastion.attacks.lean.craft` can run it without the engine's evaluation-only work.
+    #: A subclass inherits it: one whose rule reads verdicts must set it back to False
     lean: ClassVar[bool] = False
     #: whether the attack can be called with ``targets``; the engine refuses them otherwise
     supports_targets: ClassVar[bool] = True
@@ -562,9 +563,9 @@ class Attack(ABC):
         self._refuse_unsupported_targets(targets)
         clf = as_classifier(model)
         clf.check_inputs(x, name="x")
-        y = _check_labels(y, x, clf, "y")
+        y = check_labels(y, x, clf, "y")
         if targets is not None:
-            targets = _check_labels(targets, x, clf, "targets")
+            targets = check_labels(targets, x, clf, "targets")
             if bool((targets == y).any()):
                 i = int((targets == y).nonzero()[0])
                 raise InputError(f"targets[{i}]={int(targets[i])} equals the true label; a target must differ from y")
@@ -745,7 +746,9 @@ def _same_value(a: object, b: object) -> bool:
     return bool(a == b)
 
 
-def _check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) -> torch.Tensor:
+def check_labels(t: torch.Tensor, x: torch.Tensor, clf: Classifier, name: str) -> torch.Tensor:
+    """``t`` as int64 labels on ``x``'s device: one per point, in ``[0, num_classes)``, else an
+    :class:`InputError` naming ``name``."""
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor of int64 labels, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):

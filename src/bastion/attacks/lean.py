@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bastion.attacks.base import Attack, AttackRun
+from bastion.attacks.base import Attack, AttackRun, check_labels
+from bastion.attacks.memory import halving, rng_snapshot
 from bastion.models.base import as_classifier
 
 
@@ -60,23 +61,31 @@ def craft(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
           generator: torch.Generator | None = None) -> torch.Tensor:
     """Training examples for ``(x, y)`` against ``model``: each point's final iterate, inside the
     budget and the bounds (detached). ``attack`` runs to its last iterate whatever its
-    ``early_stop`` says. The model is put in eval mode for the call and restored afterwards.
-    See the module docstring for what is skipped and for attacks that cannot run lean."""
+    ``early_stop`` says. The inputs and labels are checked as a full call checks them, the model
+    is put in eval mode for the call and restored afterwards, and a CUDA out-of-memory error
+    halves the batch, with a warning (:mod:`.memory`). See the module docstring for what is
+    skipped and for attacks that cannot run lean."""
     if not runs_lean(attack):
         return attack(model, x, y, generator=generator, judged_by_caller=True).x_adv.detach()
     clf = as_classifier(model)
     clf.check_inputs(x, name="x")
+    y = check_labels(y, x, clf, "y")
     attack = attack.with_budget(x, clf.bounds)
-    run = LeanRun(clf, x, y, targeted=False, norm=attack.norm, eps=attack.eps, early_stop=False,
-                  generator=generator, eot_samples=attack.eot_samples, precision=attack.precision)
+
+    def piece(i: int, j: int) -> torch.Tensor:
+        run = LeanRun(clf, x[i:j], y[i:j], targeted=False, norm=attack.norm, eps=attack.eps, early_stop=False,
+                      generator=generator, eot_samples=attack.eot_samples, precision=attack.precision)
+        if attack.eps > 0:
+            attack._run(run)
+        return run.best.detach()
+
     was_training = clf.training
     clf.eval()
     try:
-        if attack.eps > 0:
-            attack._run(run)
+        return halving(piece, x.shape[0], torch.cat, snapshot=lambda: rng_snapshot(generator, x.device),
+                       what=f"{attack.name} (training examples)")
     finally:
         clf.train(was_training)
-    return run.best.detach()
 
 
 __all__ = ["LeanRun", "craft", "runs_lean"]

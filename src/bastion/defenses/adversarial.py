@@ -40,9 +40,9 @@ from bastion.errors import ConfigError, check_choice, check_positive
 
 #: how adversarial examples are refreshed (see :class:`AdversarialTraining`)
 REGENERATE = ("batch", "epoch")
-#: which iterate a point is trained on, in :meth:`AdversarialTraining.describe` and so in a
-#: trained model's cache key and checkpoint: models trained before the lean path, on the last
-#: iterate that fooled the model, are not taken for these
+#: which iterate a point is trained on, in :meth:`AdversarialTraining.describe` (when an attack
+#: of the defense runs lean) and so in a trained model's cache key and checkpoint: models
+#: trained before the lean path, on the last iterate that fooled the model, are not taken for these
 EXAMPLES = "final-iterate"
 
 
@@ -149,7 +149,14 @@ class AdversarialTraining(Defense):
         return attacks.craft(attack or self.build_attack(), self.target_model(model), x, y)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "examples": EXAMPLES}
+        out = super().describe()
+        if any(getattr(attacks.ATTACKS.get(name).factory, "lean", False) for name in self._attack_names()):
+            out["examples"] = EXAMPLES  # attacks that cannot run lean give the examples they gave before
+        return out
+
+    def _attack_names(self) -> list[str]:
+        """The registry names of the attacks this defense crafts with."""
+        return [self.attack]
 
     def start_epoch(self, model: nn.Module, epoch: int) -> None:
         if self.regenerate == "epoch":
@@ -219,6 +226,9 @@ class FGSMPGDAT(AdversarialTraining):
 
     def validate(self) -> None:
         _check_attack("pgd_attack", self.pgd_attack, self.pgd_params, self.eps)
+
+    def _attack_names(self) -> list[str]:
+        return [self.attack, self.pgd_attack]
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_fgsm = self.craft(model, x, y)

@@ -32,7 +32,8 @@ from bastion.harness.config import HarnessConfig, ModelEntry, stable_hash
 from bastion.models.random import as_random
 from bastion.train.checkpoint import load_model
 
-#: TrainConfig fields that do not change the trained weights
+#: TrainConfig fields left out of a model's key: where and how fast it trains, which changes the
+#: weights at most in float order (the device, compile, channels-last), and the test batch size
 _NOT_DETERMINING = ("device", "eval_batch_size", "compile", "channels_last")
 
 

@@ -12,7 +12,8 @@ PyTorch, so its logits can differ in the last bits: a point on a decision bounda
 judged otherwise. An evaluation with ``compile = true`` is therefore another row set (the
 setting enters the config hash when it is on), and a training with it another model.
 
-The first calls are slow: they compile (about a minute for LeNet-5 on 2 CPU cores), and again
+The first calls are slow: they compile (57 s for LeNet-5's attack step on 2 shared CPU cores
+with a cold cache), and again
 when the batch size first changes (the working set of an early-stopping attack shrinks), after
 which the graph is compiled for any batch size. ``bench/compile_speed.py`` measures what it
 buys per step against the eager floor. A copy (``copy.deepcopy``) of a compiled module is not
