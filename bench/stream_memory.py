@@ -15,8 +15,9 @@ process it was forked from), so the peak is measured per process, not estimated.
 Every child runs three ways (``--heap``):
 
 * ``release`` (what Bastion does): glibc's default malloc settings; before every batch the
-  streamed reads look at the heap and hand its free part back to the system when it exceeds
-  64 MiB (:mod:`bastion.utils.heap`; ``releases`` counts how often that happened);
+  streamed reads look at the resident memory and hand the free heap back to the system when it
+  has grown by more than 64 MiB since the last release (:mod:`bastion.utils.heap`;
+  ``releases`` counts how often that happened);
 * ``no-release``: the same without that call. By default glibc raises its mmap threshold the
   first time a large block (here the model's activations, 16 MB a batch) is freed, after which
   such blocks come from the heap, which fragments and grows by a few MiB a batch: the peak then

@@ -180,7 +180,7 @@ class LazyImages(torch.Tensor):
             self.source, batch_sampler=_Chunks(pos, batch_size),  # type: ignore[arg-type]
             num_workers=self.num_workers, collate_fn=_stack, pin_memory=self.device.type == "cuda",
             generator=torch.Generator())
-        # the free heap goes back to the system before every batch, so resident memory does not
+        # the free heap goes back to the system when the resident memory has grown, so it does not
         # grow with the number of batches read (bastion.utils.heap explains why it would)
         return heap.releasing(loader)
 
