@@ -369,3 +369,34 @@ def test_flags_artifacts_and_report_from_the_database(tmp_path, capsys):
     out = tmp_path / "rebuilt"
     assert main(["report", "--db", str(cfg.db_path), "--out", str(out)]) == 0
     assert (out / s.report[1].name).is_file() and str(out) in capsys.readouterr().out
+
+
+def test_evaluation_speed_settings_reach_every_evaluation_job_and_hash_apart(tmp_path, monkeypatch):
+    """``[evaluation] channels_last = true`` reuses the trained models, applies the setting to the
+    model of every evaluation job, and stores its rows under another config hash, at robust
+    accuracies within float-order noise of the eager rows."""
+    torch.set_num_threads(1)
+    path = _write(tmp_path, TINY.replace('protocols = ["paper", "adaptive"]', 'protocols = ["paper"]'))
+    plain = hc.load_harness_config(path)
+    runner.run(plain, progress=False)
+    from bastion.harness import eval_job
+
+    applied: list[dict[str, bool]] = []
+    real = eval_job.speed_up
+
+    def recording(model, **kw):
+        applied.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(eval_job, "speed_up", recording)
+    fast = hc.load_harness_config(path, {"evaluation.channels_last": True})
+    assert hc.config_hash(fast) != hc.config_hash(plain)
+    s = runner.run(fast, progress=False)
+    assert s.trained == 0 and s.evaluated == 8  # 2 models x 2 attacks x 2 eps, paper protocol
+    assert applied and all(kw == {"compile": False, "channels_last": True} for kw in applied)
+    db = ResultsDB(fast.db_path)
+    rows = {h: {(r.model_key, r.attack_label, r.eps): r.robust_accuracy for r in db.evaluations() if r.config_hash == h}
+            for h in (hc.config_hash(plain), hc.config_hash(fast))}
+    eager, cl = rows.values()
+    assert eager.keys() == cl.keys() and len(cl) == 12  # and a worst case per model and budget
+    assert all(abs(eager[k] - cl[k]) <= 0.02 for k in cl)
