@@ -38,6 +38,7 @@ from bastion.harness.config import PROTOCOL_VERSION, stable_hash
 from bastion.harness.guard import guard_converged
 from bastion.harness.rows import RowKey, measure_rows, needs_flags, pending, store_flags, store_worst_case
 from bastion.models.base import Classifier
+from bastion.models.compiled import speed_up
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow, FlagRow
 from bastion.results.worst_case import WORST_CASE_LABEL
@@ -89,11 +90,7 @@ def audit(model: nn.Module, data: ImageDataset, *, eps: Sequence[float], norm: s
     the row key."""
     st = settings or EvaluationSection(protocols=[ADAPTIVE], norm=norm, batch_size=250, queries=5)
     dev = torch.device(device)
-    model = model.to(dev).eval()
-    if not isinstance(channels_last, bool):
-        raise ConfigError(f"channels_last={channels_last!r} must be True or False")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = speed_up(model.to(dev).eval(), channels_last=channels_last)
     if isinstance(model, Classifier):
         model.check_inputs(data.x[:1], name=f"{data.name} data")
     model, pre = pre_checks(model, data.x[:16].to(dev))

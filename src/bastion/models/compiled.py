@@ -47,25 +47,19 @@ def speed_up(model: nn.Module, *, compile: bool = False, channels_last: bool = F
     for name, value in (("compile", compile), ("channels_last", channels_last)):
         if not isinstance(value, bool):
             raise ConfigError(f"{name}={value!r} must be True or False")
-    if compile:
-        return compile_model(model, channels_last=channels_last)
+    if compile and not hasattr(nn.Module, "compile"):
+        raise ConfigError(f"compile=True needs torch >= 2.2 (nn.Module.compile); this is torch {torch.__version__}")
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if compile and not is_compiled(model):
+        model.compile()
     return model
 
 
 def compile_model(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
     """Compile ``model``'s forward pass in place (see the module docstring); returns ``model``.
     Compiling a compiled model does nothing."""
-    if not isinstance(channels_last, bool):
-        raise ConfigError(f"channels_last={channels_last!r} must be True or False")
-    if not hasattr(nn.Module, "compile"):
-        raise ConfigError(f"compile=True needs torch >= 2.2 (nn.Module.compile); this is torch {torch.__version__}")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if not is_compiled(model):
-        model.compile()
-    return model
+    return speed_up(model, compile=True, channels_last=channels_last)
 
 
 __all__ = ["compile_model", "is_compiled", "speed_up"]
