@@ -29,16 +29,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from bastion.results.db import pack_bits, transaction, unpack_bits
+from bastion.results.db import ROW_KEY_COLUMNS, ROW_KEY_WHERE, pack_bits, transaction, unpack_bits
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS row_batches (
-    config_hash TEXT NOT NULL,
-    model_key TEXT NOT NULL,
-    protocol TEXT NOT NULL,
-    attack_label TEXT NOT NULL,
-    norm TEXT NOT NULL,
-    eps REAL NOT NULL,
+{ROW_KEY_COLUMNS}
     n INTEGER NOT NULL,             -- points of the row
     start INTEGER NOT NULL,         -- first point of the batch
     stop INTEGER NOT NULL,          -- one past its last point
@@ -95,7 +90,7 @@ class BatchLog:
     def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
         return transaction(self.path)
 
-    _WHERE = "config_hash=? AND model_key=? AND protocol=? AND attack_label=? AND norm=? AND eps=?"
+    _WHERE = ROW_KEY_WHERE
 
     def finished(self) -> list[BatchState]:
         """The finished batches that continue each other from point 0, in order (a batch of

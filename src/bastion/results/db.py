@@ -52,6 +52,17 @@ from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL
 
 SCHEMA_VERSION = 1
 
+#: the columns that name one row (a config's model, protocol, attack and budget), as the side
+#: tables that keep a row's unfinished parts declare them (row_batches, row_shards) ...
+ROW_KEY_COLUMNS = """    config_hash TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    attack_label TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,"""
+#: ... and select them, in the same order
+ROW_KEY_WHERE = "config_hash=? AND model_key=? AND protocol=? AND attack_label=? AND norm=? AND eps=?"
+
 #: the tables (an f-string: ``{{}}`` is ``{}``; the comments are part of the schema SQLite stores, keep the text)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -384,4 +395,5 @@ class ResultsDB:
             ).fetchone() is not None
 
 
-__all__ = ["INTERVAL_COLUMNS", "ResultsDB", "SCHEMA_VERSION", "pack_bits", "transaction", "unpack_bits", "versions"]
+__all__ = ["INTERVAL_COLUMNS", "ROW_KEY_COLUMNS", "ROW_KEY_WHERE", "ResultsDB", "SCHEMA_VERSION", "pack_bits",
+           "transaction", "unpack_bits", "versions"]

@@ -20,16 +20,11 @@ from typing import Any
 
 import torch
 
-from bastion.results.db import pack_bits, transaction, unpack_bits
+from bastion.results.db import ROW_KEY_COLUMNS, ROW_KEY_WHERE, pack_bits, transaction, unpack_bits
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS row_shards (
-    config_hash TEXT NOT NULL,
-    model_key TEXT NOT NULL,
-    protocol TEXT NOT NULL,
-    attack_label TEXT NOT NULL,
-    norm TEXT NOT NULL,
-    eps REAL NOT NULL,
+{ROW_KEY_COLUMNS}
     n INTEGER NOT NULL,             -- points of the whole row
     count INTEGER NOT NULL,         -- shards of the row
     shard INTEGER NOT NULL,         -- this shard's index, 0 .. count - 1
@@ -72,7 +67,7 @@ class ShardLog:
         c, m, p, norm = self.scope
         return (c, m, p, label, norm, float(eps), self.n, self.count)
 
-    _WHERE = "config_hash=? AND model_key=? AND protocol=? AND attack_label=? AND norm=? AND eps=? AND n=? AND count=?"
+    _WHERE = f"{ROW_KEY_WHERE} AND n=? AND count=?"
 
     def finished(self, label: str, eps: float) -> dict[int, ShardState]:
         """The stored shards of row (``label``, ``eps``), by index."""
