@@ -19,9 +19,12 @@ read batch by batch unless ``--stream off``; a smaller one is read into memory u
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bastion.data.stream import FolderPoints
 
 #: ``--stream`` values and the ``stream=`` they stand for
 STREAM: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
@@ -43,10 +46,21 @@ def add_folder_options(parser: argparse.ArgumentParser) -> None:
 
 
 def folder_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags as keywords of :func:`bastion.data.open_image_folder` (and ``plan_image_folder``
-    for the first three, :meth:`~bastion.data.FolderPoints.dataset` for the last two)."""
-    return {"channels": args.channels, "resize": args.resize, "crop": args.crop, "num_workers": args.num_workers,
-            "stream": STREAM[args.stream]}
+    """The flags as keywords of :func:`bastion.data.open_image_folder`: those of
+    :func:`plan_folder`, then those of :func:`read_options`."""
+    return {"channels": args.channels, "resize": args.resize, "crop": args.crop, **read_options(args)}
+
+
+def read_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as keywords of :meth:`~bastion.data.FolderPoints.dataset`: how the points are read."""
+    return {"stream": STREAM[args.stream], "num_workers": args.num_workers}
+
+
+def plan_folder(path: str, args: argparse.Namespace) -> FolderPoints:
+    """The points of the folder ``path``, with the flags' channels, resize and crop."""
+    from bastion import data
+
+    return data.plan_image_folder(path, channels=args.channels, resize=args.resize, crop=args.crop)
 
 
 def refuse_folder_options(args: argparse.Namespace, source: str) -> None:
@@ -58,4 +72,4 @@ def refuse_folder_options(args: argparse.Namespace, source: str) -> None:
                           f"from {source}")
 
 
-__all__ = ["STREAM", "add_folder_options", "folder_options", "refuse_folder_options"]
+__all__ = ["STREAM", "add_folder_options", "folder_options", "plan_folder", "read_options", "refuse_folder_options"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bastion.cli._args import parse_assignments
-from bastion.cli._folder import add_folder_options, folder_options, refuse_folder_options
+from bastion.cli._folder import add_folder_options, plan_folder, read_options, refuse_folder_options
 from bastion.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -173,9 +173,8 @@ def _train_data(args: argparse.Namespace) -> tuple[ImageDataset, dict[str, Any]]
 
     if args.data is None:
         return data.load(args.dataset, "train", fraction=args.fraction, seed=args.subset_seed), {}
-    opts = folder_options(args)
-    plan = data.plan_image_folder(args.data, channels=opts["channels"], resize=opts["resize"], crop=opts["crop"])
-    ds = replace(plan.dataset(stream=opts["stream"], num_workers=opts["num_workers"]), split="train")
+    plan = plan_folder(args.data, args)
+    ds = replace(plan.dataset(**read_options(args)), split="train")
     if args.fraction != 1.0:
         ds = ds.subset(args.fraction, seed=args.subset_seed)  # a lazy selection: nothing is read
     return ds, {"image_folder": {**plan.manifest(), "fraction": args.fraction, "subset_seed": args.subset_seed}}
@@ -185,10 +184,7 @@ def _test_plan(args: argparse.Namespace, train_set: ImageDataset) -> FolderPoint
     """The points of ``--test-data`` (``None`` without it), checked against the training classes."""
     if args.test_data is None:
         return None
-    from bastion import data
-
-    opts = folder_options(args)
-    plan = data.plan_image_folder(args.test_data, channels=opts["channels"], resize=opts["resize"], crop=opts["crop"])
+    plan = plan_folder(args.test_data, args)
     if plan.classes != train_set.classes:
         raise ConfigError(f"--test-data {args.test_data!r} has the classes {list(plan.classes)}, but --data "
                           f"{args.data!r} has {list(train_set.classes)}; a label is a class's place in the sorted "
@@ -208,9 +204,8 @@ def _test_set(args: argparse.Namespace, train_set: ImageDataset, plan: FolderPoi
         return data.load(args.dataset, "test")
     if plan is None:
         return None
-    opts = folder_options(args)  # the model normalises with the training statistics: no need to compute others
-    return plan.dataset(stream=opts["stream"], num_workers=opts["num_workers"], mean=train_set.mean,
-                        std=train_set.std)
+    # the model normalises with the training statistics: no need to compute others
+    return plan.dataset(**read_options(args), mean=train_set.mean, std=train_set.std)
 
 
 def _test_line(args: argparse.Namespace, res: TrainResult, train_set: ImageDataset, cfg: TrainConfig,
