@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bastion import models
 from bastion.config import from_dict
@@ -109,6 +110,30 @@ def test_schedules():
     assert [lr_at(step, e) for e in range(5)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
     cos = TrainConfig(lr=0.1, schedule="cosine", epochs=4)
     assert [lr_at(cos, e) for e in range(4)] == pytest.approx([0.1, 0.0853553, 0.05, 0.0146447], rel=1e-5)
+
+
+def test_cyclic_schedule_sets_wong_et_al_triangle_before_every_step(mnist_small):
+    """Wong et al. (2020): lr(t) = interp(t, [0, 2/5 T, T], [0, lr_max, 0]), t = epoch + (i + 1) / batches,
+    set before optimizer step i; checked against that formula at every step of a real run."""
+    import numpy as np
+
+    tr, _ = mnist_small
+    tr = tr.take(250)  # 3 batches of 100 per epoch, the last one short
+    cfg = TrainConfig(epochs=5, batch_size=100, optimizer="adam", lr=0.005, weight_decay=0.0, schedule="cyclic")
+    seen: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    try:
+        res = train(models.create("lenet5", seed=0), tr, cfg, progress=False)
+    finally:
+        hook.remove()
+    t = [e + (i + 1) / 3 for e in range(5) for i in range(3)]
+    want = np.interp(t, [0, 2, 5], [0, 0.005, 0])
+    assert seen == pytest.approx(list(want), rel=1e-12, abs=1e-15)
+    assert max(seen) == pytest.approx(0.005) and seen[-1] == 0.0
+    assert [h.lr for h in res.history] == pytest.approx(list(want[2::3]))  # each epoch's last rate
+    with pytest.raises(ConfigError, match="schedule"):
+        TrainConfig(schedule="triangle")
 
 
 def test_crop_flip_keeps_shape_and_content():

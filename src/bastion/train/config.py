@@ -8,7 +8,7 @@ from bastion.config import option
 from bastion.errors import ConfigError, check_choice, check_fraction, check_positive
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("none", "step", "cosine")
+SCHEDULES = ("none", "step", "cosine", "cyclic")
 AUGMENTS = ("auto", "none", "crop-flip")
 
 
@@ -23,7 +23,11 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum, or Adam's beta1")
     weight_decay: float = option(5e-4, "L2 weight decay")
     nesterov: bool = option(False, "Nesterov momentum (SGD only)")
-    schedule: str = option("none", "learning-rate schedule per epoch: none, step or cosine")
+    schedule: str = option(
+        "none",
+        "learning-rate schedule: none, step or cosine (set per epoch), or cyclic (set per step: rises linearly "
+        "from 0 to lr over the first 2/5 of the steps, then falls linearly to 0; Wong et al. 2020)",
+    )
     step_size: int = option(30, "step schedule: epochs between decays")
     gamma: float = option(0.1, "step schedule: decay factor")
     augment: str = option(

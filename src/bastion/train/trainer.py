@@ -82,8 +82,17 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """Learning rate of ``epoch`` (0-based) under the configured schedule."""
+#: the cyclic schedule's peak, as a fraction of training (Wong, Rice & Kolter 2020: 2/5)
+CYCLE_PEAK = 0.4
+
+
+def lr_at(config: TrainConfig, epoch: float) -> float:
+    """Learning rate at ``epoch`` (0-based; fractional for the cyclic schedule, whose rate
+    changes every step) under the configured schedule."""
+    if config.schedule == "cyclic":
+        peak = CYCLE_PEAK * config.epochs
+        frac = epoch / peak if epoch <= peak else (config.epochs - epoch) / (config.epochs - peak)
+        return config.lr * min(max(frac, 0.0), 1.0)
     if config.schedule == "step":
         return config.lr * config.gamma ** (epoch // config.step_size)
     if config.schedule == "cosine":
@@ -236,9 +245,7 @@ def _run_epoch(loop: _Loop, epoch: int, step: int) -> tuple[EpochRecord, int]:
     seed = _epoch_seed(config.seed, epoch)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(loop.ranks.rank_seed(seed))  # dropout and any other randomness inside the model
-    lr = lr_at(config, epoch)
-    for group in loop.optimizer.param_groups:
-        group["lr"] = lr
+    _set_lr(loop.optimizer, lr_at(config, epoch))
     loop.objective.context.update(epoch=epoch, epochs=config.epochs, step=step, device=loop.device)
     loop.objective.start_epoch(model, epoch)
     model.train()
@@ -253,8 +260,14 @@ def _run_epoch(loop: _Loop, epoch: int, step: int) -> tuple[EpochRecord, int]:
         val_acc = accuracy(model, val_set, batch_size=config.eval_batch_size, device=loop.device)
     extra, val_acc = loop.ranks.settle(model, (extra, val_acc))  # rank 0's weights and metrics
     seconds = time.perf_counter() - t0
+    lr = float(loop.optimizer.param_groups[0]["lr"])  # the epoch's rate (cyclic: its last step's)
     rec = EpochRecord(epoch + 1, lr, loss_total / max(count, 1), right / max(count, 1), val_acc, seconds, extra)
     return rec, step
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _train_batches(
@@ -265,8 +278,9 @@ def _train_batches(
     classified right, points seen, step count after)``."""
     config, model, train_set = loop.config, loop.model, loop.train_set
     loss_sum, correct, seen = 0.0, 0, 0
+    batches = math.ceil(len(train_set) / config.batch_size)
     bar = tqdm(
-        range(math.ceil(len(train_set) / config.batch_size)), desc=f"epoch {epoch + 1}/{config.epochs}",
+        range(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
         disable=None if loop.progress and loop.ranks.is_writer else True, leave=False, unit="batch",
     )
     pixels = _epoch_pixels(loop, perm)
@@ -287,6 +301,8 @@ def _train_batches(
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
         loop.ranks.reduce_grads(model, len(yb), len(idx))
+        if config.schedule == "cyclic":  # the rate of the point in training this step reaches
+            _set_lr(loop.optimizer, lr_at(config, epoch + (b + 1) / batches))
         loop.optimizer.step()
         loop.objective.after_step(model, step)
         step += 1
