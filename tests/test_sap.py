@@ -39,6 +39,55 @@ def test_sap_is_unbiased():
     assert bool((out == 0).sum() > (h == 0).sum() * n)
 
 
+def _sap_by_autograd(h: torch.Tensor, keep: torch.Tensor, r: int) -> torch.Tensor:
+    """SAP's rescaling as plain autograd ops (what sap's gradient path was before its closed form)."""
+    a = h.abs()
+    total = a.sum(1, keepdim=True)
+    p = a / total.clamp_min(torch.finfo(a.dtype).tiny)
+    q = -torch.expm1(r * torch.log1p(-p.clamp_max(1.0)))
+    ok = keep & (q > 0)
+    return h * torch.where(ok, 1.0 / torch.where(ok, q, torch.ones_like(q)), torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0, 4.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sap_gradient_path_matches_autograd_of_the_formula(fraction, dtype):
+    # same draws (same seed), same output bit for bit, and the closed-form input gradient equals
+    # autograd's through q = 1 - (1 - |h| / sum|h|)^r, on signed activations with exact zeros
+    h0 = torch.randn(6, 2, 5, 5, dtype=dtype) * (torch.rand(6, 2, 5, 5) > 0.3)
+    g = torch.randn(6, 50, dtype=dtype)
+    r = math.ceil(fraction * 50)
+    h = h0.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    out = sap(h, fraction)
+    (out.reshape(6, -1) * g).sum().backward()
+    torch.manual_seed(3)
+    keep = sap_keep_mask(h0.reshape(6, -1).abs(), r)
+    ref_h = h0.reshape(6, -1).clone().requires_grad_(True)
+    ref = _sap_by_autograd(ref_h, keep, r)
+    (ref * g).sum().backward()
+    assert torch.equal(out.detach().reshape(6, -1), ref.detach())
+    assert h.grad is not None and ref_h.grad is not None
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(h.grad.reshape(6, -1), ref_h.grad, rtol=tol, atol=tol)
+    assert bool((ref_h.grad != 0).any())
+
+
+def test_sap_closed_form_gradient_passes_gradcheck_and_has_no_nan_where_one_unit_holds_the_row():
+    from bastion.defenses.sap import _SAPRescale
+
+    h = torch.randn(3, 12, dtype=torch.float64)  # no zeros: |h| is differentiable everywhere
+    keep = torch.rand(3, 12) > 0.4
+    assert torch.autograd.gradcheck(lambda x: _SAPRescale.apply(x, keep, 12), (h.requires_grad_(True),))
+    one = torch.zeros(2, 8)
+    one[:, 3] = 2.0
+    one.requires_grad_(True)
+    out = sap(one, 1.0, nonneg=True)  # p = 1 for unit 3: it is always drawn, scale 1
+    out.sum().backward()
+    assert one.grad is not None and bool(torch.isfinite(one.grad).all())
+    assert torch.equal(out.detach(), one.detach())
+
+
 def test_poisson_sampler_is_unbiased_with_independent_keeps():
     # sampler="poisson": unit j kept independently w.p. q_j = 1 - exp(-r p_j), scaled by 1/q_j
     torch.manual_seed(4)

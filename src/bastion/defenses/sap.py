@@ -154,16 +154,51 @@ def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False, sampler
         keep = sap_keep_mask(a, r)
         q = a.div(a.sum(1, keepdim=True).clamp_min_(tiny)).neg_().add_(1.0).pow_(r).neg_().add_(1.0)  # 1 - (1 - p)^r
         return (flat * keep).div_(q.clamp_min_(tiny)).view_as(h)
-    a = flat.abs()
     with torch.no_grad():
-        keep = sap_keep_mask(a.detach(), r)
-    total = a.sum(1, keepdim=True)
-    p = a / total.clamp_min(torch.finfo(a.dtype).tiny)
-    # q = 1 - (1 - p)^r computed stably as -expm1(r * log1p(-p))
-    q = -torch.expm1(r * torch.log1p(-p.clamp_max(1.0)))
-    ok = keep & (q > 0)
-    scale = torch.where(ok, 1.0 / torch.where(ok, q, torch.ones_like(q)), torch.zeros_like(q))
-    return (flat * scale).view_as(h)
+        keep = sap_keep_mask(flat.abs(), r)
+    out: torch.Tensor = _SAPRescale.apply(flat, keep, r)
+    return out.view_as(h)
+
+
+class _SAPRescale(torch.autograd.Function):
+    """``y = h * keep / q`` on ``(N, d)`` rows, ``q = 1 - (1 - p)^r``, ``p = |h| / sum |h|``,
+    differentiated through ``q`` in closed form instead of by autograd's chain of a dozen
+    elementwise nodes (the forward is the same arithmetic as before, bit for bit). With
+    ``s = keep / q``, ``T = sum |h|`` and ``w = -g * h * s^2 * r * (1 - p)^(r - 1)``, the input
+    gradient of an upstream gradient ``g`` is
+
+        ``g * s + sign(h) * (w / T - sum(w * |h|) / T^2)``
+
+    (the second term is zero where ``T`` is clamped to ``tiny``). Where one unit holds a whole
+    row (``p = 1``), autograd's chain gave ``0 * inf = NaN``; this gives the limit, 0."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, keep: torch.Tensor, r: int) -> torch.Tensor:
+        tiny = torch.finfo(flat.dtype).tiny
+        a = flat.abs()
+        total = a.sum(1, keepdim=True)
+        p = a / total.clamp_min(tiny)
+        log_miss = torch.log1p(-p.clamp_max(1.0))  # log(1 - p)
+        q = -torch.expm1(r * log_miss)  # 1 - (1 - p)^r, stably
+        ok = keep & (q > 0)
+        scale = torch.where(ok, 1.0 / torch.where(ok, q, torch.ones_like(q)), torch.zeros_like(q))
+        ctx.save_for_backward(flat, scale, log_miss, total)
+        ctx.r = r
+        return flat * scale
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (g,) = grads
+        flat, scale, log_miss, total = ctx.saved_tensors
+        r = ctx.r
+        tiny = torch.finfo(flat.dtype).tiny
+        w = (g * flat).mul_(scale).mul_(scale).mul_(-float(r))  # -g h s^2 r ...
+        if r > 1:
+            w.mul_(log_miss.mul(r - 1).exp_())  # ... (1 - p)^(r - 1)
+        t = total.clamp_min(tiny)
+        inner = w.div(t)
+        inner.sub_((w * flat.abs()).sum(1, keepdim=True).div_(t * t).mul_(total >= tiny))
+        return g * scale + inner.mul_(flat.sign()), None, None
 
 
 #: the poisson sampler's keep probabilities are multiples of 1 / POISSON_RESOLUTION (15 random bits per unit)
