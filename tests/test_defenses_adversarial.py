@@ -330,18 +330,37 @@ def test_fast_at_end_epoch_restores_the_last_healthy_weights_on_collapse():
     assert d.context["holdout"][0].shape[0] == 20
     healthy = {k: v.clone() for k, v in model.state_dict().items()}
     out = d.end_epoch(model, 0)
-    assert out == {"holdout_pgd_acc": 1.0}
+    assert out == {"holdout_pgd_acc": 1.0, "holdout_attack_acc": 1.0}
     assert not out.get("stop")
     out = d.end_epoch(model, 1)  # healthy training: no alarm
-    assert out == {"holdout_pgd_acc": 1.0}
+    assert out == {"holdout_pgd_acc": 1.0, "holdout_attack_acc": 1.0}
     with torch.no_grad():  # scramble: every point now goes to the next class
         model.net[1].weight.copy_(healthy["net.1.weight"].roll(1, dims=0))
     out = d.end_epoch(model, 2)
     assert out["stop"] is True and out["catastrophic_overfitting"] is True
     assert out["holdout_pgd_acc"] == 0.0 and out["restored_epoch"] == 2
+    assert out["holdout_attack_acc"] == 0.0 and "pgd_far_below_training_attack" not in out
     json.dumps(out)
     for k, v in model.state_dict().items():
         assert torch.equal(v, healthy[k]), k
+
+
+def test_fast_at_warns_when_pgd_accuracy_stays_far_below_its_training_attacks(monkeypatch, caplog):
+    # overfitting from the first epoch: PGD accuracy never rises, so the collapse check (a drop
+    # from the best) cannot fire; the gap to the one-step attack's accuracy is reported instead
+    model, x, y = _separated()
+    d = FastAT(eps=0.1, holdout_size=20, holdout_steps=5)
+    d(model, x, y)
+    monkeypatch.setattr(FastAT, "holdout_pgd_accuracy", lambda self, m: 0.0)
+    monkeypatch.setattr(FastAT, "holdout_attack_accuracy", lambda self, m: 0.86)
+    with caplog.at_level("WARNING", logger="bastion.defenses.adversarial"):
+        first, second = d.end_epoch(model, 0), d.end_epoch(model, 1)
+    for out in (first, second):
+        assert out["pgd_far_below_training_attack"] is True and not out.get("stop")
+        assert out["holdout_attack_acc"] == 0.86 and out["holdout_pgd_acc"] == 0.0
+    assert "86.0% under its training attack (ffgsm) but 0.0% under PGD-5" in caplog.text
+    monkeypatch.setattr(FastAT, "holdout_attack_accuracy", lambda self, m: 0.15)  # within collapse_drop
+    assert "pgd_far_below_training_attack" not in d.end_epoch(model, 2)
 
 
 # --------------------------------------------------------------------------- end to end

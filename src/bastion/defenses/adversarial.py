@@ -24,6 +24,7 @@ crafting and restore train mode.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,8 @@ from bastion.attacks.base import Attack
 from bastion.defenses.base import Defense
 from bastion.defenses.registry import register
 from bastion.errors import ConfigError, check_choice, check_positive
+
+log = logging.getLogger(__name__)
 
 #: how adversarial examples are refreshed (see :class:`AdversarialTraining`)
 REGENERATE = ("batch", "epoch")
@@ -315,23 +318,47 @@ class FastAT(AdversarialTraining):
         res = pgd(model, x, y, generator=gen, judged_by_caller=True)
         return float((~res.success).float().mean())
 
+    def holdout_attack_accuracy(self, model: nn.Module) -> float | None:
+        """Accuracy on the held-out batch under the training attack itself, at the full ``eps``
+        and from fixed random starts (``None`` before any batch was seen)."""
+        if "holdout" not in self.context:
+            return None
+        x, y = self.context["holdout"]
+        attack = attacks.create(self.attack, eps=float(self.eps), **self.attack_params)
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        res = attack(model, x, y, generator=gen, judged_by_caller=True)
+        return float((~res.success).float().mean())
+
     def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         acc = self.holdout_pgd_accuracy(model)
         if acc is None:
             return {}
         history: list[float] = self.context.setdefault("holdout_history", [])
         history.append(acc)
+        record: dict[str, Any] = {"holdout_pgd_acc": acc, **self._resists_only_its_attack(model, acc, epoch)}
         if detect_collapse(history, self.collapse_drop) and "healthy_state" in self.context:
             model.load_state_dict(self.context["healthy_state"])
-            return {
-                "stop": True,
-                "catastrophic_overfitting": True,
-                "holdout_pgd_acc": acc,
-                "restored_epoch": self.context["healthy_epoch"],
-            }
+            return {**record, "stop": True, "catastrophic_overfitting": True,
+                    "restored_epoch": self.context["healthy_epoch"]}
         self.context["healthy_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.context["healthy_epoch"] = epoch + 1  # 1-based, like the trainer's records
-        return {"holdout_pgd_acc": acc}
+        return record
+
+    def _resists_only_its_attack(self, model: nn.Module, pgd_acc: float, epoch: int) -> dict[str, Any]:
+        """The held-out accuracy under the training attack, and a warning when PGD's is more
+        than ``collapse_drop`` below it: the model resists its one-step attack and not PGD.
+        The collapse check above cannot see this when PGD accuracy never rose (overfitting from
+        the first epoch on), so it is reported, not acted on."""
+        one_step = self.holdout_attack_accuracy(model)
+        if one_step is None:
+            return {}
+        out: dict[str, Any] = {"holdout_attack_acc": one_step}
+        if one_step - pgd_acc > self.collapse_drop:
+            out["pgd_far_below_training_attack"] = True
+            log.warning("%s, epoch %d: held-out accuracy %.1f%% under its training attack (%s) but %.1f%% under "
+                        "PGD-%d at eps %g: catastrophic overfitting (Wong et al. 2020, Sec. 5)", self.name, epoch + 1,
+                        100 * one_step, self.attack, 100 * pgd_acc, self.holdout_steps, self.eps)
+        return out
 
 
 @register("trades", summary="TRADES: CE(f(x)) + beta * KL(f(x) || f(x_adv)) (Zhang et al. 2019)")
