@@ -363,6 +363,24 @@ def test_fast_at_warns_when_pgd_accuracy_stays_far_below_its_training_attacks(mo
     assert "pgd_far_below_training_attack" not in d.end_epoch(model, 2)
 
 
+def test_fast_at_training_attack_check_runs_its_attack_at_full_eps_and_leaves_training_alone(monkeypatch):
+    model, x, y = _separated()
+    d = FastAT(eps=0.1, eps_ramp_epochs=4, attack_params={"alpha": 0.05}, holdout_size=20, holdout_steps=2)
+    d.context.update(epoch=0)  # the ramped budget is 0.025 in this epoch
+    d(model, x, y)
+    built = []
+    real_create = attacks.create
+    monkeypatch.setattr(attacks, "create", lambda name, **kw: built.append((name, kw)) or real_create(name, **kw))
+    model.train()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    out = d.end_epoch(model, 0)
+    assert ("ffgsm", {"eps": 0.1, "alpha": 0.05}) in built  # the training attack at the full eps, its params
+    assert out["holdout_attack_acc"] == 1.0  # eps 0.1 flips no point of this model
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 # --------------------------------------------------------------------------- end to end
 def test_training_run_checkpoints_the_defense(tmp_path):
     g = torch.Generator().manual_seed(0)

@@ -287,7 +287,10 @@ class FastAT(AdversarialTraining):
         holdout_size: points of the held-out batch (>= 1).
         holdout_steps: PGD steps of the check, at the full ``eps`` (not the ramped one), step
             ``2.5 * eps / steps``, random start from a fixed seed.
-        collapse_drop: accuracy drop that counts as a collapse, in [0, 1].
+        collapse_drop: accuracy drop that counts as a collapse, in [0, 1]. Also the gap
+            between the held-out accuracy under the training attack and under PGD above which
+            an epoch is reported (``pgd_far_below_training_attack``, with a warning) as
+            resisting only its training attack; that report does not stop training.
     """
 
     name: str = "fast-at"

@@ -170,7 +170,9 @@ class _SAPRescale(torch.autograd.Function):
         ``g * s + sign(h) * (w / T - sum(w * |h|) / T^2)``
 
     (the second term is zero where ``T`` is clamped to ``tiny``). Where one unit holds a whole
-    row (``p = 1``), autograd's chain gave ``0 * inf = NaN``; this gives the limit, 0."""
+    row (``p = 1``), autograd's chain gave ``0 * inf = NaN`` for the term through ``q``; here it
+    is its limit, 0, so that unit's gradient is ``g``. First derivatives only: differentiating
+    the backward again raises."""
 
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, keep: torch.Tensor, r: int) -> torch.Tensor:
@@ -182,20 +184,22 @@ class _SAPRescale(torch.autograd.Function):
         q = -torch.expm1(r * log_miss)  # 1 - (1 - p)^r, stably
         ok = keep & (q > 0)
         scale = torch.where(ok, 1.0 / torch.where(ok, q, torch.ones_like(q)), torch.zeros_like(q))
-        ctx.save_for_backward(flat, scale, log_miss, total)
+        ctx.save_for_backward(flat, scale, total)
         ctx.r = r
         return flat * scale
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, never comes out wrong
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (g,) = grads
-        flat, scale, log_miss, total = ctx.saved_tensors
+        flat, scale, total = ctx.saved_tensors
         r = ctx.r
         tiny = torch.finfo(flat.dtype).tiny
-        w = (g * flat).mul_(scale).mul_(scale).mul_(-float(r))  # -g h s^2 r ...
-        if r > 1:
-            w.mul_(log_miss.mul(r - 1).exp_())  # ... (1 - p)^(r - 1)
         t = total.clamp_min(tiny)
+        w = (g * flat).mul_(scale).mul_(scale).mul_(-float(r))  # -g h s^2 r ...
+        if r > 1:  # ... (1 - p)^(r - 1), p recomputed as in forward (not saved: one (N, d) tensor less)
+            log_miss = torch.log1p(-(flat.abs() / t).clamp_max(1.0))
+            w.mul_(log_miss.mul_(r - 1).exp_())
         inner = w.div(t)
         inner.sub_((w * flat.abs()).sum(1, keepdim=True).div_(t * t).mul_(total >= tiny))
         return g * scale + inner.mul_(flat.sign()), None, None

@@ -82,7 +82,8 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-#: the cyclic schedule's peak, as a fraction of training (Wong, Rice & Kolter 2020: 2/5)
+#: the cyclic schedule's peak, as a fraction of training (Wong, Rice & Kolter 2020: 2/5). Not
+#: rounded to whole epochs; their MNIST code floors ``epochs * 2 / 5`` (the same peak at 5 or 10 epochs)
 CYCLE_PEAK = 0.4
 
 
