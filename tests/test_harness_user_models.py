@@ -162,8 +162,8 @@ def test_register_checks_the_model_and_load_refuses_changed_files(tmp_path: Path
 
 
 def _source_before_user_models(dest: Path) -> Path | None:
-    """``src/`` of the commit before user models entered the harness config (HEAD while they are
-    not committed), unpacked into ``dest``; None outside a git checkout."""
+    """``src/`` and ``configs/`` of the commit before user models entered the harness config
+    (HEAD while they are not committed), unpacked into ``dest``; None outside a git checkout."""
     def git(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=False)
 
@@ -172,7 +172,7 @@ def _source_before_user_models(dest: Path) -> Path | None:
         return None
     commits = intro.stdout.decode().split()
     ref = f"{commits[-1]}^" if commits else "HEAD"
-    archive = git("archive", "--format=tar", ref, "src")
+    archive = git("archive", "--format=tar", ref, "src", "configs")
     if archive.returncode != 0:
         return None
     (dest / "old.tar").write_bytes(archive.stdout)
@@ -187,7 +187,11 @@ def test_configs_without_user_models_hash_as_before(tmp_path: Path) -> None:
     old_src = _source_before_user_models(tmp_path)
     if old_src is None:
         pytest.skip("not a git checkout: no earlier code to compare with")
-    paths = [None, *sorted(str(p) for p in (REPO / "configs").rglob("*.toml") if p.name != "user_model.toml")]
+    # the configs that existed then (later ones may use settings the earlier code does not know)
+    old_configs = {p.relative_to(old_src.parent) for p in (old_src.parent / "configs").rglob("*.toml")}
+    paths = [None, *sorted(str(p) for p in (REPO / "configs").rglob("*.toml")
+                           if p.name != "user_model.toml" and p.relative_to(REPO) in old_configs)]
+    assert len(paths) > 5, paths  # the seeds' configs and the others of that time are compared
     # the protocol version is part of every hash; it has moved on since (its own test is the
     # version bump), so the earlier code hashes with today's. So has the description of the
     # adversarial-training examples (final iterates, tests/test_lean.py), in every AT model's key
