@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -22,3 +23,17 @@ def timed(fn: Callable[[], object], dev: torch.device) -> float:
     fn()
     sync(dev)
     return time.perf_counter() - t
+
+
+def interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each of ``fns`` (CPU wall time), run in turn ``repeats`` times after
+    one warm-up each, so that machine noise hits them alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]

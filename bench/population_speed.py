@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from _timing import interleaved
 from bastion import models
 from bastion.defenses.multisap import MultiSAP
 from bastion.defenses.sap import insert_sap
@@ -33,14 +32,8 @@ from bastion.utils.io import atomic_write_text
 
 def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Median seconds of ``a`` and ``b``, run alternately after one warm-up each."""
-    a(), b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(ta), statistics.median(tb)
+    ta, tb = interleaved([a, b], repeats)
+    return ta, tb
 
 
 def main() -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,23 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from _timing import interleaved
 from bastion import models
 from bastion.defenses import sap as sap_mod
 from bastion.defenses.sap import insert_sap
 from bastion.utils.io import atomic_write_text
-
-
-def interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each of ``fns``, run in turn after one warm-up each."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times, strict=True):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return [statistics.median(ts) for ts in times]
 
 
 class _AutogradRescale:

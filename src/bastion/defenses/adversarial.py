@@ -313,21 +313,20 @@ class FastAT(AdversarialTraining):
 
     def holdout_pgd_accuracy(self, model: nn.Module) -> float | None:
         """PGD accuracy on the held-out batch (``None`` before any batch was seen)."""
-        if "holdout" not in self.context:
-            return None
-        x, y = self.context["holdout"]
-        pgd = attacks.create("pgd", eps=float(self.eps), steps=self.holdout_steps)
-        gen = torch.Generator(device=x.device).manual_seed(0)  # the same random starts every epoch
-        res = pgd(model, x, y, generator=gen, judged_by_caller=True)
-        return float((~res.success).float().mean())
+        return self._holdout_accuracy(model, "pgd", {"steps": self.holdout_steps})
 
     def holdout_attack_accuracy(self, model: nn.Module) -> float | None:
-        """Accuracy on the held-out batch under the training attack itself, at the full ``eps``
-        and from fixed random starts (``None`` before any batch was seen)."""
+        """Accuracy on the held-out batch under the training attack itself (``None`` before
+        any batch was seen)."""
+        return self._holdout_accuracy(model, self.attack, self.attack_params)
+
+    def _holdout_accuracy(self, model: nn.Module, name: str, params: dict[str, Any]) -> float | None:
+        """Accuracy on the held-out batch under attack ``name`` with ``params``, at the full
+        ``eps`` (not the ramped one) and from the same random starts every epoch."""
         if "holdout" not in self.context:
             return None
         x, y = self.context["holdout"]
-        attack = attacks.create(self.attack, eps=float(self.eps), **self.attack_params)
+        attack = attacks.create(name, eps=float(self.eps), **params)
         gen = torch.Generator(device=x.device).manual_seed(0)
         res = attack(model, x, y, generator=gen, judged_by_caller=True)
         return float((~res.success).float().mean())

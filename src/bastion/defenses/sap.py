@@ -160,6 +160,13 @@ def sap(h: torch.Tensor, fraction: float = 1.0, *, nonneg: bool = False, sampler
     return out.view_as(h)
 
 
+def _log_miss(a: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``log(1 - p)`` with ``p = a / total`` (``total`` clamped to ``tiny``, ``p`` to 1): the log
+    of a unit's chance to be missed by one draw."""
+    p = a / total.clamp_min(torch.finfo(a.dtype).tiny)
+    return torch.log1p(-p.clamp_max(1.0))
+
+
 class _SAPRescale(torch.autograd.Function):
     """``y = h * keep / q`` on ``(N, d)`` rows, ``q = 1 - (1 - p)^r``, ``p = |h| / sum |h|``,
     differentiated through ``q`` in closed form instead of by autograd's chain of a dozen
@@ -176,12 +183,9 @@ class _SAPRescale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, flat: torch.Tensor, keep: torch.Tensor, r: int) -> torch.Tensor:
-        tiny = torch.finfo(flat.dtype).tiny
         a = flat.abs()
         total = a.sum(1, keepdim=True)
-        p = a / total.clamp_min(tiny)
-        log_miss = torch.log1p(-p.clamp_max(1.0))  # log(1 - p)
-        q = -torch.expm1(r * log_miss)  # 1 - (1 - p)^r, stably
+        q = -torch.expm1(r * _log_miss(a, total))  # 1 - (1 - p)^r, stably
         ok = keep & (q > 0)
         scale = torch.where(ok, 1.0 / torch.where(ok, q, torch.ones_like(q)), torch.zeros_like(q))
         ctx.save_for_backward(flat, scale, total)
@@ -197,9 +201,8 @@ class _SAPRescale(torch.autograd.Function):
         tiny = torch.finfo(flat.dtype).tiny
         t = total.clamp_min(tiny)
         w = (g * flat).mul_(scale).mul_(scale).mul_(-float(r))  # -g h s^2 r ...
-        if r > 1:  # ... (1 - p)^(r - 1), p recomputed as in forward (not saved: one (N, d) tensor less)
-            log_miss = torch.log1p(-(flat.abs() / t).clamp_max(1.0))
-            w.mul_(log_miss.mul_(r - 1).exp_())
+        if r > 1:  # ... (1 - p)^(r - 1), recomputed as in forward (not saved: one (N, d) tensor less)
+            w.mul_(_log_miss(flat.abs(), total).mul_(r - 1).exp_())
         inner = w.div(t)
         inner.sub_((w * flat.abs()).sum(1, keepdim=True).div_(t * t).mul_(total >= tiny))
         return g * scale + inner.mul_(flat.sign()), None, None
