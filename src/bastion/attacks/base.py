@@ -32,7 +32,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +232,8 @@ class AttackRun:
         self.idx = torch.arange(n, device=x.device)
         self.x = x.detach()
         self.labels = labels
+        #: every point of the call and its label (the working set is drawn from them)
+        self._all = (self.x, labels)
         self.gradients = 0
         self.forwards = 0
         self._projected: tuple[torch.Tensor, int, torch.Tensor] | None = None
@@ -370,6 +372,37 @@ class AttackRun:
         self.labels = self.labels[keep]
         return tuple(t[keep] for t in tensors)
 
+    # ---- what the refill driver (:mod:`bastion.attacks.refill`) uses
+    def admit(self, positions: torch.Tensor) -> None:
+        """Add the call's points at ``positions`` to the end of the working set."""
+        x_all, labels_all = self._all
+        self.idx = torch.cat([self.idx, positions])
+        self.x = torch.cat([self.x, x_all.index_select(0, positions)])
+        self.labels = torch.cat([self.labels, labels_all.index_select(0, positions)])
+
+    def adopt(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """Declare ``x_adv`` inside the budget and the bounds for the current working set without
+        projecting it again: each of its rows must be the clean point or an output of
+        :func:`project` for that row's point (projecting twice can move the last bit)."""
+        self._projected = (x_adv, x_adv._version, self.x)
+        return x_adv
+
+    def check_rows(self, rows: torch.Tensor, x_adv: torch.Tensor) -> None:
+        """:meth:`check` on the working-set rows ``rows`` (``(n,)`` bool) of ``x_adv``, the
+        tensor :meth:`project` just returned: a forward pass of those rows only, recorded."""
+        if x_adv is not (self._projected or (None,))[0]:
+            raise ValueError("check_rows takes the tensor project() just returned")
+        saved = self.idx, self.x, self.labels
+        self.idx, self.x, self.labels = self.idx[rows], self.x[rows], self.labels[rows]
+        try:
+            picked = x_adv[rows]
+            with torch.no_grad():
+                logits = self.model(picked)
+            self.forwards += self.n
+            self._record(picked, logits)
+        finally:
+            self.idx, self.x, self.labels = saved
+
     def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
         """Uniform noise shaped like ``like`` from the call's generator (global RNG if none)."""
         return torch.empty_like(like).uniform_(low, high, generator=self.generator)
@@ -397,6 +430,18 @@ class AttackRun:
         self.success.index_copy_(0, self.idx, before | ok)
 
 
+# --------------------------------------------------------------------------- refill
+#: the registry names of the attacks that can refill their working set (``refill=B``)
+REFILLED = ("pgd", "bim", "mifgsm")
+
+
+class Refiller(Protocol):
+    """What an attack's :meth:`Attack.refill_rule` returns (:class:`bastion.attacks.refill.RefillRule`)."""
+
+    def drive(self, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
+        """Run the rule on ``run``'s working set, kept at ``capacity`` points while points remain."""
+
+
 # --------------------------------------------------------------------------- the base class
 @dataclass(frozen=True)
 class Attack(ABC):
@@ -416,6 +461,11 @@ class Attack(ABC):
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the dtype the gradient
             passes run in under ``torch.autocast``; every success is judged again in fp32
             (:mod:`bastion.attacks.precision`). Only in ``params`` when not ``"fp32"``.
+        refill: ``None`` (default), or the size ``B`` of a working set that the engine keeps
+            full: points of the call join it as others break or finish, each with its own
+            random stream and state (:mod:`bastion.attacks.refill`; PGD, BIM and MI-FGSM, on a
+            deterministic model, without EOT). Its random starts are not those of a call
+            without it. Only in ``params`` when set.
     """
 
     eps: float = EPS_UNSET
@@ -423,6 +473,7 @@ class Attack(ABC):
     early_stop: bool = True
     eot_samples: int = 1
     precision: str = DEFAULT_PRECISION
+    refill: int | None = None
 
     #: registry name, set by :func:`bastion.attacks.register`
     name: ClassVar[str] = ""
@@ -452,7 +503,26 @@ class Attack(ABC):
         if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
             raise ConfigError(f"eot_samples={self.eot_samples!r} must be an integer >= 1")
         self._check_precision()
+        self._check_refill()
         self.validate()
+
+    def _check_refill(self) -> None:
+        if self.refill is None:
+            return
+        if isinstance(self.refill, bool) or not isinstance(self.refill, int) or self.refill < 1:
+            raise ConfigError(f"refill={self.refill!r} must be an integer >= 1 (the working set's size) or None")
+        name = self.name or type(self).__name__
+        if self.refill_rule() is None:
+            raise ConfigError(f"refill={self.refill}: {name} keeps state that is not per point; "
+                              f"only {', '.join(REFILLED)} refill their working set")
+        if self.eot_samples != 1:
+            raise ConfigError(f"refill={self.refill} with eot_samples={self.eot_samples}: EOT draws a random model's "
+                              "randomness per batch, not per point; refill runs without EOT")
+
+    def refill_rule(self) -> Refiller | None:
+        """The update rule as per-point steps (a :class:`~bastion.attacks.refill.RefillRule`), for
+        the attacks that can refill their working set (:data:`REFILLED`); ``None`` for the others."""
+        return None
 
     def _check_precision(self, why: str = "") -> None:
         """:class:`ConfigError` unless ``precision`` is one this attack can run in (``why``: the
@@ -478,6 +548,8 @@ class Attack(ABC):
             out["eps"] = None
         if out.get("precision") == DEFAULT_PRECISION:
             del out["precision"]
+        if out.get("refill", 0) is None:
+            del out["refill"]
         return out
 
     def replace(self, **changes: Any) -> Attack:
@@ -573,6 +645,9 @@ class Attack(ABC):
         verdict = None
         if queries is not None:
             check_queries(queries)
+        if attack.refill is not None and is_random(clf):
+            raise ConfigError(f"refill={attack.refill}: the model declares a random forward pass, whose draws are per "
+                              "batch, not per point; refill needs a deterministic model")
         if is_random(clf) and not judged_by_caller:
             verdict = Majority(clf, DEFAULT_QUERIES if queries is None else queries)
             if attack.needs_eot():
@@ -631,7 +706,13 @@ class Attack(ABC):
         clean_success = run.success.clone()
         run.prune()
         if not run.done and self.eps > 0:
-            self._run(run)
+            if self.refill is None:
+                self._run(run)
+            else:
+                rule = self.refill_rule()
+                if rule is None:  # refused when the attack was created
+                    raise TypeError(f"{self.name} has no refill rule")
+                rule.drive(run, self.refill, generator)
         cost = Cost(run.gradients, run.forwards, 0.0)
         outcome = CallOutcome(run.best, run.success, clean_success, cost)
         if verdict is not None:

@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bastion.attacks.base import Attack, AttackRun
-from bastion.attacks.pgd import iterate
+from bastion.attacks.pgd import iterate, steps_rule
+from bastion.attacks.refill import RefillRule
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
@@ -59,6 +60,9 @@ class BIM(Attack):
     def step_size(self) -> float:
         """The step size actually used."""
         return float(self.alpha) if self.alpha is not None else 1.25 * self.eps / self.steps
+
+    def refill_rule(self) -> RefillRule:
+        return steps_rule(self.steps, 1, lambda points: points.x, self.step_size, self.norm)
 
     def _run(self, run: AttackRun) -> None:
         iterate(run, run.x, self.step_size, self.steps, self.norm)

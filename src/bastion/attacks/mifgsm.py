@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from bastion.attacks.base import Attack, AttackRun, steepest_ascent
+from bastion.attacks.refill import RefillRule, State
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
@@ -62,7 +63,6 @@ class MIFGSM(Attack):
         return float(self.alpha) if self.alpha is not None else self.eps / self.steps
 
     def _run(self, run: AttackRun) -> None:
-        alpha = self.step_size
         x_adv: torch.Tensor = run.x
         momentum = torch.zeros_like(run.x)
         for _ in range(self.steps):
@@ -70,8 +70,21 @@ class MIFGSM(Attack):
             x_adv, grad, momentum = run.prune(x_adv, grad, momentum)
             if run.done:
                 return
-            scale = grad.abs().reshape(grad.shape[0], -1).mean(dim=1).view(-1, *([1] * (grad.dim() - 1)))
-            normalised = torch.where(scale > 0, grad / scale.clamp_min(1e-30), torch.zeros_like(grad))
-            momentum = normalised + self.decay * momentum
-            x_adv = run.project(x_adv + alpha * steepest_ascent(momentum, self.norm))
+            x_next, momentum = self.momentum_step(x_adv, grad, momentum)
+            x_adv = run.project(x_next)
         run.finish(x_adv)
+
+    def momentum_step(self, x_adv: torch.Tensor, grad: torch.Tensor,
+                      momentum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step before the projection, and the new momentum."""
+        scale = grad.abs().reshape(grad.shape[0], -1).mean(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+        normalised = torch.where(scale > 0, grad / scale.clamp_min(1e-30), torch.zeros_like(grad))
+        momentum = normalised + self.decay * momentum
+        return x_adv + self.step_size * steepest_ascent(momentum, self.norm), momentum
+
+    def refill_rule(self) -> RefillRule:
+        def step(x_adv: torch.Tensor, grad: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+            x_next, momentum = self.momentum_step(x_adv, grad, state[0])
+            return x_next, (momentum,)
+
+        return RefillRule(self.steps, 1, lambda points: points.x, step, state=1)

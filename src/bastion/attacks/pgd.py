@@ -16,13 +16,20 @@ not yet broken (when early stopping is on).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from bastion.attacks.base import Attack, AttackRun, flat_norm, steepest_ascent
+from bastion.attacks.refill import Arrivals, RefillRule
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError
+
+
+def ascend(x_adv: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    """One step of size ``alpha`` along the steepest ascent of ``grad`` (before projection)."""
+    return x_adv + alpha * steepest_ascent(grad, norm)
 
 
 def iterate(run: AttackRun, x_adv: torch.Tensor, alpha: float, steps: int, norm: str) -> None:
@@ -34,8 +41,14 @@ def iterate(run: AttackRun, x_adv: torch.Tensor, alpha: float, steps: int, norm:
         x_adv, grad = run.prune(x_adv, grad)
         if run.done:
             return
-        x_adv = run.project(x_adv + alpha * steepest_ascent(grad, norm))
+        x_adv = run.project(ascend(x_adv, grad, alpha, norm))
     run.finish(x_adv)
+
+
+def steps_rule(steps: int, restarts: int, start: Callable[[Arrivals], torch.Tensor], alpha: float,
+               norm: str) -> RefillRule:
+    """The per-point form of :func:`iterate` from ``start``, for :mod:`bastion.attacks.refill`."""
+    return RefillRule(steps, restarts, start, lambda x_adv, grad, state: (ascend(x_adv, grad, alpha, norm), state))
 
 
 @register("pgd", summary="Projected gradient descent (Madry et al. 2018), random start + restarts")
@@ -72,7 +85,10 @@ class PGD(Attack):
     def step_size(self) -> float:
         return float(self.alpha) if self.alpha is not None else 2.5 * self.eps / self.steps
 
-    def _start(self, run: AttackRun) -> torch.Tensor:
+    def refill_rule(self) -> RefillRule:
+        return steps_rule(self.steps, self.restarts, self._start, self.step_size, self.norm)
+
+    def _start(self, run: AttackRun | Arrivals) -> torch.Tensor:
         if not self.random_start:
             return run.x
         if self.norm == "linf":

@@ -53,12 +53,15 @@ def attack_label(attack: Attack) -> str:
 
 
 def row_label(attack: Attack, prefix: str = "") -> str:
-    """Row label: e.g. ``pgd-20``, ``pgd-20-bf16``, ``eot-pgd-20x10``, ``autoattack-rand``, ``transfer-pgd-20``."""
+    """Row label: e.g. ``pgd-20``, ``pgd-20-bf16``, ``pgd-20-refill``, ``eot-pgd-20x10``, ``autoattack-rand``,
+    ``transfer-pgd-20``."""
     if attack.name == "autoattack":
         return f"{prefix}autoattack-{getattr(attack, 'version', 'standard')}"
     base = attack_label(attack)
     if getattr(attack, "precision", "fp32") != "fp32":  # gradients in bf16/fp16: another row than fp32's
         base = f"{base}-{attack.precision}"
+    if getattr(attack, "refill", None) is not None:  # per-point random starts: another row than batch order's
+        base = f"{base}-refill"
     if attack.eot_samples > 1:
         base = f"eot-{base}x{attack.eot_samples}"
     return prefix + base

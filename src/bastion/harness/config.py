@@ -44,6 +44,7 @@ from bastion import data as data_mod
 from bastion.config import from_dict, load_toml, option, to_dict
 from bastion.errors import ConfigError
 from bastion.eval.settings import PAPER, PROTOCOLS, EvaluationSection
+from bastion.eval.threats import row_label
 from bastion.harness import user_models
 from bastion.models.user import OUTPUTS
 from bastion.train.config import TrainConfig
@@ -274,12 +275,26 @@ class HarnessConfig:
             raise ConfigError(f"dataset.path={self.dataset.path!r} evaluates on an image folder, but models {trained} "
                               "would be trained here on dataset.name's training split; with dataset.path give only "
                               "user models (source = ...)")
+        self._check_row_labels()
         for m in self.models:
             self.train_config(m)  # every model's training config is valid
             if not self.protocols_for(m):
                 raise ConfigError(f"evaluation.protocols={self.evaluation.protocols!r} gives user model {m.id!r} "
                                   "nothing to run: without a defense it has no paper threat model; add 'adaptive', "
                                   "or name the defense it implements (defense = NAME)")
+
+    def _check_row_labels(self) -> None:
+        """Rows are keyed by their label and budget: two [[attacks]] tables that give the same label
+        at a shared eps would keep only one row, so they are refused."""
+        seen: dict[tuple[str, float], int] = {}
+        for i, a in enumerate(self.attacks):
+            label = row_label(attacks.create(a.name, eps=float(a.eps[0]), **a.params))
+            for e in a.eps:
+                j = seen.setdefault((label, float(e)), i)
+                if j != i:
+                    raise ConfigError(f"attacks[{i}] ({a.name}, params={a.params}) gives the row label {label!r} at "
+                                      f"eps {e:g}, as attacks[{j}] does; a row is kept per label and budget, so one "
+                                      "would replace the other: change a step count or drop one table")
 
     # ------------------------------------------------------------------ derived
     def model(self, model_id: str) -> ModelEntry:

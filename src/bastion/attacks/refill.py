@@ -1,0 +1,210 @@
+"""Refilling the working set: under early stopping, every gradient step on a full batch.
+
+Under early stopping the engine drops a point as soon as it breaks, so a batch's working set
+shrinks as the attack goes on, and the last steps run on a few points, where a step costs more
+per point. An attack created with ``refill=B`` instead keeps up to ``B`` points in its working
+set for the whole call: the call's next points join as others break or run out of steps and
+restarts. Each point carries its own state (iterate, step count, restart, momentum) and draws
+its randomness from a generator of its own, seeded from the call's generator and the point's
+position (:func:`point_seed`). So a point's trajectory does not depend on the points that share
+its batch: **point i of a refilled call gets what the same attack without refill gives it when
+called on that point alone** with ``generator=torch.Generator().manual_seed(point_seed(base,
+i))``, ``base`` being :func:`base_seed` of the call's generator: the same outcome, iterates and
+cost (tests/test_attacks_refill.py checks it for each attack below). A float can still differ in
+its last bits where a convolution library computes a batch differently from a single point.
+
+The call is large: hand the attack all the points (the evaluation's ``batch_size`` many) and
+set ``refill`` to the batch that runs well on the device. The random starts are not those of a
+call without refill (that one draws them from one generator in batch order), so ``refill`` is in
+the attack's ``params`` and its rows are not the rows without it.
+
+Built for the attacks whose update rule is a fixed number of steps with per-point state,
+:data:`~bastion.attacks.base.REFILLED`. Not built: APGD (its step sizes and checkpoints), FAB, Square, C&W, DeepFool,
+L-BFGS, TPGD (its loss reads the clean logits), compositions, EOT, and random models, whose draws
+are per batch: each refuses ``refill`` with a :class:`~bastion.errors.ConfigError`. The lean
+training path (:func:`bastion.attacks.lean.craft`) never stops early, so it ignores ``refill``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bastion.attacks.base import REFILLED, AttackRun, project
+
+#: per-point state tensors of an update rule (each shaped like the inputs)
+State = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class RefillRule:
+    """An update rule as per-point steps, what :func:`drive` runs.
+
+    Attributes:
+        steps: gradient steps per restart (the last iterate is then checked, forward only).
+        restarts: starts per point (a point that breaks under early stopping starts no more).
+        start: the first iterate of the points of an :class:`Arrivals` (the attack's own start).
+        step: ``(x_adv, grad, state) -> (x_next, state)``: one step before the projection.
+        state: the number of per-point state tensors, zero at each start (MI-FGSM's momentum: 1).
+    """
+
+    steps: int
+    restarts: int
+    start: Callable[[Arrivals], torch.Tensor]
+    step: Callable[[torch.Tensor, torch.Tensor, State], tuple[torch.Tensor, State]]
+    state: int = 0
+
+    def drive(self, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
+        """Run this rule on ``run`` (after the engine's clean check) with a working set of
+        ``capacity`` points kept full while points remain."""
+        drive(self, run, capacity, generator)
+
+
+class Arrivals:
+    """The points that (re)start, as an attack's start sees a run: ``x``, ``uniform``, ``normal``
+    and ``project``; each row's noise comes from that point's own generator."""
+
+    def __init__(self, run: AttackRun, rows: torch.Tensor, gens: list[torch.Generator]) -> None:
+        self.x = run.x.index_select(0, rows)
+        self._run = run
+        self._gens = gens
+
+    def _per_row(self, like: torch.Tensor,
+                 draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> torch.Tensor:
+        parts = [draw(torch.empty_like(like[i : i + 1], device=g.device), g) for i, g in enumerate(self._gens)]
+        return torch.cat(parts).to(like.device)
+
+    def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return self._per_row(like, lambda t, g: t.uniform_(low, high, generator=g))
+
+    def normal(self, like: torch.Tensor) -> torch.Tensor:
+        return self._per_row(like, lambda t, g: t.normal_(generator=g))
+
+    def project(self, x_adv: torch.Tensor) -> torch.Tensor:
+        r = self._run
+        return project(x_adv.detach(), self.x, r.norm, r.eps, r.bounds)
+
+
+def base_seed(generator: torch.Generator | None, device: torch.device) -> int:
+    """The one number a refilled call draws from its generator (the global RNG if ``None``);
+    every point's own seed derives from it."""
+    if generator is None:
+        return int(torch.randint(2**62, (1,)))
+    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+
+
+def point_seed(base: int, position: int) -> int:
+    """The seed of the generator of the call's point at ``position``."""
+    digest = hashlib.blake2b(f"bastion-refill/{base}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _Streams:
+    """Each point's generator, made when the point first draws (seeded :func:`point_seed`)."""
+
+    def __init__(self, base: int, device: torch.device) -> None:
+        self.base = base
+        # MPS has no generators of its own: draw on the CPU
+        self.device = device if device.type != "mps" else torch.device("cpu")
+        self.gens: dict[int, torch.Generator] = {}
+
+    def of(self, positions: torch.Tensor) -> list[torch.Generator]:
+        out = []
+        for p in positions.tolist():
+            if p not in self.gens:
+                self.gens[p] = torch.Generator(device=self.device).manual_seed(point_seed(self.base, p))
+            out.append(self.gens[p])
+        return out
+
+    def forget(self, positions: torch.Tensor) -> None:
+        for p in positions.tolist():
+            self.gens.pop(p, None)
+
+
+@dataclass
+class _Points:
+    """The working set's per-point state, row for row with the run's working set."""
+
+    x_adv: torch.Tensor
+    t: torch.Tensor
+    restart: torch.Tensor
+    state: State
+
+    def rows(self, keep: torch.Tensor) -> _Points:
+        return _Points(self.x_adv[keep], self.t[keep], self.restart[keep], tuple(s[keep] for s in self.state))
+
+    def then(self, other: _Points) -> _Points:
+        return _Points(torch.cat([self.x_adv, other.x_adv]), torch.cat([self.t, other.t]),
+                       torch.cat([self.restart, other.restart]),
+                       tuple(torch.cat([a, b]) for a, b in zip(self.state, other.state, strict=True)))
+
+
+def _fresh(rule: RefillRule, x0: torch.Tensor, restart: torch.Tensor) -> _Points:
+    zeros = torch.zeros_like(restart)
+    return _Points(x0, zeros, restart, tuple(torch.zeros_like(x0) for _ in range(rule.state)))
+
+
+def _admit(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points, queue: torch.Tensor,
+           capacity: int) -> tuple[_Points, torch.Tensor]:
+    """The working set filled up to ``capacity`` from the front of ``queue``; the rest of it."""
+    new, queue = queue[: capacity - run.n], queue[capacity - run.n :]
+    if new.numel() == 0:
+        return pts, queue
+    first = run.n
+    run.admit(new)
+    rows = torch.arange(first, run.n, device=new.device)
+    x0 = rule.start(Arrivals(run, rows, streams.of(new)))
+    return pts.then(_fresh(rule, x0, torch.zeros_like(new))), queue
+
+
+def _end_of_steps(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points) -> _Points:
+    """The points at their last iterate are checked; those with restarts left and (under early
+    stopping) not broken start again, the others leave the working set."""
+    fin = pts.t == rule.steps
+    if not bool(fin.any()):
+        return pts
+    run.check_rows(fin, pts.x_adv)
+    broken = run.success.index_select(0, run.idx) if run.early_stop else torch.zeros_like(fin)
+    again = fin & ~broken & (pts.restart + 1 < rule.restarts)
+    if bool(again.any()):
+        rows = again.nonzero().squeeze(1)
+        x0 = rule.start(Arrivals(run, rows, streams.of(run.idx.index_select(0, rows))))
+        fresh = _fresh(rule, x0, pts.restart.index_select(0, rows) + 1)
+        pts = _Points(pts.x_adv.index_copy(0, rows, fresh.x_adv), pts.t.index_copy(0, rows, fresh.t),
+                      pts.restart.index_copy(0, rows, fresh.restart),
+                      tuple(s.index_copy(0, rows, f) for s, f in zip(pts.state, fresh.state, strict=True)))
+    leave = fin & ~again
+    streams.forget(run.idx[leave])
+    (kept,) = run.prune(torch.arange(run.n, device=leave.device), keep=~leave)
+    return pts.rows(kept)
+
+
+def drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
+    """:meth:`RefillRule.drive`: the loop. Each pass admits points up to ``capacity``, takes one
+    gradient step on the working set, drops the points that broke, and checks (then restarts or
+    drops) the points at their last step."""
+    streams = _Streams(base_seed(generator, run.x.device), run.x.device)
+    queue = run.idx
+    run.prune(keep=torch.zeros(run.n, dtype=torch.bool, device=queue.device))  # the queue, not the set
+    pts = _fresh(rule, run.x, queue[:0])
+    while True:
+        pts, queue = _admit(run, rule, streams, pts, queue, capacity)
+        if run.done:
+            return
+        _, grad, _ = run.loss_grad(run.adopt(pts.x_adv))
+        before = run.idx
+        kept, grad = run.prune(torch.arange(run.n, device=grad.device), grad)
+        if kept.numel() < before.numel():
+            streams.forget(before[~torch.isin(before, run.idx)])
+            pts = pts.rows(kept)
+        if run.done:
+            continue
+        x_next, state = rule.step(pts.x_adv, grad, pts.state)
+        pts = _Points(run.project(x_next), pts.t + 1, pts.restart, state)
+        pts = _end_of_steps(run, rule, streams, pts)
+
+
+__all__ = ["REFILLED", "Arrivals", "RefillRule", "base_seed", "drive", "point_seed"]
