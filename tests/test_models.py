@@ -17,6 +17,7 @@ EXPECTED = {
     "mnist-cnn",
     "cifar-cnn",
     "madry-mnist",
+    "wong-mnist",
     "resnet18",
     "resnet32",
     "resnet50",
@@ -240,3 +241,11 @@ def test_features_feed_the_head(name: str) -> None:
         assert f.shape == (2, net.feature_dim)  # type: ignore[attr-defined]
         head = net.fc2 if name == "lenet5" else net.fc  # type: ignore[attr-defined]
         assert torch.allclose(net(x), head(f))
+
+
+def test_wong_mnist_is_their_network() -> None:
+    """Wong et al.'s fast-AT MNIST network: 16 and 32 filters of 4x4 at stride 2, fc 100
+    (166,406 weights), on 28x28 and on the 8x8 digits."""
+    net = create("wong-mnist", seed=0)
+    assert sum(p.numel() for p in net.parameters()) == 16 * 16 + 16 + 32 * 16 * 16 + 32 + 1568 * 100 + 100 + 1010
+    assert create("wong-mnist", seed=0, input_size=8)(torch.rand(3, 1, 8, 8)).shape == (3, 10)

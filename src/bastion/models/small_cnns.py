@@ -1,12 +1,15 @@
-"""Small fixed-size CNNs: seed 003's MNIST and CIFAR-10 models, and Madry et al.'s MNIST model.
+"""Small fixed-size CNNs: seed 003's MNIST and CIFAR-10 models, Madry et al.'s and Wong et al.'s
+MNIST models.
 
 * ``mnist-cnn``: seed 003, Table 2 (a Keras-style MNIST CNN).
 * ``cifar-cnn``: seed 003, Table 3 (a Keras-style CIFAR-10 CNN).
 * ``madry-mnist``: the MNIST network of Madry, Makelov, Schmidt, Tsipras and Vladu,
   "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
+* ``wong-mnist``: the MNIST network of Wong, Rice and Kolter, "Fast is better than free:
+  Revisiting adversarial training", ICLR 2020 (their fast-AT MNIST experiments).
 
 Seed 003 built its models in Keras, whose ``Conv2D`` default is ``padding="valid"``; the
-tables give no padding, so both seed-003 models use no padding. All three models end in a
+tables give no padding, so both seed-003 models use no padding. All four models end in a
 flatten + linear layer sized for ``input_size`` (measured with a dummy forward at
 construction), so they are registered with ``fixed_size=True``.
 """
@@ -175,6 +178,48 @@ class MadryMnist(nn.Module):
         return self.fc2(self.features(x))
 
 
+class WongMnist(nn.Module):
+    """The MNIST network of Wong et al.'s fast adversarial training (ICLR 2020).
+
+    Layers (input ``(N, C, H, W)``; sizes for 28x28 in brackets): ``conv1`` 16@4x4, stride 2,
+    padding 1, ReLU ``(N, 16, 14, 14)``; ``conv2`` 32@4x4, stride 2, padding 1, ReLU
+    ``(N, 32, 7, 7)``; flatten ``(N, 1568)``; ``fc1`` 100 + ReLU; ``fc2`` ``num_classes`` logits.
+
+    Attributes:
+        first_layer: ``conv1``.
+        feature_dim: 100, the width of the activations fed to ``fc2``.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: tuple[int, int] = (28, 28)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=4, stride=2, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=4, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        flat = flatten_size(self, self._conv_features, in_channels, input_size, arch="wong-mnist")
+        self.fc1 = nn.Linear(flat, 100)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(100, num_classes)
+        self.feature_dim = 100
+
+    @property
+    def first_layer(self) -> nn.Conv2d:
+        """The first weight layer, ``conv1`` (16 filters of 4x4)."""
+        return self.conv1
+
+    def _conv_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolutional part: ``(N, C, H, W)`` -> ``(N, 32, H//4, W//4)``."""
+        return self.relu2(self.conv2(self.relu1(self.conv1(x))))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations ``(N, 100)`` fed to the output layer."""
+        return self.relu3(self.fc1(torch.flatten(self._conv_features(x), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` for normalised inputs ``(N, C, H, W)``."""
+        return self.fc2(self.features(x))
+
+
 @register("mnist-cnn", summary="Seed 003's MNIST CNN (Table 2): 2 conv 5x5, dense 128, dropout", **_MNIST)
 def mnist_cnn(*, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     """Build :class:`MnistCNN` (bare; :func:`bastion.models.create` adds normalisation)."""
@@ -191,3 +236,9 @@ def cifar_cnn(*, num_classes: int, in_channels: int, input_size: tuple[int, int]
 def madry_mnist(*, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
     """Build :class:`MadryMnist` (bare; :func:`bastion.models.create` adds normalisation)."""
     return MadryMnist(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+
+
+@register("wong-mnist", summary="Wong et al. (2020) fast-AT MNIST CNN: 2 conv 4x4 stride 2, fc 100", **_MNIST)
+def wong_mnist(*, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> nn.Module:
+    """Build :class:`WongMnist` (bare; :func:`bastion.models.create` adds normalisation)."""
+    return WongMnist(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
