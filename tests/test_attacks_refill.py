@@ -57,6 +57,22 @@ def test_each_point_gets_what_it_gets_alone(lenet64: models.Classifier, batch: t
     assert res.params["refill"] == 5 and "refill" not in alone.params
 
 
+def test_targeted_points_get_what_they_get_alone(lenet64: models.Classifier,
+                                                 batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch[0][:N].double(), batch[1][:N]
+    t = (y + 1 + torch.arange(N) % 9) % 10
+    params = {"eps": 0.15, "steps": 8, "alpha": 0.03, "restarts": 2}
+    refilled = attacks.create("pgd", refill=6, **params)
+    res = refilled(lenet64, x, y, targets=t, generator=torch.Generator().manual_seed(3))
+    base = base_seed(torch.Generator().manual_seed(3), x.device)
+    alone = attacks.create("pgd", **params)
+    singles = [alone(lenet64, x[i : i + 1], y[i : i + 1], targets=t[i : i + 1],
+                     generator=torch.Generator().manual_seed(point_seed(base, i))) for i in range(N)]
+    assert torch.equal(res.success, torch.cat([s.success for s in singles]))
+    assert 0 < int(res.success.sum()) < N
+    torch.testing.assert_close(res.x_adv, torch.cat([s.x_adv for s in singles]), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5], ids=["pgd-linf", "pgd-l2", "bim", "mifgsm"])
 def test_budget_and_bounds_hold(lenet: models.Classifier, batch: tuple[torch.Tensor, torch.Tensor],
                                 name: str, params: dict[str, Any]) -> None:
