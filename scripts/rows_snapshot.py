@@ -51,12 +51,12 @@ def _histories(models: Path) -> list[str]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--title", default="")
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     db = args.out_dir / "results.sqlite"
     if not db.is_file():
         print(f"out_dir={str(args.out_dir)!r}: no results.sqlite there", file=sys.stderr)
