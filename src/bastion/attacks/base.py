@@ -637,10 +637,7 @@ class Attack(ABC):
         clf.check_inputs(x, name="x")
         y = check_labels(y, x, clf, "y")
         if targets is not None:
-            targets = check_labels(targets, x, clf, "targets")
-            if bool((targets == y).any()):
-                i = int((targets == y).nonzero()[0])
-                raise InputError(f"targets[{i}]={int(targets[i])} equals the true label; a target must differ from y")
+            targets = _check_targets(targets, y, x, clf)
         attack = self.with_budget(x, clf.bounds)
         verdict = None
         if queries is not None:
@@ -721,6 +718,15 @@ class Attack(ABC):
         if run.autocast is not None:
             details = {"fp32_recheck": {"checked": run.rechecked, "overturned": run.overturned}}
         return outcome.result(self, x, start, targets is not None, verdict, details)
+
+
+def _check_targets(targets: torch.Tensor, y: torch.Tensor, x: torch.Tensor, clf: Classifier) -> torch.Tensor:
+    """``targets`` checked like labels, and each different from its point's true label."""
+    targets = check_labels(targets, x, clf, "targets")
+    if bool((targets == y).any()):
+        i = int((targets == y).nonzero()[0])
+        raise InputError(f"targets[{i}]={int(targets[i])} equals the true label; a target must differ from y")
+    return targets
 
 
 def _check_eps(eps: object, minimal: bool) -> None:
