@@ -124,6 +124,11 @@ def test_what_cannot_refill_says_so() -> None:
     x, y = points(flip)
     with pytest.raises(ConfigError, match="refill=4: the model declares a random forward pass"):
         attacks.create("pgd", eps=0.3, refill=4)(flip, x, y)
+    # inside a composition too, which calls its attacks' _execute itself
+    with pytest.raises(ConfigError, match="refill=4: the model declares a random forward pass"):
+        attacks.worst_case([attacks.create("pgd", eps=0.3, refill=4)])(flip, x, y)
+    with pytest.raises(ConfigError, match="refill=5: Cascade keeps state that is not per point"):
+        attacks.Cascade(attacks=(attacks.create("pgd", eps=0.3),), refill=5)
 
 
 def test_refilled_names_every_attack_with_a_rule() -> None:

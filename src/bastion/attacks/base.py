@@ -642,9 +642,6 @@ class Attack(ABC):
         verdict = None
         if queries is not None:
             check_queries(queries)
-        if attack.refill is not None and is_random(clf):
-            raise ConfigError(f"refill={attack.refill}: the model declares a random forward pass, whose draws are per "
-                              "batch, not per point; refill needs a deterministic model")
         if is_random(clf) and not judged_by_caller:
             verdict = Majority(clf, DEFAULT_QUERIES if queries is None else queries)
             if attack.needs_eot():
@@ -685,6 +682,9 @@ class Attack(ABC):
         """One call on validated inputs, the model in eval mode and ``eps`` resolved: the engine
         runs :meth:`_run` and ``verdict`` (when given) judges the clean and returned points.
         Compositions and transfer attacks override this, never :meth:`__call__`."""
+        if self.refill is not None and is_random(clf):  # here: compositions call their attacks' _execute
+            raise ConfigError(f"refill={self.refill}: the model declares a random forward pass, whose draws are per "
+                              "batch, not per point; refill needs a deterministic model")
         start = time.perf_counter()
         run = AttackRun(
             clf,

@@ -42,6 +42,7 @@ class Cascade(Attack):
 
     def __post_init__(self) -> None:
         self._check_precision("runs each attack in that attack's own precision: set it on the attacks")
+        self._check_refill()
         if not self.attacks:
             raise ConfigError("attacks: a composition needs at least one attack")
         for i, a in enumerate(self.attacks):
