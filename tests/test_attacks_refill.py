@@ -42,7 +42,7 @@ def test_each_point_gets_what_it_gets_alone(lenet64: models.Classifier, batch: t
     x, y = batch[0][:N].double(), batch[1][:N]
     refilled = attacks.create(name, refill=5, **params)
     res = refilled(lenet64, x, y, generator=torch.Generator().manual_seed(7))
-    base = base_seed(torch.Generator().manual_seed(7), x.device)
+    base = base_seed(torch.Generator().manual_seed(7))
     alone = attacks.create(name, **params)
     singles = [alone(lenet64, x[i : i + 1], y[i : i + 1], generator=torch.Generator().manual_seed(point_seed(base, i)))
                for i in range(N)]
@@ -64,7 +64,7 @@ def test_targeted_points_get_what_they_get_alone(lenet64: models.Classifier,
     params = {"eps": 0.15, "steps": 8, "alpha": 0.03, "restarts": 2}
     refilled = attacks.create("pgd", refill=6, **params)
     res = refilled(lenet64, x, y, targets=t, generator=torch.Generator().manual_seed(3))
-    base = base_seed(torch.Generator().manual_seed(3), x.device)
+    base = base_seed(torch.Generator().manual_seed(3))
     alone = attacks.create("pgd", **params)
     singles = [alone(lenet64, x[i : i + 1], y[i : i + 1], targets=t[i : i + 1],
                      generator=torch.Generator().manual_seed(point_seed(base, i))) for i in range(N)]

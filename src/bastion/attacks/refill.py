@@ -8,9 +8,11 @@ restarts. Each point carries its own state (iterate, step count, restart, moment
 its randomness from a generator of its own, seeded from the call's generator and the point's
 position (:func:`point_seed`). So a point's trajectory does not depend on the points that share
 its batch: **point i of a refilled call gets what the same attack without refill gives it when
-called on that point alone** with ``generator=torch.Generator().manual_seed(point_seed(base,
-i))``, ``base`` being :func:`base_seed` of the call's generator: the same outcome, iterates and
-cost (tests/test_attacks_refill.py checks it for each attack below). A float can still differ in
+called on that point alone** with a generator on the inputs' device seeded
+``point_seed(base_seed(generator), i)``: the same outcome, iterates and cost
+(tests/test_attacks_refill.py checks it on the CPU for each attack below). Not on MPS, where the
+points' generators draw on the CPU, and not across a CUDA out-of-memory split, where each half
+draws its own base seed. A float can still differ in
 its last bits where a convolution library computes a batch differently from a single point.
 
 The call is large: hand the attack all the points (the evaluation's ``batch_size`` many) and
@@ -41,7 +43,7 @@ State = tuple[torch.Tensor, ...]
 
 @dataclass(frozen=True)
 class RefillRule:
-    """An update rule as per-point steps, what :func:`drive` runs.
+    """An update rule as per-point steps, what :meth:`drive` runs.
 
     Attributes:
         steps: gradient steps per restart (the last iterate is then checked, forward only).
@@ -60,7 +62,7 @@ class RefillRule:
     def drive(self, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
         """Run this rule on ``run`` (after the engine's clean check) with a working set of
         ``capacity`` points kept full while points remain."""
-        drive(self, run, capacity, generator)
+        _drive(self, run, capacity, generator)
 
 
 class Arrivals:
@@ -88,7 +90,7 @@ class Arrivals:
         return project(x_adv.detach(), self.x, r.norm, r.eps, r.bounds)
 
 
-def base_seed(generator: torch.Generator | None, device: torch.device) -> int:
+def base_seed(generator: torch.Generator | None) -> int:
     """The one number a refilled call draws from its generator (the global RNG if ``None``);
     every point's own seed derives from it."""
     if generator is None:
@@ -182,11 +184,11 @@ def _end_of_steps(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Poi
     return pts.rows(kept)
 
 
-def drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
+def _drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
     """:meth:`RefillRule.drive`: the loop. Each pass admits points up to ``capacity``, takes one
     gradient step on the working set, drops the points that broke, and checks (then restarts or
     drops) the points at their last step."""
-    streams = _Streams(base_seed(generator, run.x.device), run.x.device)
+    streams = _Streams(base_seed(generator), run.x.device)
     queue = run.idx
     run.prune(keep=torch.zeros(run.n, dtype=torch.bool, device=queue.device))  # the queue, not the set
     pts = _fresh(rule, run.x, queue[:0])
@@ -207,4 +209,4 @@ def drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Gene
         pts = _end_of_steps(run, rule, streams, pts)
 
 
-__all__ = ["REFILLED", "Arrivals", "RefillRule", "base_seed", "drive", "point_seed"]
+__all__ = ["REFILLED", "Arrivals", "RefillRule", "base_seed", "point_seed"]
