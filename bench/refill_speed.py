@@ -1,18 +1,21 @@
-"""PGD-40 with a refilled working set (issue 16, item 1) against the engine's batches and
-torchattacks, interleaved in one run so that machine noise hits them alike.
+"""PGD-40 or APGD-CE with a refilled working set (issue 16, item 1) against the engine's batches
+and torchattacks, interleaved in one run so that machine noise hits them alike.
 
 Three contenders on the same points of an undefended LeNet-5 (the one of
-``bench/robust_vs_torchattacks.py``, 3 epochs of Adam, cached under ``runs/bench/``), PGD-40 of
-step 0.01 from a random start, at eps 0.1 (about half the points survive) and 0.3 (all break):
+``bench/robust_vs_torchattacks.py``, 3 epochs of Adam, cached under ``runs/bench/``), at eps 0.1
+(about half the points survive) and 0.3 (all break). ``--attack pgd``: PGD-40 of step 0.01 from
+a random start. ``--attack apgd-ce``: APGD-CE of ``--steps`` iterations (default 100, one run),
+at AutoAttack's variant of Algorithm 1 (torchattacks' APGD follows the same reference code).
 
 * ``batched``: Bastion's engine called on batches of B points (how the harness runs a row);
 * ``refill``: Bastion with ``refill=B``, one call on all N points (the working set kept at B);
-* ``torchattacks``: ``torchattacks.PGD`` on batches of B points (no early stopping).
+* ``torchattacks``: ``torchattacks.PGD`` or ``torchattacks.APGD`` on batches of B points (no
+  early stopping).
 
 Each is run once to warm up, then ``--repeats`` times in turn; the medians are printed with the
 ratios ``batched / refill`` (the speed-up refilling gives) and ``torchattacks / refill``.
 
-    .venv/bin/python bench/refill_speed.py [--n 4000] [--batch 500] [--repeats 3]
+    .venv/bin/python bench/refill_speed.py [--attack pgd] [--n 4000] [--batch 500] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,8 +33,19 @@ from bastion.utils.io import atomic_write_text
 from robust_vs_torchattacks import _model
 
 
+def _contenders(name: str, steps: int, eps: float, model: torch.nn.Module, ta: Any) -> tuple[attacks.Attack, Any]:
+    """Bastion's attack (without refill) and torchattacks' at the same settings."""
+    if name == "pgd":
+        return (attacks.create("pgd", eps=eps, steps=40, alpha=0.01),
+                ta.PGD(model, eps=eps, alpha=0.01, steps=40, random_start=True))
+    return (attacks.create("apgd-ce", eps=eps, steps=steps, variant="autoattack"),
+            ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attack", choices=("pgd", "apgd-ce"), default="pgd")
+    ap.add_argument("--steps", type=int, default=100, help="APGD-CE's iterations (PGD: 40)")
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
@@ -43,15 +58,15 @@ def main() -> None:
     model = _model("plain", torch.device("cpu"))
     te = data.load("mnist", "test")
     x, y, b = te.x[: args.n], te.y[: args.n], args.batch
-    lines = [f"refill_speed {datetime.datetime.now().isoformat(timespec='seconds')} torch {torch.__version__} "
+    lines = [f"refill_speed {args.attack} {datetime.datetime.now().isoformat(timespec='seconds')} "
+             f"torch {torch.__version__} "
              f"torchattacks {torchattacks.__version__} threads={args.threads} n={args.n} batch={b} "
              f"repeats={args.repeats}"]
     robust: dict[str, int] = {}
     for eps in (0.1, 0.3):
         robust.clear()
-        batched = attacks.create("pgd", eps=eps, steps=40, alpha=0.01)
+        batched, theirs = _contenders(args.attack, args.steps, eps, model, torchattacks)
         refilled = batched.replace(refill=b)
-        theirs = torchattacks.PGD(model, eps=eps, alpha=0.01, steps=40, random_start=True)
 
         def run_batched(atk=batched) -> None:
             res = [atk(model, x[i : i + b], y[i : i + b], generator=torch.Generator().manual_seed(i))
@@ -72,7 +87,8 @@ def main() -> None:
                      f"torchattacks {t_t:.2f}; batched/refill {t_b / t_r:.2f}x, torchattacks/refill {t_t / t_r:.2f}x, "
                      f"torchattacks/batched {t_t / t_b:.2f}x")
         print(lines[-1], flush=True)
-    out = Path(args.out) / f"refill_speed_{datetime.date.today().isoformat()}_cpu{args.threads}.txt"
+    tag = "" if args.attack == "pgd" else f"_{args.attack}{args.steps}"
+    out = Path(args.out) / f"refill_speed{tag}_{datetime.date.today().isoformat()}_cpu{args.threads}.txt"
     atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from _flip_model import FlipNet, points
 from bastion import attacks, models
+from bastion.attacks.apgd import APGD
 from bastion.attacks.base import REFILLED
 from bastion.attacks.refill import base_seed, point_seed
 from bastion.errors import ConfigError
@@ -27,6 +28,9 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("bim", {"eps": 0.12, "steps": 8}),
     ("mifgsm", {"eps": 0.12, "steps": 8}),
     ("mifgsm", {"eps": 1.5, "norm": "l2", "steps": 6}),
+    ("apgd-ce", {"eps": 0.1, "steps": 12, "restarts": 2}),
+    ("apgd-ce", {"eps": 0.1, "steps": 10, "restarts": 2, "variant": "autoattack", "early_stop": False}),
+    ("apgd-dlr", {"eps": 1.2, "norm": "l2", "steps": 12, "restarts": 2}),
 ]
 
 
@@ -57,6 +61,20 @@ def test_each_point_gets_what_it_gets_alone(lenet64: models.Classifier, batch: t
     assert res.params["refill"] == 5 and "refill" not in alone.params
 
 
+@pytest.mark.parametrize("variant", ["paper", "autoattack"])
+def test_apgd_points_halve_their_steps_alone(lenet64: models.Classifier, batch: tuple[torch.Tensor, torch.Tensor],
+                                             variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The APGD cases above reach checkpoints where some points halve their step and others do
+    not, so the per-point checkpoint test is exercised (not only the momentum step)."""
+    halved: list[bool] = []
+    monkeypatch.setattr(APGD, "_on_checkpoint", lambda _self, _k, _eta, h: halved.extend(h.tolist()))
+    x, y = batch[0][:N].double(), batch[1][:N]
+    alone = attacks.create("apgd-ce", eps=0.1, steps=12, variant=variant)
+    for i in range(N):
+        alone(lenet64, x[i : i + 1], y[i : i + 1], generator=torch.Generator().manual_seed(i))
+    assert any(halved) and not all(halved)
+
+
 def test_targeted_points_get_what_they_get_alone(lenet64: models.Classifier,
                                                  batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = batch[0][:N].double(), batch[1][:N]
@@ -73,7 +91,8 @@ def test_targeted_points_get_what_they_get_alone(lenet64: models.Classifier,
     torch.testing.assert_close(res.x_adv, torch.cat([s.x_adv for s in singles]), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5], ids=["pgd-linf", "pgd-l2", "bim", "mifgsm"])
+@pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5] + CASES[6:],
+                         ids=["pgd-linf", "pgd-l2", "bim", "mifgsm", "apgd-ce", "apgd-ce-aa", "apgd-dlr-l2"])
 def test_budget_and_bounds_hold(lenet: models.Classifier, batch: tuple[torch.Tensor, torch.Tensor],
                                 name: str, params: dict[str, Any]) -> None:
     x, y = batch
@@ -111,8 +130,8 @@ def test_the_working_set_stays_full(lenet: models.Classifier, batch: tuple[torch
 
 
 def test_what_cannot_refill_says_so() -> None:
-    for name in ("apgd-ce", "square", "tpgd", "autoattack"):
-        with pytest.raises(ConfigError, match=rf"refill=5: {name} .*only pgd, bim, mifgsm"):
+    for name in ("apgd-t", "fab", "square", "tpgd", "autoattack"):
+        with pytest.raises(ConfigError, match=rf"refill=5: {name} .*only apgd-ce, apgd-dlr, bim, mifgsm, pgd"):
             attacks.create(name, eps=0.3, refill=5)
     with pytest.raises(ConfigError, match="refill=0 must be an integer >= 1"):
         attacks.create("pgd", eps=0.3, refill=0)

@@ -31,6 +31,7 @@ point inside a run as soon as it is adversarial.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ import torch
 
 from bastion.attacks import losses
 from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
+from bastion.attacks.refill import Arrivals, RefillRule, State
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_choice
 
@@ -83,7 +85,7 @@ def checkpoints(n_iter: int, variant: str = "paper") -> list[int]:
 
 def halve_step(
     increases: torch.Tensor,
-    interval: int,
+    interval: int | torch.Tensor,
     rho: float,
     halved_last: torch.Tensor,
     best_last: torch.Tensor,
@@ -95,7 +97,8 @@ def halve_step(
 
     Args:
         increases: ``(n,)`` number of steps since the last checkpoint that increased the loss.
-        interval: ``w_j - w_{j-1}``, the steps since the last checkpoint.
+        interval: ``w_j - w_{j-1}``, the steps since the last checkpoint (or ``(n,)`` float64,
+            one per point, when the points are at different checkpoints).
         rho: condition 1's threshold.
         halved_last: ``(n,)`` the step size was halved at the last checkpoint.
         best_last, best: ``(n,)`` the best loss at the last checkpoint and now.
@@ -130,6 +133,26 @@ def _needing_classes(loss: LossFn, k: int, field: str, value: str) -> LossFn:
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(n,)`` -> ``(n, 1, 1, ...)`` broadcasting against ``like``."""
     return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+@functools.cache
+def _interval_table(n_iter: int, variant: str, device: str) -> torch.Tensor:
+    """``(n_iter,)`` float64: at iteration ``w_j`` (a checkpoint ``0 < w_j < n_iter``) the
+    interval ``w_j - w_{j-1}``, elsewhere 0; a point at iteration ``t`` reads its entry."""
+    marks = [w for w in checkpoints(n_iter, variant) if w < n_iter]
+    table = torch.zeros(n_iter, dtype=torch.float64)
+    for prev, w in itertools.pairwise(marks):
+        table[w] = w - prev
+    return table.to(device)
+
+
+def _fresh_state(x0: torch.Tensor) -> State:
+    """A start's per-point state for :meth:`APGD._point_step` (overwritten at ``t = 0``):
+    ``(x_prev, f_prev, eta, f_max, x_max, g_max, increases, best_last, halved_last)``."""
+    n = x0.shape[0]
+    zeros = x0.new_zeros(n)
+    return (x0, zeros, zeros, zeros, x0, torch.zeros_like(x0), torch.zeros(n, dtype=torch.int64, device=x0.device),
+            zeros, torch.zeros(n, dtype=torch.bool, device=x0.device))
 
 
 #: builds the loss of a run from the carried per-sample state (it may close over targets)
@@ -180,7 +203,7 @@ class APGD(Attack):
         """Called at each checkpoint after the test, with the iteration ``w_j``, the ``(n,)``
         step sizes (already halved) and the ``(n,)`` halved mask. No-op; tests override it."""
 
-    def _start(self, run: AttackRun) -> torch.Tensor:
+    def _start(self, run: AttackRun | Arrivals) -> torch.Tensor:
         """AutoAttack's random start: L-inf, ``x + eps * t / ||t||_inf`` with
         ``t ~ U[-1, 1]^d`` (a point of the ball's surface); L2, ``x + eps * t / ||t||_2`` with
         ``t ~ N(0, I)``; clipped to the bounds."""
@@ -203,6 +226,49 @@ class APGD(Attack):
         if run.targeted:
             return _needing_classes(dlr_targeted_margin, 4, "loss", self.loss)
         return _needing_classes(losses.dlr, 3, "loss", self.loss)
+
+    # ---------------------------------------------------------------- per point (refill)
+    def refill_rule(self) -> RefillRule | None:
+        """Algorithm 1 with every point at its own iteration: :meth:`_descend`'s bookkeeping and
+        checkpoint test per point (:meth:`_point_step`); restarts skip broken points."""
+        return RefillRule(self.steps, self.restarts, lambda points: points.project(self._start(points)),
+                          self._point_step, fresh=_fresh_state, loss=self._loss, skip_broken=True)
+
+    def _point_step(self, run: AttackRun, x: torch.Tensor, g: torch.Tensor, f: torch.Tensor, t: torch.Tensor,
+                    state: State) -> tuple[torch.Tensor, State]:
+        """One iteration of :meth:`_descend` for points at iterations ``t`` (``(n,)``): with the
+        loss ``f`` and gradient ``g`` at ``x = x(t)``, track the best point, run the checkpoint
+        test where ``t`` is a checkpoint, and step to ``x(t + 1)`` (before its projection). At
+        ``t = 0`` the state is :meth:`_initial_state`'s."""
+        x_prev, f_prev, eta, f_max, x_max, g_max, increases, best_last, halved_last = state
+        reference = self.variant == "autoattack"
+        first = t == 0
+        increases = torch.where(first, 0, increases + (f > f_prev).long())
+        better = first | (f > f_max)
+        f_max = torch.where(better, f, f_max)
+        x_max = torch.where(_view(better, x), x, x_max)
+        g_max = torch.where(_view(better, g), g, g_max)
+        if bool(first.any()):
+            eta = torch.where(first, 2 * self.eps, eta)
+            best_last = torch.where(first, f, best_last)
+            halved_last = torch.where(first, reference, halved_last)
+        interval = _interval_table(self.steps, self.variant, str(t.device))[t]
+        mark = interval > 0
+        if bool(mark.any()):
+            halve = mark & halve_step(increases, interval, self.rho, halved_last, best_last, f_max,
+                                      strict=not reference)
+            eta = torch.where(halve, eta / 2, eta)
+            x = torch.where(_view(halve, x), x_max, x)
+            g = torch.where(_view(halve, g), g_max, g)
+            increases = torch.where(mark, 0, increases)
+            best_last = torch.where(mark, f_max, best_last)
+            halved_last = torch.where(mark, halve, halved_last)
+        a = _view(torch.where(first, 1.0, MOMENTUM).to(x.dtype), x)
+        with torch.no_grad():
+            z = run.project(x + _view(eta, x) * self._direction(g))
+            x_next = x + a * (z - x) + (1 - a) * (x - x_prev)
+        f_prev = torch.where(first, 0.0, f) if reference else f  # the reference's zero slot
+        return x_next, (x, f_prev, eta, f_max, x_max, g_max, increases, best_last, halved_last)
 
     # ---------------------------------------------------------------- the algorithm
     def _run(self, run: AttackRun) -> None:
@@ -323,6 +389,11 @@ class APGDT(APGD):
         k = self.n_target_classes
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"n_target_classes={k!r} must be an integer >= 1")
+
+    def refill_rule(self) -> RefillRule | None:
+        """None: the target classes come from a clean forward pass of each call's points (not
+        built per point)."""
+        return None
 
     def _run(self, run: AttackRun) -> None:
         if run.targeted:

@@ -83,8 +83,9 @@ class MIFGSM(Attack):
         return x_adv + self.step_size * steepest_ascent(momentum, self.norm), momentum
 
     def refill_rule(self) -> RefillRule:
-        def step(x_adv: torch.Tensor, grad: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        def step(_run: AttackRun, x_adv: torch.Tensor, grad: torch.Tensor, _loss: torch.Tensor, _t: torch.Tensor,
+                 state: State) -> tuple[torch.Tensor, State]:
             x_next, momentum = self.momentum_step(x_adv, grad, state[0])
             return x_next, (momentum,)
 
-        return RefillRule(self.steps, 1, lambda points: points.x, step, state=1)
+        return RefillRule(self.steps, 1, lambda points: points.x, step, fresh=lambda x0: (torch.zeros_like(x0),))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from bastion.attacks.base import Attack, AttackRun, flat_norm, steepest_ascent
-from bastion.attacks.refill import Arrivals, RefillRule
+from bastion.attacks.refill import Arrivals, RefillRule, State
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError
 
@@ -48,7 +48,11 @@ def iterate(run: AttackRun, x_adv: torch.Tensor, alpha: float, steps: int, norm:
 def steps_rule(steps: int, restarts: int, start: Callable[[Arrivals], torch.Tensor], alpha: float,
                norm: str) -> RefillRule:
     """The per-point form of :func:`iterate` from ``start``, for :mod:`bastion.attacks.refill`."""
-    return RefillRule(steps, restarts, start, lambda x_adv, grad, state: (ascend(x_adv, grad, alpha, norm), state))
+    def step(_run: AttackRun, x_adv: torch.Tensor, grad: torch.Tensor, _loss: torch.Tensor, _t: torch.Tensor,
+             state: State) -> tuple[torch.Tensor, State]:
+        return ascend(x_adv, grad, alpha, norm), state
+
+    return RefillRule(steps, restarts, start, step)
 
 
 @register("pgd", summary="Projected gradient descent (Madry et al. 2018), random start + restarts")

@@ -4,7 +4,8 @@ Under early stopping the engine drops a point as soon as it breaks, so a batch's
 shrinks as the attack goes on, and the last steps run on a few points, where a step costs more
 per point. An attack created with ``refill=B`` instead keeps up to ``B`` points in its working
 set for the whole call: the call's next points join as others break or run out of steps and
-restarts. Each point carries its own state (iterate, step count, restart, momentum) and draws
+restarts. Each point carries its own state (iterate, step count, restart, and the rule's own:
+MI-FGSM's momentum, APGD's step size, best point and checkpoint counters) and draws
 its randomness from a generator of its own, seeded from the call's generator and the point's
 position (:func:`point_seed`). So a point's trajectory does not depend on the points that share
 its batch: **point i of a refilled call gets what the same attack without refill gives it when
@@ -21,9 +22,10 @@ call without refill (that one draws them from one generator in batch order), so 
 the attack's ``params`` and its rows are not the rows without it.
 
 Built for the attacks whose update rule is a fixed number of steps with per-point state,
-:data:`~bastion.attacks.base.REFILLED`. Not built: APGD (its step sizes and checkpoints), FAB, Square, C&W, DeepFool,
-L-BFGS, TPGD (its loss reads the clean logits), compositions, EOT, and random models, whose draws
-are per batch: each refuses ``refill`` with a :class:`~bastion.errors.ConfigError`. The lean
+:data:`~bastion.attacks.base.REFILLED`. Not built: APGD-T (its target classes come from a clean
+forward pass of the call), FAB, Square, C&W, DeepFool, L-BFGS, TPGD (its loss reads the clean
+logits), compositions, EOT, and random models, whose draws are per batch: each refuses
+``refill`` with a :class:`~bastion.errors.ConfigError`. The lean
 training path (:func:`bastion.attacks.lean.craft`) never stops early, so it ignores ``refill``.
 """
 
@@ -35,10 +37,21 @@ from dataclasses import dataclass
 
 import torch
 
-from bastion.attacks.base import REFILLED, AttackRun, project
+from bastion.attacks.base import REFILLED, AttackRun, LossFn, project
 
 #: per-point state tensors of an update rule (each shaped like the inputs)
 State = tuple[torch.Tensor, ...]
+
+
+#: one step of a rule: ``(run, x, grad, loss, t, state) -> (x_next, state)``, on the working set
+#: (``run``'s rows): the iterate, the gradient and per-sample loss there, each point's ``(n,)``
+#: step count ``t`` (0 at a start), its state; ``x_next`` is projected by the driver.
+Step = Callable[[AttackRun, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, State],
+                tuple[torch.Tensor, State]]
+
+
+def _no_state(_x0: torch.Tensor) -> State:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -48,16 +61,23 @@ class RefillRule:
     Attributes:
         steps: gradient steps per restart (the last iterate is then checked, forward only).
         restarts: starts per point (a point that breaks under early stopping starts no more).
-        start: the first iterate of the points of an :class:`Arrivals` (the attack's own start).
-        step: ``(x_adv, grad, state) -> (x_next, state)``: one step before the projection.
-        state: the number of per-point state tensors, zero at each start (MI-FGSM's momentum: 1).
+        start: the first iterate of the points of an :class:`Arrivals` (the attack's own start,
+            inside the budget: an output of :meth:`Arrivals.project`, or the clean point).
+        step: one step before the projection (:data:`Step`).
+        fresh: the per-point state tensors at a start, from the start's iterates (MI-FGSM: a
+            zero momentum; APGD: its step sizes, best points and checkpoint counters).
+        loss: the per-sample loss the rule ascends, from the run (``None``: the engine's).
+        skip_broken: a restart skips the points already broken in this call even without
+            early stopping (APGD's restarts, as AutoAttack's); else only under early stopping.
     """
 
     steps: int
     restarts: int
     start: Callable[[Arrivals], torch.Tensor]
-    step: Callable[[torch.Tensor, torch.Tensor, State], tuple[torch.Tensor, State]]
-    state: int = 0
+    step: Step
+    fresh: Callable[[torch.Tensor], State] = _no_state
+    loss: Callable[[AttackRun], LossFn | None] | None = None
+    skip_broken: bool = False
 
     def drive(self, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
         """Run this rule on ``run`` (after the engine's clean check) with a working set of
@@ -66,11 +86,12 @@ class RefillRule:
 
 
 class Arrivals:
-    """The points that (re)start, as an attack's start sees a run: ``x``, ``uniform``, ``normal``
-    and ``project``; each row's noise comes from that point's own generator."""
+    """The points that (re)start, as an attack's start sees a run: ``x``, ``bounds``, ``uniform``,
+    ``normal`` and ``project``; each row's noise comes from that point's own generator."""
 
     def __init__(self, run: AttackRun, rows: torch.Tensor, gens: list[torch.Generator]) -> None:
         self.x = run.x.index_select(0, rows)
+        self.bounds = run.bounds
         self._run = run
         self._gens = gens
 
@@ -128,25 +149,35 @@ class _Streams:
 
 @dataclass
 class _Points:
-    """The working set's per-point state, row for row with the run's working set."""
+    """The working set's per-point state, row for row with the run's working set: the iterate,
+    the step count, the restart, whether the point broke at any iterate of this call, and the
+    rule's own state."""
 
     x_adv: torch.Tensor
     t: torch.Tensor
     restart: torch.Tensor
+    broken: torch.Tensor
     state: State
 
     def rows(self, keep: torch.Tensor) -> _Points:
-        return _Points(self.x_adv[keep], self.t[keep], self.restart[keep], tuple(s[keep] for s in self.state))
+        return _Points(self.x_adv[keep], self.t[keep], self.restart[keep], self.broken[keep],
+                       tuple(s[keep] for s in self.state))
 
     def then(self, other: _Points) -> _Points:
         return _Points(torch.cat([self.x_adv, other.x_adv]), torch.cat([self.t, other.t]),
-                       torch.cat([self.restart, other.restart]),
+                       torch.cat([self.restart, other.restart]), torch.cat([self.broken, other.broken]),
                        tuple(torch.cat([a, b]) for a, b in zip(self.state, other.state, strict=True)))
+
+    def restarted(self, rows: torch.Tensor, fresh: _Points) -> _Points:
+        """These points with the rows ``rows`` replaced by ``fresh`` (their ``broken`` kept)."""
+        return _Points(self.x_adv.index_copy(0, rows, fresh.x_adv), self.t.index_copy(0, rows, fresh.t),
+                       self.restart.index_copy(0, rows, fresh.restart), self.broken,
+                       tuple(s.index_copy(0, rows, f) for s, f in zip(self.state, fresh.state, strict=True)))
 
 
 def _fresh(rule: RefillRule, x0: torch.Tensor, restart: torch.Tensor) -> _Points:
-    zeros = torch.zeros_like(restart)
-    return _Points(x0, zeros, restart, tuple(torch.zeros_like(x0) for _ in range(rule.state)))
+    return _Points(x0, torch.zeros_like(restart), restart, torch.zeros_like(restart, dtype=torch.bool),
+                   rule.fresh(x0))
 
 
 def _admit(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points, queue: torch.Tensor,
@@ -163,21 +194,19 @@ def _admit(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points, qu
 
 
 def _end_of_steps(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points) -> _Points:
-    """The points at their last iterate are checked; those with restarts left and (under early
-    stopping) not broken start again, the others leave the working set."""
+    """The points at their last iterate are checked; those with restarts left and not broken
+    (under early stopping, or for a rule that skips broken points) start again, the others
+    leave the working set."""
     fin = pts.t == rule.steps
     if not bool(fin.any()):
         return pts
-    run.check_rows(fin, pts.x_adv)
-    broken = run.success.index_select(0, run.idx) if run.early_stop else torch.zeros_like(fin)
-    again = fin & ~broken & (pts.restart + 1 < rule.restarts)
+    pts.broken = pts.broken | run.check_rows(fin, pts.x_adv)
+    skip = pts.broken if (run.early_stop or rule.skip_broken) else torch.zeros_like(fin)
+    again = fin & ~skip & (pts.restart + 1 < rule.restarts)
     if bool(again.any()):
         rows = again.nonzero().squeeze(1)
         x0 = rule.start(Arrivals(run, rows, streams.of(run.idx.index_select(0, rows))))
-        fresh = _fresh(rule, x0, pts.restart.index_select(0, rows) + 1)
-        pts = _Points(pts.x_adv.index_copy(0, rows, fresh.x_adv), pts.t.index_copy(0, rows, fresh.t),
-                      pts.restart.index_copy(0, rows, fresh.restart),
-                      tuple(s.index_copy(0, rows, f) for s, f in zip(pts.state, fresh.state, strict=True)))
+        pts = pts.restarted(rows, _fresh(rule, x0, pts.restart.index_select(0, rows) + 1))
     leave = fin & ~again
     streams.forget(run.idx[leave])
     (kept,) = run.prune(torch.arange(run.n, device=leave.device), keep=~leave)
@@ -189,6 +218,7 @@ def _drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Gen
     gradient step on the working set, drops the points that broke, and checks (then restarts or
     drops) the points at their last step."""
     streams = _Streams(base_seed(generator), run.x.device)
+    loss_fn = rule.loss(run) if rule.loss is not None else None
     queue = run.idx
     run.prune(keep=torch.zeros(run.n, dtype=torch.bool, device=queue.device))  # the queue, not the set
     pts = _fresh(rule, run.x, queue[:0])
@@ -196,17 +226,18 @@ def _drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Gen
         pts, queue = _admit(run, rule, streams, pts, queue, capacity)
         if run.done:
             return
-        _, grad, _ = run.loss_grad(run.adopt(pts.x_adv))
+        loss, grad, logits = run.loss_grad(run.adopt(pts.x_adv), loss_fn)
+        pts.broken = pts.broken | run.criterion(logits)
         before = run.idx
-        kept, grad = run.prune(torch.arange(run.n, device=grad.device), grad)
+        kept, loss, grad = run.prune(torch.arange(run.n, device=grad.device), loss, grad)
         if kept.numel() < before.numel():
             streams.forget(before[~torch.isin(before, run.idx)])
             pts = pts.rows(kept)
         if run.done:
             continue
-        x_next, state = rule.step(pts.x_adv, grad, pts.state)
-        pts = _Points(run.project(x_next), pts.t + 1, pts.restart, state)
+        x_next, state = rule.step(run, pts.x_adv, grad, loss, pts.t, pts.state)
+        pts = _Points(run.project(x_next), pts.t + 1, pts.restart, pts.broken, state)
         pts = _end_of_steps(run, rule, streams, pts)
 
 
-__all__ = ["REFILLED", "Arrivals", "RefillRule", "base_seed", "point_seed"]
+__all__ = ["REFILLED", "Arrivals", "RefillRule", "State", "Step", "base_seed", "point_seed"]
