@@ -362,8 +362,15 @@ def test_flags_artifacts_and_report_from_the_database(tmp_path, capsys):
     db = ResultsDB(cfg.db_path)
     flags = db.flags(config_hash=s.config_hash)
     assert flags and all(f.protocol == "adaptive" and f.detail for f in flags)
-    assert {a.kind for a in db.artifacts(config_hash=s.config_hash)} == {"gallery", "landscape"}
+    arts = {a.kind: a for a in db.artifacts(config_hash=s.config_hash)}
+    assert set(arts) == {"gallery", "landscape", "history"}
+    # the training history is the cached checkpoint's, epoch for epoch
+    meta = json.loads((Path(cfg.out_dir) / "models" / arts["history"].model_key / "final" / "meta.json").read_text())
+    assert [e["epoch"] for e in arts["history"].doc["epochs"]] == [h["epoch"] for h in meta["history"]]
+    assert [e["train_loss"] for e in arts["history"].doc["epochs"]] == [h["train_loss"] for h in meta["history"]]
+    assert len(meta["history"]) == cfg.training["epochs"] >= 1
     assert s.report is not None and s.report[1].is_file() and s.report[0].is_file()
+    assert "Training histories" in s.report[0].read_text()
     from bastion.cli import main
 
     out = tmp_path / "rebuilt"

@@ -166,6 +166,36 @@ def test_report_written_from_db_alone(report_db: tuple[ResultsDB, str, Path]) ->
     assert html_text.count("<img ") == len(re.findall(r"\]\((figures/[^)]+\.png)\)", text)) >= 6
 
 
+def test_training_history_shows_the_epochs_a_check_warned(tmp_path: Path) -> None:
+    """A fast-AT history whose held-out check warned (catastrophic overfitting) reaches the
+    report as a table, with the warned epochs counted and the last epoch called out."""
+    db = ResultsDB(tmp_path / "results.sqlite")
+    h = "beef5678"
+    db.add_evaluation(EvaluationRow(config_hash=h, experiment="fast", dataset="mnist", model_key="k-fast",
+                                    defense="fast-at", protocol="paper", attack="pgd", attack_label="pgd-40",
+                                    attack_params={}, norm="linf", eps=0.3, n=10, clean_accuracy=0.9,
+                                    robust_accuracy=0.0, robust=torch.zeros(10, dtype=torch.bool)))
+    meta = {"best_epoch": 3, "history": [
+        {"epoch": 1, "lr": 0.001, "seconds": 10.0, "train_loss": 1.2, "train_acc": 0.6, "val_acc": None,
+         "extra": {"holdout_pgd_acc": 0.5, "holdout_attack_acc": 0.6}},
+        {"epoch": 2, "lr": 0.002, "seconds": 11.0, "train_loss": 0.4, "train_acc": 0.9, "val_acc": None,
+         "extra": {"holdout_pgd_acc": 0.0, "holdout_attack_acc": 0.9, "pgd_far_below_training_attack": True}},
+        {"epoch": 3, "lr": 0.0, "seconds": 12.0, "train_loss": 0.2, "train_acc": 0.95, "val_acc": None,
+         "extra": {"holdout_pgd_acc": 0.0, "holdout_attack_acc": 0.97, "pgd_far_below_training_attack": True}},
+    ]}
+    doc, tensors = artifacts.training_history(meta)
+    assert tensors is None and [e["holdout_pgd_acc"] for e in doc["epochs"]] == [0.5, 0.0, 0.0]
+    db.add_artifact(ArtifactRow(config_hash=h, model_key="k-fast", kind="history", name="fast-at", doc=doc))
+    db.add_artifact(ArtifactRow(config_hash=h, model_key="k-empty", kind="history", name="user",
+                                doc=artifacts.training_history({})[0]))
+    md, _ = write_report(db, h, tmp_path / "out")
+    text = md.read_text()
+    part = text[text.index("Training histories"):]
+    assert "pgd_far_below_training_attack in 2 of 3 epochs" in part
+    assert "in the last epoch too: pgd_far_below_training_attack" in part and "best epoch 3" in part
+    assert part.count("| 0.97 |") == 1 and "user" not in part  # the table's rows; an empty history is left out
+
+
 def test_report_from_a_path_and_the_text_table(report_db: tuple[ResultsDB, str, Path]) -> None:
     """``write_report`` and ``table`` take a database path too; the text table has a line per
     (defense, protocol, attack), the per-budget aggregate last with the raised flags of its

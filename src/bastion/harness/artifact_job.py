@@ -1,5 +1,6 @@
 """Step 3 of a run: one model's report figures, a gallery of adversarial examples and a loss
-landscape, stored as artifacts in the results database (skipped when already there)."""
+landscape, and its training history (from the cached checkpoint's metadata), stored as artifacts
+in the results database (each skipped when already there)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from bastion.data.base import ImageDataset
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random
 from bastion.eval.protocols import Subject, adaptive, build_attacks
-from bastion.harness.cache import load_cached
+from bastion.harness.cache import load_cached, model_dir
 from bastion.harness.config import HarnessConfig, ModelEntry
 from bastion.harness.eval_job import eval_data
 from bastion.report import artifacts as art
 from bastion.results.db import ResultsDB
 from bastion.results.rows import ArtifactRow
+from bastion.train.checkpoint import META_FILE, read_meta
 from bastion.utils.device import resolve_device
 
 
@@ -38,9 +40,11 @@ class ArtifactJob:
         cfg, m = self.config, self.config.model(self.model_id)
         db = ResultsDB(self.db_path)
         have = {a.kind for a in db.artifacts(config_hash=self.config_hash, model_key=self.key)}
-        todo = [k for k in ("gallery", "landscape") if k not in have]
-        if not todo:
-            return {"job": "artifacts", "model": m.id, "written": 0}
+        todo = [k for k in ("history", "gallery", "landscape") if k not in have]
+        if "history" in todo:
+            self._history(db, m)
+        if "gallery" not in todo and "landscape" not in todo:
+            return {"job": "artifacts", "model": m.id, "written": len(todo)}
         dev = resolve_device(cfg.device)
         model: Any = load_cached(self.out_dir, self.key, dev, evaluate=True)
         data = eval_data(cfg)
@@ -49,6 +53,15 @@ class ArtifactJob:
         if "landscape" in todo:
             self._landscape(db, m, model, data, dev)
         return {"job": "artifacts", "model": m.id, "written": len(todo)}
+
+    def _history(self, db: ResultsDB, m: ModelEntry) -> None:
+        """The epoch records of the cached model's final checkpoint (checked against its
+        checksums); an empty history for a model that has none (a registered user model)."""
+        final = model_dir(self.out_dir, self.key) / "final"
+        meta = read_meta(final) if (final / META_FILE).is_file() else {}
+        doc, _ = art.training_history(meta)
+        db.add_artifact(ArtifactRow(config_hash=self.config_hash, model_key=self.key, kind="history", name=m.name,
+                                    doc=doc))
 
     def _target(self, model: Any) -> nn.Module:
         """What the figures attack: the expected output of a random model, else the model."""

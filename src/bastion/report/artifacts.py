@@ -12,6 +12,9 @@ dict of CPU tensors stored as safetensors). :mod:`bastion.report.figures` draws 
   :mod:`bastion.eval.landscape`.
 * :func:`diversity` (kind ``"diversity"``): a named set of ``(K, K)`` matrices (e.g. pairwise
   agreement of a pool's members), drawn as heatmaps.
+* :func:`training_history` (kind ``"history"``): a model's epoch-by-epoch training record from
+  its checkpoint's ``meta.json`` (loss, accuracy, learning rate, the defenses' own per-epoch
+  checks such as fast AT's held-out PGD accuracy), shown as a table; no tensors.
 """
 
 from __future__ import annotations
@@ -135,4 +138,22 @@ def diversity(matrices: dict[str, torch.Tensor], *, labels: Sequence[str] | None
             "matrices": sorted(out)}, out
 
 
-__all__ = ["diversity", "gallery", "landscape"]
+#: the fields of an epoch record (:class:`bastion.train.trainer.EpochRecord`) a history keeps, in order
+HISTORY_FIELDS = ("epoch", "lr", "seconds", "train_loss", "train_acc", "val_acc")
+
+
+def training_history(meta: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    """The ``"history"`` artifact of a trained model from its checkpoint metadata: ``epochs``
+    (one dict per epoch: :data:`HISTORY_FIELDS` and the defense's ``extra`` record, flattened),
+    ``best_epoch`` and ``stopped_early``. ``epochs`` is empty for a model trained without the
+    epoch loop (a wrapper, a population, a user's model)."""
+    epochs = []
+    for rec in meta.get("history") or []:
+        row = {k: rec.get(k) for k in HISTORY_FIELDS}
+        row.update({str(k): v for k, v in sorted((rec.get("extra") or {}).items())})
+        epochs.append(row)
+    return {"epochs": epochs, "best_epoch": meta.get("best_epoch"),
+            "stopped_early": bool(meta.get("stopped_early", False))}, None
+
+
+__all__ = ["HISTORY_FIELDS", "diversity", "gallery", "landscape", "training_history"]

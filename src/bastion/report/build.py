@@ -30,6 +30,7 @@ from bastion.errors import ConfigError
 from bastion.eval.sanity import EXPLANATIONS
 from bastion.eval.settings import PROTOCOLS
 from bastion.report import figures
+from bastion.report.artifacts import HISTORY_FIELDS
 from bastion.report.model import Figure, FlagLine, FlagTable, Paragraph, Report, Section, Table
 from bastion.results.db import ResultsDB
 from bastion.results.intervals import LEVEL, Estimate
@@ -328,6 +329,56 @@ def training_section(run: RunRows) -> Section | None:
     return Section("Training cost", [Paragraph(text), Table(head, body)])
 
 
+# ---------------------------------------------------------------------------- training histories
+_HISTORY_INTRO = (
+    "Each model's training, epoch by epoch, from its final checkpoint. The columns after val_acc are the"
+    " defense's own per-epoch checks. Fast AT's: holdout_pgd_acc is PGD accuracy on a held-out training batch at"
+    " the full eps, holdout_attack_acc the accuracy there under the training attack, and"
+    " pgd_far_below_training_attack marks an epoch where the first is far below the second: the model resists"
+    " only its one-step attack, the sign of catastrophic overfitting (Wong et al. 2020). A model that ends in"
+    " that state is not robust to iterative attacks, whatever its training accuracy says.")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _history_summary(owner: str, doc: dict[str, Any], cols: list[str]) -> str:
+    epochs = doc["epochs"]
+    text = f"{owner}: {len(epochs)} epochs"
+    if doc.get("best_epoch") is not None:
+        text += f", best epoch {doc['best_epoch']}"
+    if doc.get("stopped_early"):
+        text += ", stopped early"
+    warned = [(c, sum(e.get(c) is True for e in epochs)) for c in cols]
+    warned = [(c, k) for c, k in warned if k]
+    if not warned:
+        return text + "."
+    last = [c for c, _ in warned if epochs[-1].get(c) is True]
+    return (text + "; warned: " + ", ".join(f"{c} in {k} of {len(epochs)} epochs" for c, k in warned)
+            + (f" (in the last epoch too: {', '.join(last)})." if last else "."))
+
+
+def history_section(run: RunRows) -> Section | None:
+    """One table per model with a training history (None when no model of the run has one)."""
+    arts = [a for a in run.artifacts if a.kind == "history" and a.doc.get("epochs")]
+    if not arts:
+        return None
+    sec = Section("Training histories", [Paragraph(_HISTORY_INTRO)])
+    for a in arts:
+        epochs = a.doc["epochs"]
+        cols = list(HISTORY_FIELDS) + sorted({k for e in epochs for k in e} - set(HISTORY_FIELDS))
+        sec.blocks.append(Paragraph(_history_summary(run.display.get(a.model_key, a.model_key), a.doc, cols)))
+        sec.blocks.append(Table(cols, [[_cell(e.get(c)) for c in cols] for e in epochs]))
+    return sec
+
+
 # ---------------------------------------------------------------------------- the report
 def _meta(run: RunRows) -> str:
     first = run.evals[0]
@@ -347,9 +398,7 @@ def build_report(db: ResultsDB, config_hash: str, *, title: str | None = None) -
     run = read_run(db, config_hash)
     sections = [summary_section(run), curves_section(run), *[defense_section(run, k) for k in run.keys],
                 *artifact_sections(run)]
-    training = training_section(run)
-    if training is not None:
-        sections.append(training)
+    sections += [s for s in (training_section(run), history_section(run)) if s is not None]
     return Report(title or f"Bastion report: {run.evals[0].experiment}", _meta(run), sections)
 
 
