@@ -337,6 +337,56 @@ def test_majority_of_k_rule_on_a_toy_random_model():
     assert not bool(tie.any())  # right exactly once in 2 queries is not a majority
 
 
+POPULATIONS = TINY.replace("""[[models]]
+id = "fgsm-at"
+arch = "lenet5"
+defense = "fgsm-at"
+params = {{eps = 0.1}}""", """[[models]]
+id = "ulm"
+arch = "lenet5"
+defense = "ulm"
+params = {{members = 2}}
+[[models]]
+id = "clm"
+arch = "lenet5"
+defense = "clm"
+params = {{members = 2, retrain_epochs = 1}}
+[[models]]
+id = "clm-other-ulm"
+arch = "lenet5"
+defense = "clm"
+params = {{members = 2, retrain_epochs = 1, adv_eps = 0.2}}""").replace('eps = [0.1, 0.2]', 'eps = [0.1]')
+
+
+def test_clm_reuses_the_configs_own_ulm(tmp_path):
+    """A CLM retrained from the ULM the config already trained loads that ULM instead of training
+    a copy, and ends with the weights it would have with its own copy; a CLM whose ULM differs
+    (here: another adv_eps) trains its own."""
+    from bastion import defenses, models
+    from bastion.harness.train_job import train_data
+    from bastion.train.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    cfg = hc.load_harness_config(_write(tmp_path, POPULATIONS), {"evaluation.protocols": ["paper"],
+                                                                  "dataset.eval_samples": 20})
+    keys = all_keys(cfg)
+    runner.run(cfg, progress=False)
+    out = Path(cfg.out_dir) / "models"
+    assert not (out / keys["clm"] / "ulm").exists()
+    meta = json.loads((out / keys["clm"] / "final" / "meta.json").read_text())
+    assert meta["defense"]["ulm_dir"] == str(out / keys["ulm"])
+    assert (out / keys["clm-other-ulm"] / "ulm" / "final" / "meta.json").is_file()
+    # the same CLM with its own ULM copy, as before
+    m = cfg.model("clm")
+    train_set = train_data(cfg)
+    own = defenses.create("clm", **m.params).fit(
+        lambda seed: models.for_dataset(m.arch, train_set, init=m.init, seed=seed, **m.options), train_set,
+        cfg.train_config(m), out_dir=tmp_path / "own", progress=False)
+    reused, _ = load_model(out / keys["clm"] / "final")
+    mine, theirs = own.state_dict(), reused.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 def test_jobs_are_plain_data(tmp_path):
     from bastion.harness.executor import from_plain, to_plain
 

@@ -11,6 +11,7 @@ and checking its number of classes, and records no training.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from typing import Any
 from bastion import data as data_mod
 from bastion import defenses, models
 from bastion.data.base import ImageDataset
+from bastion.defenses.clm import CLM
 from bastion.harness import user_models
-from bastion.harness.cache import is_cached, load_cached, model_dir, model_recipe, user_recipe
+from bastion.harness.cache import is_cached, load_cached, model_dir, model_key, model_recipe, user_recipe
 from bastion.harness.config import HarnessConfig, ModelEntry
 from bastion.harness.eval_job import eval_data
 from bastion.models.base import Classifier
@@ -105,6 +107,29 @@ class TrainJob:
         })
         return Trained()
 
+    def _reuse_ulm(self, d: defenses.ModelDefense, m: ModelEntry) -> defenses.ModelDefense:
+        """``d``, or, for a CLM retrained from a ULM it would train itself (``init="ulm"``, no
+        ``ulm_dir``), ``d`` pointed at the config's own ULM when that model is the same ULM
+        (defense parameters, architecture, dataset and training settings) and already trained:
+        the CLM then loads it instead of training a copy under its own directory. The copy would
+        be the same weights (a ULM's training is deterministic given its settings), so the
+        CLM's key and weights do not change; only the ULM's training time is saved."""
+        if not isinstance(d, CLM) or d.init != "ulm" or d.ulm_dir is not None:
+            return d
+        mine = model_recipe(self.config, m)
+        for u in self.config.models:
+            if u.id == m.id or u.is_user or u.base is not None or u.defense != "ulm":
+                continue
+            theirs = model_recipe(self.config, u)
+            if any(theirs[k] != mine[k] for k in ("dataset", "arch", "train")):
+                continue
+            if defenses.create(u.defense, **u.params) != d.ulm():
+                continue
+            key = model_key(self.config, u)
+            if is_cached(self.out_dir, key):
+                return dataclasses.replace(d, ulm_dir=str(model_dir(self.out_dir, key)))
+        return d
+
     def _train(self, m: ModelEntry, out: Path, t0: float) -> Trained:
         train_set = train_data(self.config)
         tc: TrainConfig = self.config.train_config(m)
@@ -118,7 +143,7 @@ class TrainJob:
                                        meta=meta))
         d = defenses.create(m.defense, **m.params)
         if isinstance(d, defenses.ModelDefense):
-            d.fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
+            self._reuse_ulm(d, m).fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
             return Trained(tc.epochs, (time.perf_counter() - t0) / max(tc.epochs, 1))
         model = d.prepare(make_model(m.seed), train_set)
         return _from_history(train(model, train_set, tc, objective=d, out_dir=out, progress=self.progress, meta=meta))
