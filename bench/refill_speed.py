@@ -12,6 +12,10 @@ at AutoAttack's variant of Algorithm 1 (torchattacks' APGD follows the same refe
 * ``torchattacks``: ``torchattacks.PGD`` or ``torchattacks.APGD`` on batches of B points (no
   early stopping).
 
+With ``--channels-last`` each of the three runs again on a channels-last copy of the model
+(``-cl``: what the harness's ``[evaluation] channels_last = true`` does), torchattacks included,
+so that the ratios separate what the memory format gives from what Bastion's loop gives.
+
 Each is run once to warm up, then ``--repeats`` times in turn; the medians are printed with the
 ratios ``batched / refill`` (the speed-up refilling gives) and ``torchattacks / refill``.
 
@@ -21,7 +25,9 @@ ratios ``batched / refill`` (the speed-up refilling gives) and ``torchattacks / 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ import torch
 
 from _timing import interleaved
 from bastion import attacks, data
+from bastion.models.compiled import speed_up
 from bastion.utils.io import atomic_write_text
 from robust_vs_torchattacks import _model
 
@@ -42,6 +49,34 @@ def _contenders(name: str, steps: int, eps: float, model: torch.nn.Module, ta: A
             ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0))
 
 
+def _run_batched(atk: attacks.Attack, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b: int,
+                 robust: dict[str, int], key: str) -> None:
+    res = [atk(net, x[i : i + b], y[i : i + b], generator=torch.Generator().manual_seed(i))
+           for i in range(0, len(x), b)]
+    robust[key] = sum(int((~r.success).sum()) for r in res)
+
+
+def _run_refill(atk: attacks.Attack, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, _b: int,
+                robust: dict[str, int], key: str) -> None:
+    robust[key] = int((~atk(net, x, y, generator=torch.Generator().manual_seed(0)).success).sum())
+
+
+def _run_theirs(atk: Any, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, robust: dict[str, int],
+                key: str) -> None:
+    adv = torch.cat([atk(x[i : i + b], y[i : i + b]) for i in range(0, len(x), b)])
+    with torch.no_grad():
+        robust[key] = int((net(adv).argmax(1) == y).sum())
+
+
+def _ratios(names: list[str]) -> list[tuple[str, str]]:
+    """The ratios printed: what refilling gives, and torchattacks' time over each of Bastion's."""
+    out = [("batched", "refill"), ("torchattacks", "refill"), ("torchattacks", "batched")]
+    if "batched-cl" in names:
+        out += [("batched", "batched-cl"), ("torchattacks", "batched-cl"), ("torchattacks", "refill-cl"),
+                ("torchattacks-cl", "batched-cl"), ("torchattacks-cl", "refill-cl")]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", choices=("pgd", "apgd-ce"), default="pgd")
@@ -50,6 +85,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="also run each contender on a channels-last copy of the model (the harness's "
+                         "[evaluation] channels_last; torchattacks given the same copy)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,32 +100,24 @@ def main() -> None:
              f"torch {torch.__version__} "
              f"torchattacks {torchattacks.__version__} threads={args.threads} n={args.n} batch={b} "
              f"repeats={args.repeats}"]
-    robust: dict[str, int] = {}
+    models = {"": model}
+    if args.channels_last:
+        models["-cl"] = speed_up(copy.deepcopy(model), channels_last=True)
     for eps in (0.1, 0.3):
-        robust.clear()
-        batched, theirs = _contenders(args.attack, args.steps, eps, model, torchattacks)
-        refilled = batched.replace(refill=b)
-
-        def run_batched(atk=batched) -> None:
-            res = [atk(model, x[i : i + b], y[i : i + b], generator=torch.Generator().manual_seed(i))
-                   for i in range(0, len(x), b)]
-            robust["batched"] = sum(int((~r.success).sum()) for r in res)
-
-        def run_refill(atk=refilled) -> None:
-            robust["refill"] = int((~atk(model, x, y, generator=torch.Generator().manual_seed(0)).success).sum())
-
-        def run_theirs(atk=theirs) -> None:
-            adv = torch.cat([atk(x[i : i + b], y[i : i + b]) for i in range(0, len(x), b)])
-            with torch.no_grad():
-                robust["torchattacks"] = int((model(adv).argmax(1) == y).sum())
-
-        t_b, t_r, t_t = interleaved([run_batched, run_refill, run_theirs], args.repeats)
-        lines.append(f"eps {eps}: robust batched {robust['batched']} / refill {robust['refill']} / torchattacks "
-                     f"{robust['torchattacks']} of {args.n}; median s batched {t_b:.2f}, refill {t_r:.2f}, "
-                     f"torchattacks {t_t:.2f}; batched/refill {t_b / t_r:.2f}x, torchattacks/refill {t_t / t_r:.2f}x, "
-                     f"torchattacks/batched {t_t / t_b:.2f}x")
+        robust: dict[str, int] = {}
+        names, fns = [], []
+        for suffix, net in models.items():
+            batched, theirs = _contenders(args.attack, args.steps, eps, net, torchattacks)
+            for name, fn in (("batched", _run_batched), ("refill", _run_refill), ("torchattacks", _run_theirs)):
+                atk = batched.replace(refill=b) if name == "refill" else theirs if name == "torchattacks" else batched
+                names.append(name + suffix)
+                fns.append(functools.partial(fn, atk, net, x, y, b, robust, name + suffix))
+        t = dict(zip(names, interleaved(fns, args.repeats), strict=True))
+        lines.append(f"eps {eps}: robust " + " / ".join(f"{k} {robust[k]}" for k in names) + f" of {args.n}; median s "
+                     + ", ".join(f"{k} {t[k]:.2f}" for k in names) + "; "
+                     + ", ".join(f"{num}/{den} {t[num] / t[den]:.2f}x" for num, den in _ratios(names)))
         print(lines[-1], flush=True)
-    tag = "" if args.attack == "pgd" else f"_{args.attack}{args.steps}"
+    tag = ("" if args.attack == "pgd" else f"_{args.attack}{args.steps}") + ("_cl" if args.channels_last else "")
     out = Path(args.out) / f"refill_speed{tag}_{datetime.date.today().isoformat()}_cpu{args.threads}.txt"
     atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
