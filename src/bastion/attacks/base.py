@@ -505,9 +505,16 @@ class Attack(ABC):
         _check_eps(self.eps, self.minimal)
         if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
             raise ConfigError(f"eot_samples={self.eot_samples!r} must be an integer >= 1")
-        self._check_precision()
-        self._check_refill()
+        self._check_settings()
         self.validate()
+
+    def _check_settings(self, precision_why: str = "") -> None:
+        """The checks of the settings every attack has, compositions and transfer attacks too
+        (their ``__post_init__`` calls this; their norm, eps and EOT come from the attacks
+        they hold). A new such check goes here. ``precision_why``: why a wrapper refuses a
+        precision of its own."""
+        self._check_precision(precision_why)
+        self._check_refill()
 
     def _check_refill(self) -> None:
         if self.refill is None:

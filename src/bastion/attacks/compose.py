@@ -41,8 +41,7 @@ class Cascade(Attack):
     precisions = (DEFAULT_PRECISION,)
 
     def __post_init__(self) -> None:
-        self._check_precision("runs each attack in that attack's own precision: set it on the attacks")
-        self._check_refill()
+        self._check_settings("runs each attack in that attack's own precision: set it on the attacks")
         if not self.attacks:
             raise ConfigError("attacks: a composition needs at least one attack")
         for i, a in enumerate(self.attacks):

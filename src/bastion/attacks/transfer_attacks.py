@@ -85,8 +85,7 @@ class Transfer(Attack):
     precisions = (DEFAULT_PRECISION,)
 
     def __post_init__(self) -> None:
-        self._check_precision("crafts in the precision of its attack: set it there")
-        self._check_refill()
+        self._check_settings("crafts in the precision of its attack: set it there")
         if not isinstance(self.attack, Attack):
             raise ConfigError(f"attack={self.attack!r} must be an Attack (bastion.attacks.create)")
         if not self.surrogates:
