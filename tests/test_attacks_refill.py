@@ -31,6 +31,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("apgd-ce", {"eps": 0.1, "steps": 12, "restarts": 2}),
     ("apgd-ce", {"eps": 0.1, "steps": 10, "restarts": 2, "variant": "autoattack", "early_stop": False}),
     ("apgd-dlr", {"eps": 1.2, "norm": "l2", "steps": 12, "restarts": 2}),
+    ("apgd-ce", {"eps": 0.15, "steps": 10, "restarts": 2, "variant": "autoattack", "rho": 0.5}),
+    ("apgd-dlr", {"eps": 0.15, "steps": 10, "variant": "autoattack", "early_stop": False}),
 ]
 
 
@@ -75,23 +77,29 @@ def test_apgd_points_halve_their_steps_alone(lenet64: models.Classifier, batch: 
     assert any(halved) and not all(halved)
 
 
+@pytest.mark.parametrize(("name", "params"), [
+    ("pgd", {"eps": 0.15, "steps": 8, "alpha": 0.03, "restarts": 2}),
+    ("apgd-ce", {"eps": 0.15, "steps": 10, "restarts": 2}),
+    ("apgd-dlr", {"eps": 0.15, "steps": 10, "variant": "autoattack"}),
+], ids=["pgd", "apgd-ce", "apgd-dlr"])
 def test_targeted_points_get_what_they_get_alone(lenet64: models.Classifier,
-                                                 batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+                                                 batch: tuple[torch.Tensor, torch.Tensor], name: str,
+                                                 params: dict[str, Any]) -> None:
     x, y = batch[0][:N].double(), batch[1][:N]
     t = (y + 1 + torch.arange(N) % 9) % 10
-    params = {"eps": 0.15, "steps": 8, "alpha": 0.03, "restarts": 2}
-    refilled = attacks.create("pgd", refill=6, **params)
+    refilled = attacks.create(name, refill=6, **params)
     res = refilled(lenet64, x, y, targets=t, generator=torch.Generator().manual_seed(3))
     base = base_seed(torch.Generator().manual_seed(3))
-    alone = attacks.create("pgd", **params)
+    alone = attacks.create(name, **params)
     singles = [alone(lenet64, x[i : i + 1], y[i : i + 1], targets=t[i : i + 1],
                      generator=torch.Generator().manual_seed(point_seed(base, i))) for i in range(N)]
     assert torch.equal(res.success, torch.cat([s.success for s in singles]))
     assert 0 < int(res.success.sum()) < N
     torch.testing.assert_close(res.x_adv, torch.cat([s.x_adv for s in singles]), rtol=0, atol=1e-12)
+    assert res.cost.gradients == sum(s.cost.gradients for s in singles)
 
 
-@pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5] + CASES[6:],
+@pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5] + CASES[6:9],
                          ids=["pgd-linf", "pgd-l2", "bim", "mifgsm", "apgd-ce", "apgd-ce-aa", "apgd-dlr-l2"])
 def test_budget_and_bounds_hold(lenet: models.Classifier, batch: tuple[torch.Tensor, torch.Tensor],
                                 name: str, params: dict[str, Any]) -> None:

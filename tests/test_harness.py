@@ -376,6 +376,10 @@ def test_clm_reuses_the_configs_own_ulm(tmp_path):
     meta = json.loads((out / keys["clm"] / "final" / "meta.json").read_text())
     assert meta["defense"]["ulm_dir"] == str(out / keys["ulm"])
     assert (out / keys["clm-other-ulm"] / "ulm" / "final" / "meta.json").is_file()
+    # its training cost still counts the ULM's training, as when it trained its own copy
+    db = ResultsDB(cfg.db_path)
+    ulm_s = db.trainings(model_key=keys["ulm"])[0].total_seconds
+    assert db.trainings(model_key=keys["clm"])[0].total_seconds > ulm_s > 0
     # the same CLM with its own ULM copy, as before
     m = cfg.model("clm")
     train_set = train_data(cfg)

@@ -181,10 +181,13 @@ def test_training_history_shows_the_epochs_a_check_warned(tmp_path: Path) -> Non
         {"epoch": 2, "lr": 0.002, "seconds": 11.0, "train_loss": 0.4, "train_acc": 0.9, "val_acc": None,
          "extra": {"holdout_pgd_acc": 0.0, "holdout_attack_acc": 0.9, "pgd_far_below_training_attack": True}},
         {"epoch": 3, "lr": 0.0, "seconds": 12.0, "train_loss": 0.2, "train_acc": 0.95, "val_acc": None,
-         "extra": {"holdout_pgd_acc": 0.0, "holdout_attack_acc": 0.97, "pgd_far_below_training_attack": True}},
+         "extra": {"holdout_pgd_acc": 0.0, "holdout_attack_acc": 0.97, "pgd_far_below_training_attack": True,
+                   "pcl_active": True, "lr": 9.0}},
     ]}
     doc, tensors = artifacts.training_history(meta)
     assert tensors is None and [e["holdout_pgd_acc"] for e in doc["epochs"]] == [0.5, 0.0, 0.0]
+    # an extra key that collides with a field is kept beside it, not over it
+    assert doc["epochs"][2]["lr"] == 0.0 and doc["epochs"][2]["extra.lr"] == 9.0
     db.add_artifact(ArtifactRow(config_hash=h, model_key="k-fast", kind="history", name="fast-at", doc=doc))
     db.add_artifact(ArtifactRow(config_hash=h, model_key="k-empty", kind="history", name="user",
                                 doc=artifacts.training_history({})[0]))
@@ -192,6 +195,7 @@ def test_training_history_shows_the_epochs_a_check_warned(tmp_path: Path) -> Non
     text = md.read_text()
     part = text[text.index("Training histories"):]
     assert "pgd_far_below_training_attack in 2 of 3 epochs" in part
+    assert "pcl_active in" not in part  # a true flag that is not a warning is shown, not counted
     assert "in the last epoch too: pgd_far_below_training_attack" in part and "best epoch 3" in part
     assert part.count("| 0.97 |") == 1 and "user" not in part  # the table's rows; an empty history is left out
 

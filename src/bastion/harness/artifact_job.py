@@ -4,6 +4,7 @@ in the results database (each skipped when already there)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from bastion.data.base import ImageDataset
+from bastion.errors import CheckpointError
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random
 from bastion.eval.protocols import Subject, adaptive, build_attacks
@@ -22,6 +24,8 @@ from bastion.results.db import ResultsDB
 from bastion.results.rows import ArtifactRow
 from bastion.train.checkpoint import META_FILE, read_meta
 from bastion.utils.device import resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +62,12 @@ class ArtifactJob:
         """The epoch records of the cached model's final checkpoint (checked against its
         checksums); an empty history for a model that has none (a registered user model)."""
         final = model_dir(self.out_dir, self.key) / "final"
-        meta = read_meta(final) if (final / META_FILE).is_file() else {}
+        meta: dict[str, Any] = {}
+        if (final / META_FILE).is_file():
+            try:
+                meta = read_meta(final)
+            except CheckpointError as e:  # the figures still come (or fail) on their own
+                log.warning("model %s: no training history for the report: %s", m.id, e)
         doc, _ = art.training_history(meta)
         db.add_artifact(ArtifactRow(config_hash=self.config_hash, model_key=self.key, kind="history", name=m.name,
                                     doc=doc))

@@ -12,6 +12,7 @@ and checking its number of classes, and records no training.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from bastion.train.checkpoint import save_checkpoint
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import TrainResult, train
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Trained:
@@ -40,6 +43,8 @@ class Trained:
 
     epochs: int = 0
     epoch_seconds: float | None = None
+    #: seconds of another model's recorded training that this one reused (a CLM's ULM)
+    borrowed_seconds: float = 0.0
 
 
 def _from_history(res: TrainResult) -> Trained:
@@ -74,7 +79,7 @@ class TrainJob:
             return {"job": "train", "model": m.id, "trained": 0}
         t0 = time.perf_counter()
         done = self._wrap(m, out) if m.base is not None else self._train(m, out, t0)
-        total = time.perf_counter() - t0
+        total = time.perf_counter() - t0 + done.borrowed_seconds
         self._record(db, m, done, total, out)
         return {"job": "train", "model": m.id, "trained": 1, "seconds": total}
 
@@ -130,6 +135,18 @@ class TrainJob:
                 return dataclasses.replace(d, ulm_dir=str(model_dir(self.out_dir, key)))
         return d
 
+    def _reused_seconds(self, d: defenses.ModelDefense) -> float:
+        """The recorded training time of the ULM a CLM reused (:meth:`_reuse_ulm`), so that the
+        CLM's training cost still counts it, as when it trained its own copy; 0 (with a warning)
+        when this database has no record of it."""
+        key = Path(str(getattr(d, "ulm_dir", ""))).name
+        rows = ResultsDB(self.db_path).trainings(model_key=key)
+        if rows and rows[0].total_seconds:
+            return float(rows[0].total_seconds)
+        log.warning("the CLM reused ULM %s, whose training time this database does not hold: its training cost "
+                    "leaves the ULM's out", key)
+        return 0.0
+
     def _train(self, m: ModelEntry, out: Path, t0: float) -> Trained:
         train_set = train_data(self.config)
         tc: TrainConfig = self.config.train_config(m)
@@ -143,8 +160,10 @@ class TrainJob:
                                        meta=meta))
         d = defenses.create(m.defense, **m.params)
         if isinstance(d, defenses.ModelDefense):
-            self._reuse_ulm(d, m).fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
-            return Trained(tc.epochs, (time.perf_counter() - t0) / max(tc.epochs, 1))
+            fitted = self._reuse_ulm(d, m)
+            fitted.fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
+            borrowed = self._reused_seconds(fitted) if fitted is not d else 0.0
+            return Trained(tc.epochs, (time.perf_counter() - t0 + borrowed) / max(tc.epochs, 1), borrowed)
         model = d.prepare(make_model(m.seed), train_set)
         return _from_history(train(model, train_set, tc, objective=d, out_dir=out, progress=self.progress, meta=meta))
 

@@ -141,19 +141,28 @@ def diversity(matrices: dict[str, torch.Tensor], *, labels: Sequence[str] | None
 #: the fields of an epoch record (:class:`bastion.train.trainer.EpochRecord`) a history keeps, in order
 HISTORY_FIELDS = ("epoch", "lr", "seconds", "train_loss", "train_acc", "val_acc")
 
+#: the per-epoch records of defenses that are warnings when true (the report counts the epochs):
+#: fast AT's "resists only its training attack" and its collapse, which stops training
+HISTORY_WARNINGS = ("pgd_far_below_training_attack", "catastrophic_overfitting")
+
 
 def training_history(meta: dict[str, Any]) -> tuple[dict[str, Any], None]:
     """The ``"history"`` artifact of a trained model from its checkpoint metadata: ``epochs``
-    (one dict per epoch: :data:`HISTORY_FIELDS` and the defense's ``extra`` record, flattened),
-    ``best_epoch`` and ``stopped_early``. ``epochs`` is empty for a model trained without the
-    epoch loop (a wrapper, a population, a user's model)."""
+    (one dict per epoch: :data:`HISTORY_FIELDS` and the defense's ``extra`` record, flattened;
+    an extra key that collides with a field is kept as ``extra.<key>``), ``best_epoch`` and
+    ``stopped_early``. ``epochs`` is empty for a model trained without the epoch loop (a
+    wrapper, a population, a user's model); records that are not dicts are skipped."""
     epochs = []
     for rec in meta.get("history") or []:
+        if not isinstance(rec, dict):
+            continue
         row = {k: rec.get(k) for k in HISTORY_FIELDS}
-        row.update({str(k): v for k, v in sorted((rec.get("extra") or {}).items())})
+        extra = rec.get("extra")
+        for k, v in sorted((extra if isinstance(extra, dict) else {}).items()):
+            row[f"extra.{k}" if k in row else str(k)] = v
         epochs.append(row)
     return {"epochs": epochs, "best_epoch": meta.get("best_epoch"),
             "stopped_early": bool(meta.get("stopped_early", False))}, None
 
 
-__all__ = ["HISTORY_FIELDS", "diversity", "gallery", "landscape", "training_history"]
+__all__ = ["HISTORY_FIELDS", "HISTORY_WARNINGS", "diversity", "gallery", "landscape", "training_history"]

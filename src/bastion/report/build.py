@@ -30,7 +30,7 @@ from bastion.errors import ConfigError
 from bastion.eval.sanity import EXPLANATIONS
 from bastion.eval.settings import PROTOCOLS
 from bastion.report import figures
-from bastion.report.artifacts import HISTORY_FIELDS
+from bastion.report.artifacts import HISTORY_FIELDS, HISTORY_WARNINGS
 from bastion.report.model import Figure, FlagLine, FlagTable, Paragraph, Report, Section, Table
 from bastion.results.db import ResultsDB
 from bastion.results.intervals import LEVEL, Estimate
@@ -335,8 +335,9 @@ _HISTORY_INTRO = (
     " defense's own per-epoch checks. Fast AT's: holdout_pgd_acc is PGD accuracy on a held-out training batch at"
     " the full eps, holdout_attack_acc the accuracy there under the training attack, and"
     " pgd_far_below_training_attack marks an epoch where the first is far below the second: the model resists"
-    " only its one-step attack, the sign of catastrophic overfitting (Wong et al. 2020). A model that ends in"
-    " that state is not robust to iterative attacks, whatever its training accuracy says.")
+    " only its one-step attack, the sign of catastrophic overfitting (Wong et al. 2020); catastrophic_overfitting"
+    " marks the epoch where the drop test stopped training. A model that ends in that state is not robust to"
+    " iterative attacks, whatever its training accuracy says. Those two are the warnings counted below.")
 
 
 def _cell(v: Any) -> str:
@@ -356,7 +357,7 @@ def _history_summary(owner: str, doc: dict[str, Any], cols: list[str]) -> str:
         text += f", best epoch {doc['best_epoch']}"
     if doc.get("stopped_early"):
         text += ", stopped early"
-    warned = [(c, sum(e.get(c) is True for e in epochs)) for c in cols]
+    warned = [(c, sum(e.get(c) is True for e in epochs)) for c in cols if c in HISTORY_WARNINGS]
     warned = [(c, k) for c, k in warned if k]
     if not warned:
         return text + "."
