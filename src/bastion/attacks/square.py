@@ -125,7 +125,7 @@ class Square(Attack):
 
     def _signs(self, run: AttackRun, *shape: int) -> torch.Tensor:
         u = run.uniform(run.x.new_empty(shape), 0.0, 1.0)
-        return torch.where(u < 0.5, -torch.ones_like(u), torch.ones_like(u))
+        return (u >= 0.5).to(u.dtype) * 2 - 1  # -1 where u < 0.5, else +1
 
     def _ints(self, run: AttackRun, n: int, high: int) -> torch.Tensor:
         """``(n,)`` integers uniform in ``{0, ..., high}``."""
@@ -218,12 +218,14 @@ class Square(Attack):
                 if run.done:
                     return
                 s = self._side(it, h * w, h, w)
-                cand = (self._candidate_linf if self.norm == "linf" else self._candidate_l2)(run, x_best, s)
+                propose = self._candidate_linf if self.norm == "linf" else self._candidate_l2
+                # projected once: check() takes the tensor project() just returned as it is
+                cand = run.project(propose(run, x_best, s))
                 logits = run.check(cand)
                 new = loss(logits, run.labels)
                 ok = run.criterion(logits)
                 better = (new > best) | ok
-                x_best = torch.where(better.view(-1, 1, 1, 1), run.project(cand), x_best)
+                x_best = torch.where(better.view(-1, 1, 1, 1), cand, x_best)
                 best = torch.where(better, new, best)
                 fooled = fooled | ok
             # hand the best iterate (not the last rejected candidate) back to the engine
