@@ -123,12 +123,12 @@ class TrainJob:
             return d
         mine = model_recipe(self.config, m)
         for u in self.config.models:
-            if u.id == m.id or u.is_user or u.base is not None or u.defense != "ulm":
+            if u.id == m.id or u.is_user or u.base is not None or defenses.is_none(u.defense):
                 continue
             theirs = model_recipe(self.config, u)
             if any(theirs[k] != mine[k] for k in ("dataset", "arch", "train")):
                 continue
-            if defenses.create(u.defense, **u.params) != d.ulm():
+            if defenses.create(u.defense, **u.params) != d.ulm():  # the same ULM, parameters and all
                 continue
             key = model_key(self.config, u)
             if is_cached(self.out_dir, key):
