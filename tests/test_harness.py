@@ -391,6 +391,26 @@ def test_clm_reuses_the_configs_own_ulm(tmp_path):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+def test_an_unreadable_checkpoint_leaves_an_empty_history(tmp_path, caplog):
+    """The artifact step's history comes from the cached checkpoint's metadata; a corrupted
+    one gives an empty history and a warning, not a failed job (the figures were there)."""
+    from bastion.harness.artifact_job import ArtifactJob
+    from bastion.results.rows import ArtifactRow
+
+    cfg = hc.load_harness_config(_write(tmp_path))
+    key = all_keys(cfg)["standard"]
+    final = Path(cfg.out_dir) / "models" / key / "final"
+    final.mkdir(parents=True)
+    (final / "meta.json").write_text("{not json")
+    db = ResultsDB(cfg.db_path)
+    for kind in ("gallery", "landscape"):
+        db.add_artifact(ArtifactRow(config_hash="h", model_key=key, kind=kind, name="standard", doc={}))
+    job = ArtifactJob(cfg, "h", "standard", key, cfg.out_dir, str(cfg.db_path))
+    assert job.run() == {"job": "artifacts", "model": "standard", "written": 1}
+    (history,) = [a for a in db.artifacts(config_hash="h") if a.kind == "history"]
+    assert history.doc["epochs"] == [] and "no training history" in caplog.text
+
+
 def test_jobs_are_plain_data(tmp_path):
     from bastion.harness.executor import from_plain, to_plain
 
