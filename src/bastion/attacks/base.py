@@ -467,8 +467,8 @@ class Attack(ABC):
         refill: ``None`` (default), or the size ``B`` of a working set that the engine keeps
             full: points of the call join it as others break or finish, each with its own
             random stream and state (:mod:`bastion.attacks.refill`; PGD, BIM, MI-FGSM, APGD-CE
-            and APGD-DLR, on a deterministic model, without EOT). Its random starts are not those of a call
-            without it. Only in ``params`` when set.
+            and APGD-DLR, on a deterministic model, without EOT). Its random starts are not
+            those of a call without it. Only in ``params`` when set.
     """
 
     eps: float = EPS_UNSET

@@ -13,8 +13,8 @@ called on that point alone** with a generator on the inputs' device seeded
 ``point_seed(base_seed(generator), i)``: the same outcome, iterates and cost
 (tests/test_attacks_refill.py checks it on the CPU for each attack below). Not on MPS, where the
 points' generators draw on the CPU, and not across a CUDA out-of-memory split, where each half
-draws its own base seed. A float can still differ in
-its last bits where a convolution library computes a batch differently from a single point.
+draws its own base seed. A float can still differ in its last bits where a convolution library
+computes a batch differently from a single point.
 
 The call is large: hand the attack all the points (the evaluation's ``batch_size`` many) and
 set ``refill`` to the batch that runs well on the device. The random starts are not those of a
@@ -25,8 +25,8 @@ Built for the attacks whose update rule is a fixed number of steps with per-poin
 :data:`~bastion.attacks.base.REFILLED`. Not built: APGD-T (its target classes come from a clean
 forward pass of the call), FAB, Square, C&W, DeepFool, L-BFGS, TPGD (its loss reads the clean
 logits), compositions, EOT, and random models, whose draws are per batch: each refuses
-``refill`` with a :class:`~bastion.errors.ConfigError`. The lean
-training path (:func:`bastion.attacks.lean.craft`) never stops early, so it ignores ``refill``.
+``refill`` with a :class:`~bastion.errors.ConfigError`. The lean training path
+(:func:`bastion.attacks.lean.craft`) never stops early, so it ignores ``refill``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 
 from bastion.attacks.base import REFILLED, AttackRun, LossFn, project
 
-#: per-point state tensors of an update rule (each shaped like the inputs)
+#: per-point state tensors of an update rule, one row per point (shaped like the inputs, or ``(n,)``)
 State = tuple[torch.Tensor, ...]
 
 

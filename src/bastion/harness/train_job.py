@@ -112,15 +112,16 @@ class TrainJob:
         })
         return Trained()
 
-    def _reuse_ulm(self, d: defenses.ModelDefense, m: ModelEntry) -> defenses.ModelDefense:
-        """``d``, or, for a CLM retrained from a ULM it would train itself (``init="ulm"``, no
-        ``ulm_dir``), ``d`` pointed at the config's own ULM when that model is the same ULM
-        (defense parameters, architecture, dataset and training settings) and already trained:
-        the CLM then loads it instead of training a copy under its own directory. The copy would
-        be the same weights (a ULM's training is deterministic given its settings), so the
-        CLM's key and weights do not change; only the ULM's training time is saved."""
+    def _reuse_ulm(self, d: defenses.ModelDefense, m: ModelEntry) -> tuple[defenses.ModelDefense, str | None]:
+        """``(d, None)``, or, for a CLM retrained from a ULM it would train itself
+        (``init="ulm"``, no ``ulm_dir``), ``d`` pointed at the config's own ULM and that ULM's
+        cache key, when that model is the same ULM (defense parameters, architecture, dataset
+        and training settings) and already trained. The CLM then loads it instead of training a
+        copy under its own directory. The copy would be the same weights (a ULM's training is
+        deterministic given its settings), so the CLM's key and weights do not change; only the
+        ULM's training time is saved."""
         if not isinstance(d, CLM) or d.init != "ulm" or d.ulm_dir is not None:
-            return d
+            return d, None
         mine = model_recipe(self.config, m)
         for u in self.config.models:
             if u.id == m.id or u.is_user or u.base is not None or defenses.is_none(u.defense):
@@ -132,14 +133,13 @@ class TrainJob:
                 continue
             key = model_key(self.config, u)
             if is_cached(self.out_dir, key):
-                return dataclasses.replace(d, ulm_dir=str(model_dir(self.out_dir, key)))
-        return d
+                return dataclasses.replace(d, ulm_dir=str(model_dir(self.out_dir, key))), key
+        return d, None
 
-    def _reused_seconds(self, d: defenses.ModelDefense) -> float:
-        """The recorded training time of the ULM a CLM reused (:meth:`_reuse_ulm`), so that the
-        CLM's training cost still counts it, as when it trained its own copy; 0 (with a warning)
-        when this database has no record of it."""
-        key = Path(str(getattr(d, "ulm_dir", ""))).name
+    def _recorded_seconds(self, key: str) -> float:
+        """The recorded training time of model ``key`` (a ULM a CLM reused), so that the CLM's
+        training cost still counts it, as when it trained its own copy; 0 (with a warning) when
+        this database has no record of it."""
         rows = ResultsDB(self.db_path).trainings(model_key=key)
         if rows and rows[0].total_seconds:
             return float(rows[0].total_seconds)
@@ -160,9 +160,9 @@ class TrainJob:
                                        meta=meta))
         d = defenses.create(m.defense, **m.params)
         if isinstance(d, defenses.ModelDefense):
-            fitted = self._reuse_ulm(d, m)
+            fitted, ulm_key = self._reuse_ulm(d, m)
             fitted.fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
-            borrowed = self._reused_seconds(fitted) if fitted is not d else 0.0
+            borrowed = self._recorded_seconds(ulm_key) if ulm_key is not None else 0.0
             return Trained(tc.epochs, (time.perf_counter() - t0 + borrowed) / max(tc.epochs, 1), borrowed)
         model = d.prepare(make_model(m.seed), train_set)
         return _from_history(train(model, train_set, tc, objective=d, out_dir=out, progress=self.progress, meta=meta))

@@ -350,15 +350,15 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _history_summary(owner: str, doc: dict[str, Any], cols: list[str]) -> str:
+def _history_summary(owner: str, doc: dict[str, Any]) -> str:
     epochs = doc["epochs"]
     text = f"{owner}: {len(epochs)} epochs"
     if doc.get("best_epoch") is not None:
         text += f", best epoch {doc['best_epoch']}"
     if doc.get("stopped_early"):
         text += ", stopped early"
-    warned = [(c, sum(e.get(c) is True for e in epochs)) for c in cols if c in HISTORY_WARNINGS]
-    warned = [(c, k) for c, k in warned if k]
+    counts = [(c, sum(e.get(c) is True for e in epochs)) for c in sorted(HISTORY_WARNINGS)]
+    warned = [(c, k) for c, k in counts if k]
     if not warned:
         return text + "."
     last = [c for c, _ in warned if epochs[-1].get(c) is True]
@@ -375,7 +375,7 @@ def history_section(run: RunRows) -> Section | None:
     for a in arts:
         epochs = a.doc["epochs"]
         cols = list(HISTORY_FIELDS) + sorted({k for e in epochs for k in e} - set(HISTORY_FIELDS))
-        sec.blocks.append(Paragraph(_history_summary(run.display.get(a.model_key, a.model_key), a.doc, cols)))
+        sec.blocks.append(Paragraph(_history_summary(run.display.get(a.model_key, a.model_key), a.doc)))
         sec.blocks.append(Table(cols, [[_cell(e.get(c)) for c in cols] for e in epochs]))
     return sec
 
