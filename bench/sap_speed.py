@@ -3,7 +3,9 @@
 LeNet-5 and mnist-cnn at batch 256, SAP after every ReLU (fraction 1, the seed's setting):
 
 (a) no-grad forward, plain vs SAP with each sampler (the issue's measure: goal <= 3x exact,
-    <= 1.5x poisson);
+    <= 1.5x poisson); the exact sampler with the CPU merge kernel (the library's path) and with
+    ``torch.searchsorted`` (``BASTION_SAP_KERNEL=0``, the path before it; the same masks); the
+    poisson sampler with its fused CPU tail and with torch's operations (the same outputs);
 (b) one input-gradient step (forward + backward to the input, what an EOT attack step costs per
     draw), plain vs SAP (exact sampler) with SAP's closed-form backward (the library's path)
     vs the same rescaling differentiated by autograd's chain of elementwise nodes (the path
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from _timing import interleaved
 from bastion import models
 from bastion.defenses import sap as sap_mod
+from bastion.defenses import sap_kernel
 from bastion.defenses.sap import insert_sap
 from bastion.utils.io import atomic_write_text
 
@@ -60,6 +64,17 @@ def grad_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rescale:
     return step
 
 
+def without_kernel(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the merge kernel switched off (``torch.searchsorted`` finds the draws' units)."""
+    def call() -> object:
+        os.environ["BASTION_SAP_KERNEL"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["BASTION_SAP_KERNEL"]
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
@@ -68,6 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if sap_kernel._load() is None:  # noqa: SLF001
+        raise SystemExit("the SAP merge kernel could not be built (see the warning); nothing to compare")
     lines = [(f"sap_speed {datetime.datetime.now().isoformat(timespec='seconds')} torch {torch.__version__} "
               f"threads={args.threads} repeats={args.repeats} (median seconds)")]
 
@@ -80,9 +97,13 @@ def main() -> None:
         plain = models.create(arch, seed=0).eval()
         exact, poisson = insert_sap(plain, 1.0, "exact").eval(), insert_sap(plain, 1.0, "poisson").eval()
         with torch.no_grad():
-            tp, te, tq = interleaved([functools.partial(m, x) for m in (plain, exact, poisson)], args.repeats)
+            tp, te, ts, tq, tt = interleaved([functools.partial(plain, x), functools.partial(exact, x),
+                                              without_kernel(functools.partial(exact, x)),
+                                              functools.partial(poisson, x),
+                                              without_kernel(functools.partial(poisson, x))], args.repeats)
         say(f"(a) {arch} no-grad forward: plain {tp * 1e3:.2f} ms | exact {te * 1e3:.2f} ms ({te / tp:.2f}x) | "
-            f"poisson {tq * 1e3:.2f} ms ({tq / tp:.2f}x)")
+            f"exact with searchsorted {ts * 1e3:.2f} ms ({ts / tp:.2f}x) | "
+            f"poisson {tq * 1e3:.2f} ms ({tq / tp:.2f}x) | poisson, torch tail {tt * 1e3:.2f} ms ({tt / tp:.2f}x)")
         tp, tc, ta = interleaved([grad_step(plain, x, y), grad_step(exact, x, y),
                                   grad_step(exact, x, y, _AutogradRescale)], args.repeats)
         say(f"(b) {arch} input-gradient step: plain {tp * 1e3:.2f} ms | SAP closed-form backward "
@@ -99,6 +120,7 @@ def main() -> None:
     parts = {
         "whole keep mask": functools.partial(sap_mod.sap_keep_mask, h, r),
         "searchsorted": functools.partial(torch.searchsorted, c, u, right=True),
+        "merge kernel (mask)": functools.partial(sap_kernel.keep_mask, c, u),
         "torch.poisson": functools.partial(torch.poisson, mean),
         "torch.binomial": functools.partial(torch.binomial, torch.full_like(h, 5.0), torch.full_like(h, 0.3)),
     }

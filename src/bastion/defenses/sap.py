@@ -17,7 +17,9 @@ Sampling is exact and vectorised over the batch: the ``r`` draws of a row are ge
 *sorted* uniforms (normalised partial sums of ``r + 1`` exponentials: the order statistics
 of ``r`` i.i.d. uniforms), located in the row's cumulative ``|h|`` by one batched
 ``searchsorted`` (sorted queries are cache friendly, about twice as fast as unsorted ones), and
-scattered into a keep-mask. Only which units are drawn matters, so the order is irrelevant.
+scattered into a keep-mask. Only which units are drawn matters, so the order is irrelevant. On
+CPU a compiled merge of the sorted draws into the cumulative sum (:mod:`.sap_kernel`) replaces the
+search and gives the same mask.
 Random numbers come from torch's global generator, so :meth:`RandomClassifier.frozen` fixes them.
 
 Gradients flow through the surviving activations and through the rescaling factor (which
@@ -49,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bastion.defenses import sap_kernel
 from bastion.defenses.base import ModelDefense
 from bastion.defenses.registry import DEFENSES, create, register
 from bastion.errors import ConfigError
@@ -99,6 +102,9 @@ def sap_keep_mask(a: torch.Tensor, r: int) -> torch.Tensor:
     # sorted uniforms: S_k / S_{r+1} with S the partial sums of r + 1 Exp(1) variables
     s = torch.rand(n, r + 1, device=a.device, dtype=a.dtype).clamp_min_(torch.finfo(a.dtype).tiny).log_().cumsum_(1)
     u = s[:, :r].mul_(total / s[:, r:])  # (N, r) sorted in [0, total) (partial sums of -Exp(1) / their total)
+    keep = sap_kernel.keep_mask(c, u)  # a linear merge on CPU; None where it does not apply
+    if keep is not None:
+        return keep
     idx = torch.searchsorted(c, u.contiguous(), right=True).clamp_max_(d - 1)
     return torch.zeros((n, d), dtype=torch.bool, device=a.device).scatter_(1, idx, True)
 
@@ -217,10 +223,15 @@ def _uniform15(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     generator. Four come out of each random 64-bit word (whose low 63 bits are uniform), which
     costs about a quarter of ``torch.rand`` on CPU, where drawing one float per unit was most of
     SAP's cost."""
+    return _random_int16(shape, device).bitwise_and_(POISSON_RESOLUTION - 1)
+
+
+def _random_int16(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The int16 words of :func:`_uniform15` before their top bit is cleared."""
     n, d = shape
     m = n * d
     words = torch.empty((m + 3) // 4, dtype=torch.int64, device=device).random_()
-    return words.view(torch.int16)[:m].view(n, d).bitwise_and_(POISSON_RESOLUTION - 1)
+    return words.view(torch.int16)[:m].view(n, d)
 
 
 def _sap_poisson(flat: torch.Tensor, r: int, nonneg: bool) -> torch.Tensor:
@@ -233,11 +244,17 @@ def _sap_poisson(flat: torch.Tensor, r: int, nonneg: bool) -> torch.Tensor:
     a = flat if nonneg else flat.abs()
     # -r / sum|h|, kept finite so that an all-zero row gives 0 * rate = 0 (not NaN)
     neg_rate = a.sum(1, keepdim=True).clamp_min(tiny).reciprocal().mul(-float(r)).clamp_min(-big)
-    bits = _uniform15((flat.shape[0], flat.shape[1]), flat.device)  # keep iff bits < res * q' (probability q')
     if not (torch.is_grad_enabled() and flat.requires_grad):
-        k = a.mul(neg_rate).expm1_().mul_(-res).ceil_()  # res * q', an integer in [0, res]
+        raw = _random_int16((flat.shape[0], flat.shape[1]), flat.device)
+        e = a.mul(neg_rate).expm1_()  # -q
+        out = sap_kernel.poisson_tail(flat, e, raw, res)  # the lines below in one pass, on CPU
+        if out is not None:
+            return out
+        bits = raw.bitwise_and_(POISSON_RESOLUTION - 1)  # keep iff bits < res * q' (probability q')
+        k = e.mul_(-res).ceil_()  # res * q', an integer in [0, res]
         keep = bits < k
         return flat.mul(res).div_(k.clamp_min_(1.0)).mul_(keep)
+    bits = _uniform15((flat.shape[0], flat.shape[1]), flat.device)  # keep iff bits < res * q' (probability q')
     q = -torch.expm1(a * neg_rate)
     k = torch.ceil(q.detach() * res)
     keep = (bits < k).detach()
