@@ -125,3 +125,28 @@ def test_kernel_is_built_atomically_under_its_hash(tmp_path, monkeypatch) -> Non
     assert sap_kernel._load() is not None  # noqa: SLF001
     built = list(tmp_path.iterdir())
     assert len(built) == 1 and built[0].name.startswith("sap_merge-") and built[0].suffix == ".so"
+
+
+def test_a_forked_child_gets_its_own_threads(kernel: None) -> None:
+    """A pool inherited through fork has no threads; the child must not wait on it forever."""
+    import multiprocessing as mp
+
+    c, u = _rows(64, 200, 200, torch.float32, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(sap_kernel.keep_mask(c, u), _reference(c, u))  # the parent's pool exists now
+            ctx = mp.get_context("fork")
+            with ctx.Pool(1) as pool:
+                got = pool.apply_async(_child_mask, (c, u)).get(timeout=60)
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(got, _reference(c, u))
+
+
+def _child_mask(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(2)
+    out = sap_kernel.keep_mask(c, u)
+    assert out is not None
+    return out

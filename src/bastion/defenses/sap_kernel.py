@@ -183,11 +183,13 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """One thread pool per worker count, kept for the process."""
+    """One thread pool per worker count, kept for the process. A forked child does not inherit
+    the parent's threads (a pool it inherited would never run its work), so it makes its own."""
+    key = f"pool-{workers}-{os.getpid()}"
     with _lock:
-        pool = _state.get(f"pool-{workers}")
+        pool = _state.get(key)
         if not isinstance(pool, ThreadPoolExecutor):
-            pool = _state[f"pool-{workers}"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bastion-sap")
+            pool = _state[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bastion-sap")
         return pool
 
 
