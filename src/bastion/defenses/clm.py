@@ -74,6 +74,7 @@ from bastion.models.build import build_members
 from bastion.models.components import RANDOM_KINDS
 from bastion.models.random import DECISIONS, Population
 from bastion.train.objectives import CrossEntropy, Objective
+from bastion.utils.progress import bar as progress_bar
 
 #: seed 001, Sec. 1: (alpha, delta) for LeNet-5, without / with adversarial training
 SEED001_ALPHA_DELTA = {False: (0.1, 0.1), True: (0.01, 5e-3)}
@@ -346,7 +347,6 @@ class CLM(ModelDefense):
         """Seed 001's simultaneous training (Alg. 1) of ``members`` in place: round ``e``
         trains epoch ``e`` of each submodel in turn, with the PRSE every ``period`` steps.
         Resumable per (submodel, epoch) from ``out_dir/member-NN``."""
-        from tqdm.auto import tqdm
 
         from bastion.train.checkpoint import load_weights
         from bastion.train.trainer import train
@@ -378,8 +378,8 @@ class CLM(ModelDefense):
         ]
         mask = mask.to(next(members[0].parameters()).device)
         total = int(config.epochs) * len(members)
-        bar = tqdm(total=total, initial=sum(min(d, config.epochs) for d in done), desc="CLM epochs",
-                   disable=None if progress else True, leave=False)
+        bar = progress_bar(total=total, initial=sum(min(d, config.epochs) for d in done), desc="CLM epochs",
+                           progress=progress, leave=False)
         for epoch in range(min(done), int(config.epochs)):
             for i, m in enumerate(members):
                 if done[i] > epoch:

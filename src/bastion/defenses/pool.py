@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier
 from bastion.models.init import INITS
+from bastion.utils.progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,7 @@ def train_pool(
         raise ConfigError("members is empty; a pool needs at least one member")
     out = Path(out_dir) if out_dir is not None else None
     nets = []
-    for i, m in enumerate(tqdm(ms, desc="pool", disable=None if progress else True)):
+    for i, m in enumerate(progress_bar(ms, progress=progress, desc="pool")):
         data = train_set.subset(m.fraction, seed=m.subset_seed) if m.fraction < 1 else train_set
         model = _make(make_model, m, train_set)
         objective = create(defense, **dict(defense_params or {})) if defense else None

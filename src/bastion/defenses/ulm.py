@@ -33,6 +33,7 @@ from bastion.models.build import build_members
 from bastion.models.components import RANDOM_KINDS
 from bastion.models.random import DECISIONS, Population
 from bastion.train.objectives import Objective
+from bastion.utils.progress import bar as progress_bar
 
 #: seed 001, Sec. 4.1: PGD adversarial examples on MNIST, eps 0.3, step size 0.01, 100 steps
 SEED001_ADV_EPS = 0.3
@@ -97,12 +98,10 @@ def train_members(
     ``objective`` is shared; its ``context`` is cleared between members (run-time state such
     as the epoch-start copy of ``regenerate="epoch"`` belongs to one run).
     """
-    from tqdm.auto import tqdm
-
     from bastion.train.trainer import train
 
     members: list[Classifier] = []
-    for i in tqdm(range(n), desc=desc, disable=None if progress else True, leave=False):
+    for i in progress_bar(range(n), progress=progress, desc=desc, leave=False):
         cfg = member_config(config, i)
         model = make_model(cfg.seed)
         data = train_sets(i) if callable(train_sets) else train_sets[i]

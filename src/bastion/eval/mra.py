@@ -39,6 +39,7 @@ from bastion.data.base import ImageDataset
 from bastion.errors import ConfigError
 from bastion.eval.accuracy import predict
 from bastion.models.random import Population
+from bastion.utils.progress import bar as progress_bar
 
 
 def _members(population: Population | Sequence[nn.Module]) -> list[nn.Module]:
@@ -225,7 +226,6 @@ def seed001_protocol(
         submodel), ``n``, ``members``, ``repeats``, ``attack``, ``gradients`` (per point),
         ``seconds``.
     """
-    from tqdm.auto import tqdm
 
     _check_int("repeats", repeats, "an integer >= 1")
     _check_int("batch_size", batch_size, "an integer >= 1")
@@ -237,7 +237,7 @@ def seed001_protocol(
     clean = member_correct(members, x, y, batch_size=batch_size, device=dev)
     acc = _Repeats(torch.zeros(M))
     grads, t0 = 0, time.perf_counter()
-    bar = tqdm(total=repeats * M, desc=f"seed001 {attack.name}", disable=None if progress else True, leave=False)
+    bar = progress_bar(total=repeats * M, progress=progress, desc=f"seed001 {attack.name}", leave=False)
     probs = unequal_probs(population)
     for r in range(repeats):
         g = torch.Generator().manual_seed(int(seed) + r)
@@ -291,7 +291,6 @@ def expected_output_attack(
         (majority of ``k`` on clean points), ``n``, ``k``, ``eot``, ``attack``,
         ``gradients`` (per point), ``seconds``, ``robust`` (per point, 0/1, in data order).
     """
-    from tqdm.auto import tqdm
 
     _check_expected_args(k, eot, on_population)
     dev = _device(population, device)
@@ -300,8 +299,8 @@ def expected_output_attack(
     atk = attack if eot is None else attacks_mod.eot(attack, eot)
     N = len(data)
     t0 = time.perf_counter()
-    with tqdm(total=(N + batch_size - 1) // batch_size, desc=f"expected {attack.name}",
-              disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=(N + batch_size - 1) // batch_size, progress=progress, desc=f"expected {attack.name}",
+                      leave=False) as bar:
         x_adv, grads = _craft_batches(atk, target, data, batch_size, torch.Generator(device=dev).manual_seed(int(seed)),
                                       dev, on_batch=lambda: bar.update(1))
     adv_votes = query_correct(population, x_adv, data.y, k=k, seed=seed, batch_size=batch_size, device=dev)

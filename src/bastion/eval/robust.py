@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bastion.attacks.base import Attack
 from bastion.attacks.verdict import DEFAULT_QUERIES, Majority, is_random
@@ -25,6 +24,7 @@ from bastion.eval.loop import measure
 from bastion.eval.threats import EngineVerdict, attack_label
 from bastion.models.base import as_classifier
 from bastion.results.worst_case import WORST_CASE_ATTACK, WORST_CASE_LABEL, robust_to_all
+from bastion.utils.progress import bar as progress_bar
 
 
 @dataclass
@@ -118,7 +118,7 @@ def evaluate(
     report = RobustReport(n=len(data), clean_accuracy=_mean(clean, len(data)))
     masks_by_budget: dict[tuple[str, float], list[torch.Tensor]] = {}
     total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)
-    bar = tqdm(total=total, desc="attacks", disable=None if progress else True, leave=False, unit="batch")
+    bar = progress_bar(total=total, progress=progress, desc="attacks", leave=False, unit="batch")
     for attack in attacks:
         bar.set_description(f"{attack_label(attack)} eps={attack.eps:g}")
         m = measure(EngineVerdict(clf, attack), data.x, data.y, batch_size=batch_size, seed=seed, device=dev,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bastion.data.base import ImageDataset
 from bastion.eval.bpda import bpda_view
@@ -36,6 +35,7 @@ from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow, FlagRow
 from bastion.results.shards import ShardLog, ShardState
 from bastion.results.worst_case import WORST_CASE_LABEL, worst_case_rows
+from bastion.utils.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[Th
     clean = judge(model, x.to(dev), y.to(dev), queries=k, batch_size=st.batch_size).cpu()
     clean_acc = float(clean.float().mean())
     shards = key.shards(db, len(x), st.shards) if st.shards > 1 else None
-    for t in tqdm(todo, desc=f"{key.name} {key.protocol}", disable=None if progress else True, leave=False):
-        row, forget = _measured(db, key, t, data, st, dev, shards)
+    for t in progress_bar(todo, progress=progress, desc=f"{key.name} {key.protocol} rows", leave=False):
+        row, forget = _measured(db, key, t, data, st, dev, shards, progress)
         row.robust &= clean if not random else torch.ones_like(clean)
         db.add_evaluation(key.row(row, len(x), clean_acc, queries=k if random else 1, random=random))
         forget()
@@ -105,14 +105,21 @@ def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[Th
 
 
 def _measured(db: ResultsDB, key: RowKey, t: ThreatModel, data: ImageDataset, st: EvaluationSection,
-              dev: torch.device, shards: ShardLog | None) -> tuple[Measurement, Callable[[], None]]:
-    """The row of ``t``: measured (batch by batch, kept as it goes), or assembled from its
-    shards; and what to forget once the row is stored."""
+              dev: torch.device, shards: ShardLog | None,
+              progress: bool = False) -> tuple[Measurement, Callable[[], None]]:
+    """The row of ``t``: measured (batch by batch, kept as it goes, with a bar of its batches),
+    or assembled from its shards; and what to forget once the row is stored."""
     eps = float(t.attack.eps)
     if shards is not None:
         return merge_shards(t, _all_shards(shards, t, st.shards), len(data)), lambda: shards.clear(t.label, eps)
     batches = key.batches(db, t.label, eps, len(data))
-    return measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches), batches.clear
+    total = -(-len(data) // st.batch_size)
+    kept = min(len(batches.finished()), total) if progress else 0  # a resumed row starts where it stopped
+    with progress_bar(total=total, initial=kept, progress=progress, desc=f"{key.name} {key.protocol} {t.label} "
+                      f"eps={eps:g}", unit="batch", leave=False) as bar:
+        m = measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,
+                    on_batch=bar.update)
+    return m, batches.clear
 
 
 def _all_shards(shards: ShardLog, t: ThreatModel, count: int) -> list[ShardState]:

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bastion.config import to_dict
 from bastion.data.base import ImageDataset
@@ -50,6 +49,7 @@ from bastion.train.config import TrainConfig
 from bastion.train.distributed import SINGLE, Ranks
 from bastion.train.objectives import CrossEntropy, Objective
 from bastion.utils.io import atomic_write_json
+from bastion.utils.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -280,10 +280,8 @@ def _train_batches(
     config, model, train_set = loop.config, loop.model, loop.train_set
     loss_sum, correct, seen = 0.0, 0, 0
     batches = math.ceil(len(train_set) / config.batch_size)
-    bar = tqdm(
-        range(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-        disable=None if loop.progress and loop.ranks.is_writer else True, leave=False, unit="batch",
-    )
+    bar = progress_bar(range(batches), progress=loop.progress and loop.ranks.is_writer,
+                       desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, unit="batch")
     pixels = _epoch_pixels(loop, perm)
     for b in bar:
         idx = perm[b * config.batch_size : (b + 1) * config.batch_size]

@@ -1,0 +1,105 @@
+"""Progress bars that also report into log files.
+
+tqdm draws a bar on a terminal and, left to itself (``disable=None``), draws nothing when
+standard error is not one, which is where long runs write: ``nohup bastion run ... 2> log``, a
+Ray worker's log, a batch job's output file. A run of several hours then logs nothing between
+its first and last line. :func:`bar` keeps tqdm's bar on a terminal and, elsewhere, writes the
+same status as one plain line at most every ``$BASTION_PROGRESS_INTERVAL`` seconds (default 60;
+0 writes every update), plus a last line when the bar closes: what, how far, the rate, elapsed
+and estimated time left.
+
+``progress=False`` draws and writes nothing, as before.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from bastion.errors import ConfigError
+
+#: seconds between two lines written to a non-terminal, unless ``$BASTION_PROGRESS_INTERVAL`` says otherwise
+DEFAULT_INTERVAL = 60.0
+
+
+def interval() -> float:
+    """``$BASTION_PROGRESS_INTERVAL`` in seconds (a number >= 0), or :data:`DEFAULT_INTERVAL`."""
+    raw = os.environ.get("BASTION_PROGRESS_INTERVAL")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also catches NaN
+        raise ConfigError(f"BASTION_PROGRESS_INTERVAL={raw!r} must be a number of seconds >= 0")
+    return value
+
+
+class _Lines:
+    """A text stream for tqdm that turns its carriage-return redraws into whole lines, at most one
+    per ``every`` seconds (forced redraws, such as ``set_postfix``'s, included), and always the
+    bar's last status when it closes (tqdm then writes a newline)."""
+
+    def __init__(self, stream: IO[str], every: float) -> None:
+        self.stream = stream
+        self.every = every
+        self.last = -math.inf
+        self.pending = ""
+
+    def write(self, text: str) -> None:
+        status = text.replace("\r", "").strip()
+        if status:
+            self.pending = status
+            now = time.monotonic()
+            if now - self.last < self.every:
+                return
+            self.last = now
+        elif "\n" not in text or not self.pending:
+            return
+        self.stream.write(self.pending + "\n")
+        self.pending = ""
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def bar(iterable: Iterable[Any] | None = None, *, progress: bool, desc: str, total: float | None = None,
+        **kwargs: Any) -> tqdm:
+    """A tqdm bar: drawn on a terminal, written as plain lines elsewhere, silent without ``progress``.
+
+    Args:
+        iterable: what to iterate over (or None, then call ``update``).
+        progress: False: nothing is shown or written.
+        desc: what the bar counts (the start of every line).
+        total: the number of steps (default ``len(iterable)``).
+        kwargs: passed to tqdm (``unit``, ``initial``, ``leave``, ...).
+    """
+    if not progress:
+        return tqdm(iterable, total=total, desc=desc, disable=True, **kwargs)
+    stream = sys.stderr
+    if stream is None:  # no standard error at all (pythonw): nowhere to write
+        return tqdm(iterable, total=total, desc=desc, disable=True, **kwargs)
+    if stream.isatty():
+        return tqdm(iterable, total=total, desc=desc, file=stream, **kwargs)
+    every = interval()
+    known = total is not None or (iterable is not None and hasattr(iterable, "__len__"))
+    kwargs = {"bar_format": LINE if known else LINE_OPEN, **kwargs, "leave": True}  # the last line says where it ended
+    return tqdm(iterable, total=total, desc=desc, file=_Lines(stream, every),
+                mininterval=every, miniters=1, disable=False, **kwargs)
+
+
+#: a line written to a non-terminal when the total is known
+LINE = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed} elapsed, {remaining} left, {rate_fmt}{postfix}]"
+
+#: the same without a total
+LINE_OPEN = "{desc}: {n_fmt} [{elapsed} elapsed, {rate_fmt}{postfix}]"
+
+
+__all__ = ["DEFAULT_INTERVAL", "LINE", "LINE_OPEN", "bar", "interval"]

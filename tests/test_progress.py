@@ -1,0 +1,60 @@
+"""Progress reaches log files: plain lines where standard error is not a terminal."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bastion import models
+from bastion.errors import ConfigError
+from bastion.train.config import TrainConfig
+from bastion.train.trainer import train
+from bastion.utils import progress
+
+
+def test_lines_every_update_at_interval_zero(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")
+    bar = progress.bar(range(4), progress=True, desc="epoch 1/2", unit="batch")
+    for _ in bar:
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("epoch 1/2: 0/4 (0%)")
+    assert any(line.startswith("epoch 1/2: 2/4 (50%)") for line in lines)
+    assert lines[-1].startswith("epoch 1/2: 4/4 (100%)") and "elapsed" in lines[-1]
+    assert all("\r" not in line for line in lines)
+
+
+def test_long_interval_writes_the_start_and_the_end_only(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "3600")
+    bar = progress.bar(total=50, progress=True, desc="rows")
+    for i in range(50):
+        bar.set_postfix(i=i)  # a forced redraw: still held back by the interval
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("rows: 0/50 (0%)") and lines[1].startswith("rows: 50/50 (100%)")
+
+
+def test_no_progress_writes_nothing(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")
+    for _ in progress.bar(range(3), progress=False, desc="quiet"):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_bad_interval_names_the_variable(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", value)
+    with pytest.raises(ConfigError, match=f"BASTION_PROGRESS_INTERVAL={value!r}"):
+        progress.bar(range(1), progress=True, desc="x")
+
+
+def test_training_reports_its_epochs_into_a_log(capsys, monkeypatch, mnist_small) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")
+    tr, _ = mnist_small
+    train(models.create("lenet5", seed=0), tr.take(300), TrainConfig(epochs=2, batch_size=100, seed=0), progress=True)
+    err = capsys.readouterr().err
+    for epoch in (1, 2):
+        assert re.search(rf"^epoch {epoch}/2: 3/3 \(100%\) .*loss=", err, re.M), err
