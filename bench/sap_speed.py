@@ -121,6 +121,8 @@ def main() -> None:
         "whole keep mask": functools.partial(sap_mod.sap_keep_mask, h, r),
         "searchsorted": functools.partial(torch.searchsorted, c, u, right=True),
         "merge kernel (mask)": functools.partial(sap_kernel.keep_mask, c, u),
+        "torch.rand of the draws": functools.partial(torch.rand, 256, r + 1),
+        "the same with their log and cumsum": lambda: torch.rand(256, r + 1).clamp_min_(1e-38).log_().cumsum_(1),
         "torch.poisson": functools.partial(torch.poisson, mean),
         "torch.binomial": functools.partial(torch.binomial, torch.full_like(h, 5.0), torch.full_like(h, 0.3)),
     }

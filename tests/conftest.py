@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from bastion import data, models
 from bastion.train.config import TrainConfig
 from bastion.train.trainer import train
+
+# SAP's CPU kernels (bastion.defenses.sap_kernel) are built into a directory of this session,
+# not into the user's cache (unless the caller chose one)
+if not os.environ.get("BASTION_KERNELS"):
+    _kernels = tempfile.mkdtemp(prefix="bastion-test-kernels-")
+    os.environ["BASTION_KERNELS"] = _kernels
+    atexit.register(shutil.rmtree, _kernels, True)
 
 
 @pytest.fixture(scope="session")
