@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -19,22 +20,35 @@ def test_lines_every_update_at_interval_zero(capsys, monkeypatch) -> None:
     for _ in bar:
         pass
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("epoch 1/2: 0/4 (0%)")
+    assert lines[0].startswith("epoch 1/2: 0/4 (0%)")  # at interval 0 the first redraw is written too
     assert any(line.startswith("epoch 1/2: 2/4 (50%)") for line in lines)
     assert lines[-1].startswith("epoch 1/2: 4/4 (100%)") and "elapsed" in lines[-1]
     assert all("\r" not in line for line in lines)
 
 
-def test_long_interval_writes_the_start_and_the_end_only(capsys, monkeypatch) -> None:
+def test_a_bar_shorter_than_the_interval_writes_nothing(capsys, monkeypatch) -> None:
     monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "3600")
     bar = progress.bar(total=50, progress=True, desc="rows")
     for i in range(50):
         bar.set_postfix(i=i)  # a forced redraw: still held back by the interval
         bar.update(1)
     bar.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_a_long_bar_writes_a_line_per_interval_and_its_end(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0.2")
+    bar = progress.bar(total=12, progress=True, desc="epoch 2/5", unit="batch")
+    for _ in range(12):
+        time.sleep(0.05)
+        bar.set_postfix(loss="0.1")
+        bar.update(1)
+    bar.close()
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("rows: 0/50 (0%)") and lines[1].startswith("rows: 50/50 (100%)")
+    assert 2 <= len(lines) <= 5, lines  # 0.6 s: about three lines at 0.2 s, and the end
+    assert all(line.startswith("epoch 2/5: ") for line in lines)
+    assert lines[-1].startswith("epoch 2/5: 12/12 (100%)") and "loss=0.1" in lines[-1]
+    assert len(set(lines)) == len(lines)
 
 
 def test_no_progress_writes_nothing(capsys, monkeypatch) -> None:

@@ -95,7 +95,7 @@ def measure_rows(db: ResultsDB, key: RowKey, model: nn.Module, todo: Sequence[Th
     clean = judge(model, x.to(dev), y.to(dev), queries=k, batch_size=st.batch_size).cpu()
     clean_acc = float(clean.float().mean())
     shards = key.shards(db, len(x), st.shards) if st.shards > 1 else None
-    for t in progress_bar(todo, progress=progress, desc=f"{key.name} {key.protocol} rows", leave=False):
+    for t in progress_bar(todo, progress=progress, desc=f"{key.name} {key.protocol} rows", unit="row", leave=False):
         row, forget = _measured(db, key, t, data, st, dev, shards, progress)
         row.robust &= clean if not random else torch.ones_like(clean)
         db.add_evaluation(key.row(row, len(x), clean_acc, queries=k if random else 1, random=random))

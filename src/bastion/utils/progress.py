@@ -4,16 +4,16 @@ tqdm draws a bar on a terminal and, left to itself (``disable=None``), draws not
 standard error is not one, which is where long runs write: ``nohup bastion run ... 2> log``, a
 Ray worker's log, a batch job's output file. A run of several hours then logs nothing between
 its first and last line. :func:`bar` keeps tqdm's bar on a terminal and, elsewhere, writes the
-same status as one plain line at most every ``$BASTION_PROGRESS_INTERVAL`` seconds (default 60;
-0 writes every update), plus a last line when the bar closes: what, how far, the rate, elapsed
-and estimated time left.
+same status as one plain line every ``$BASTION_PROGRESS_INTERVAL`` seconds at most (default 60;
+0 writes every update), from the moment the bar has run that long, plus a last line when such a
+bar closes: what, how far, the rate, elapsed and estimated time left. Bars shorter than the
+interval write nothing.
 
 ``progress=False`` draws and writes nothing, as before.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -43,14 +43,18 @@ def interval() -> float:
 
 
 class _Lines:
-    """A text stream for tqdm that turns its carriage-return redraws into whole lines, at most one
-    per ``every`` seconds (forced redraws, such as ``set_postfix``'s, included), and always the
-    bar's last status when it closes (tqdm then writes a newline)."""
+    """A text stream for tqdm that turns its carriage-return redraws into whole lines: the first
+    once the bar has run ``every`` seconds, then at most one per ``every`` seconds (forced
+    redraws, such as ``set_postfix``'s, included), and the bar's last status when it closes
+    (tqdm then writes a newline) if it wrote any line before. A bar shorter than ``every``
+    writes nothing, so a log holds the long steps, not every short one."""
 
     def __init__(self, stream: IO[str], every: float) -> None:
         self.stream = stream
         self.every = every
-        self.last = -math.inf
+        self.last = time.monotonic()
+        self.wrote = False
+        self.count = ""
         self.pending = ""
 
     def write(self, text: str) -> None:
@@ -61,10 +65,16 @@ class _Lines:
             if now - self.last < self.every:
                 return
             self.last = now
-        elif "\n" not in text or not self.pending:
-            return
+        elif "\n" not in text or not self.pending or not self.wrote or self._count(self.pending) == self.count:
+            return  # not the close, or nothing new to say at it (the count is the one last written)
         self.stream.write(self.pending + "\n")
+        self.wrote, self.count = True, self._count(self.pending)
         self.pending = ""
+
+    @staticmethod
+    def _count(status: str) -> str:
+        """The part of a status line before its times and rate (what and how far)."""
+        return status.split(" [", 1)[0]
 
     def flush(self) -> None:
         self.stream.flush()
