@@ -49,16 +49,23 @@ def _contenders(name: str, steps: int, eps: float, model: torch.nn.Module, ta: A
             ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0))
 
 
+#: gradient evaluations of the last call of each contender (Bastion's from its cost record)
+GRADIENTS: dict[str, int] = {}
+
+
 def _run_batched(atk: attacks.Attack, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b: int,
                  robust: dict[str, int], key: str) -> None:
     res = [atk(net, x[i : i + b], y[i : i + b], generator=torch.Generator().manual_seed(i))
            for i in range(0, len(x), b)]
     robust[key] = sum(int((~r.success).sum()) for r in res)
+    GRADIENTS[key] = sum(int(r.cost.gradients) for r in res)
 
 
 def _run_refill(atk: attacks.Attack, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, _b: int,
                 robust: dict[str, int], key: str) -> None:
-    robust[key] = int((~atk(net, x, y, generator=torch.Generator().manual_seed(0)).success).sum())
+    res = atk(net, x, y, generator=torch.Generator().manual_seed(0))
+    robust[key] = int((~res.success).sum())
+    GRADIENTS[key] = int(res.cost.gradients)
 
 
 def _run_theirs(atk: Any, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, robust: dict[str, int],
@@ -116,6 +123,13 @@ def main() -> None:
         lines.append(f"eps {eps}: robust " + " / ".join(f"{k} {robust[k]}" for k in names) + f" of {args.n}; median s "
                      + ", ".join(f"{k} {t[k]:.2f}" for k in names) + "; "
                      + ", ".join(f"{num}/{den} {t[num] / t[den]:.2f}x" for num, den in _ratios(names)))
+        print(lines[-1], flush=True)
+        steps = 40 if args.attack == "pgd" else args.steps  # torchattacks runs every step on every point
+        per = {k: GRADIENTS[k] / args.n for k in ("batched", "refill")}
+        lines.append(f"eps {eps}: gradients per point: batched {per['batched']:.2f}, refill {per['refill']:.2f}, "
+                     f"torchattacks {steps} (every step on every point); torchattacks' gradients / Bastion's: "
+                     f"{steps / per['batched']:.2f}x batched, {steps / per['refill']:.2f}x refill (the time ratio's "
+                     "ceiling at an equal cost per gradient)")
         print(lines[-1], flush=True)
     tag = ("" if args.attack == "pgd" else f"_{args.attack}{args.steps}") + ("_cl" if args.channels_last else "")
     out = Path(args.out) / f"refill_speed{tag}_{datetime.date.today().isoformat()}_cpu{args.threads}.txt"
