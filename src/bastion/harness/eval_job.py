@@ -116,7 +116,7 @@ class EvalJob:
             stats["evaluated"] = measure_rows(db, key, model, todo, data, cfg.evaluation, dev, progress=self.progress)
         guarded = None
         if data is not None and sanity:
-            guarded = guard_converged(db, key, model, data, cfg.evaluation, dev)
+            guarded = guard_converged(db, key, model, data, cfg.evaluation, dev, progress=self.progress)
         store_worst_case(db, key)
         if data is not None and sanity:
             stats["checks"], stats["raised"] = store_flags(db, key, model, data, cfg.evaluation, dev, before=pre,

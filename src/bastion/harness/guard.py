@@ -51,6 +51,7 @@ from bastion.eval.threats import ThreatModel
 from bastion.harness.rows import RowKey, checked_model
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow
+from bastion.utils.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +65,23 @@ MAX_LEVELS = 3
 
 
 def guard_converged(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
-                    dev: torch.device) -> Flag | None:
+                    dev: torch.device, *, progress: bool = False) -> Flag | None:
     """Run the "converged" check on the stored rows of ``key`` and, when it fails, the guard
     (module docstring). Returns the "converged" flag to store (None when the guard does not
     apply: another protocol, the guard or the sanity checks off). The guard seeds the global
-    generator with ``st.seed`` and leaves it afterwards as it found it."""
+    generator with ``st.seed`` and leaves it afterwards as it found it. ``progress``: a bar of
+    each guard row's batches."""
     if key.protocol != ADAPTIVE or not st.guard or not st.sanity:
         return None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         # a random model draws from the global generator: seeded here, the guard decides the
         # same way in a fresh run and after a restart
         torch.manual_seed(st.seed)
-        return _guard(db, key, model, data, st, dev)
+        return _guard(db, key, model, data, st, dev, progress)
 
 
 def _guard(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st: EvaluationSection,
-           dev: torch.device) -> Flag:
+           dev: torch.device, progress: bool = False) -> Flag:
     random = is_random(model)
     checked = checked_model(model, key.protocol)
     kw = {"random": random, "device": dev, "seed": st.seed, "batch_size": st.batch_size,
@@ -94,7 +96,7 @@ def _guard(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st:
     cap = st.guard_cost_cap * row.gradients
     current, spent, notes, passed = row, 0, [flag.detail], False
     for level in range(1, MAX_LEVELS + 1):
-        nxt, note = _next_level(db, key, model, current, level, spent, cap, data, st, dev)
+        nxt, note = _next_level(db, key, model, current, level, spent, cap, data, st, dev, progress)
         notes.append(note)
         if nxt is None:
             break
@@ -111,7 +113,7 @@ def _guard(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset, st:
 
 def _next_level(db: ResultsDB, key: RowKey, model: nn.Module, current: EvaluationRow, level: int, spent: int,
                 cap: float, data: ImageDataset, st: EvaluationSection,
-                dev: torch.device) -> tuple[EvaluationRow | None, str]:
+                dev: torch.device, progress: bool = False) -> tuple[EvaluationRow | None, str]:
     """The guard's ``level``-th row: ``current``'s attack with ``guard_factor`` times its steps
     (and one more restart) on the points ``current`` left robust, or None and why not."""
     base = attack_from_row(current)
@@ -133,7 +135,7 @@ def _next_level(db: ResultsDB, key: RowKey, model: nn.Module, current: Evaluatio
     threat = check_threat(checked_model(model, key.protocol), strong, st.batch_size,
                           st.queries_for(key.protocol) if is_random(model) else None)
     label = current.attack_label.split(GUARD_SUFFIX)[0] + GUARD_SUFFIX + (str(level) if level > 1 else "")
-    guarded = _guarded_row(db, key, threat, current, label, survivors, data, st, dev)
+    guarded = _guarded_row(db, key, threat, current, label, survivors, data, st, dev, progress)
     how = ", ".join(f"{k}={v}" for k, v in changes.items())
     return guarded, (f"{current.attack_label} rerun with {how} on the {len(survivors)} points it left robust: "
                      f"{100 * current.robust_accuracy:.1f}% -> {100 * guarded.robust_accuracy:.1f}% on {current.n} "
@@ -149,7 +151,7 @@ def _draws(attack: Attack, random: bool) -> int:
 
 def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: EvaluationRow, label: str,
                  survivors: torch.Tensor, data: ImageDataset, st: EvaluationSection,
-                 dev: torch.device) -> EvaluationRow:
+                 dev: torch.device, progress: bool = False) -> EvaluationRow:
     """The guard's row ``label`` over ``row`` (measured now, or found in the database after a
     restart)."""
     if key.stored(db, label, row.eps):
@@ -157,7 +159,12 @@ def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: Evaluatio
     idx = survivors.to(data.x.device)
     batches = key.batches(db, label, float(row.eps), len(idx))
     part = data.select(idx)  # a lazy (streamed) data set stays lazy
-    m = measure(threat, part.x, part.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches)
+    total = -(-len(idx) // st.batch_size)
+    kept = min(len(batches.finished()), total) if progress else 0
+    with progress_bar(total=total, initial=kept, progress=progress, desc=f"{key.name} {key.protocol} {label} "
+                      f"eps={float(row.eps):g}", unit="batch", leave=False) as bar:
+        m = measure(threat, part.x, part.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,
+                    on_batch=bar.update)
     assert row.robust is not None
     robust = row.robust.clone()
     robust[survivors] = m.robust.to(robust.device) & robust[survivors]
