@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -256,7 +257,13 @@ def test_end_to_end_second_run_redoes_nothing_and_killed_run_resumes(tmp_path, m
     # -- restarted: finishes, redoing no finished row and no training
     calls.clear()
     monkeypatch.setattr(harness_rows, "measure", lambda p, *a, **kw: (calls.append(p.label), real(p, *a, **kw))[1])
-    s = runner.run(cfg, progress=False)
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")  # progress lines in the captured (non-terminal) stderr
+    capsys.readouterr()
+    s = runner.run(cfg, progress=True)
+    progress_log = capsys.readouterr().err
+    assert re.search(r"^fgsm-at adaptive rows: \d+/\d+ \(100%\)", progress_log, re.M), progress_log
+    assert re.search(r"^fgsm-at adaptive pgd-5 eps=0\.2: \d+/\d+ \(100%\)", progress_log, re.M)
+    assert "\r" not in progress_log
     assert s.trained == 0
     # 2 models x 2 protocols x 2 attacks x 2 eps = 16 rows; 5 were done before the kill
     assert len(calls) == 16 - 5 == s.evaluated
