@@ -72,3 +72,23 @@ def test_training_reports_its_epochs_into_a_log(capsys, monkeypatch, mnist_small
     err = capsys.readouterr().err
     for epoch in (1, 2):
         assert re.search(rf"^epoch {epoch}/2: 3/3 \(100%\) .*loss=", err, re.M), err
+
+
+def test_denoiser_reports_its_autoencoders_and_trains_the_same(capsys, monkeypatch, mnist_small) -> None:
+    """The front end's own training (before the classifier's) shows its progress; the bar
+    changes nothing of what is trained."""
+    import torch
+
+    from bastion import defenses
+
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")
+    images = mnist_small[0].take(256)
+    weights = []
+    for shown in (True, False):
+        d = defenses.create("denoiser", stack=2, ae_epochs=1, ae_batch_size=64)
+        m = d.prepare(models.create("lenet5", seed=0), images, progress=shown)
+        weights.append({k: v.clone() for k, v in m.state_dict().items()})
+    err = capsys.readouterr().err
+    assert re.search(r"^denoising autoencoders: 8/8 \(100%\) .*mse=", err, re.M), err
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -141,7 +141,7 @@ def _train_one(args: argparse.Namespace, cfg: TrainConfig, defense: Any, ranks: 
         return _train_model_defense(args, defense, train_set, cfg, options, test_plan)
     model = models.for_dataset(args.model, train_set, init=args.init, seed=cfg.seed, **options)
     if defense is not None:
-        model = defense.prepare(model, train_set)
+        model = defense.prepare(model, train_set, progress=not args.quiet)
     res = train(model, train_set, cfg, objective=defense, out_dir=args.out, resume=not args.no_resume,
                 progress=not args.quiet, ranks=ranks, meta=meta)
     if not ranks.is_writer:

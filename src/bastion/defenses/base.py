@@ -64,9 +64,10 @@ class Defense(Objective):
     #: the threat model the defense's paper evaluates it under (one of PAPER_THREAT_MODELS)
     paper_threat_model: ClassVar[str] = "white-box"
 
-    def prepare(self, model: Classifier, train_set: ImageDataset) -> Classifier:
+    def prepare(self, model: Classifier, train_set: ImageDataset, *, progress: bool = False) -> Classifier:
         """Called once before training; a front-end defense returns the model to train
-        (typically ``model`` with a front end attached). Default: ``model`` unchanged."""
+        (typically ``model`` with a front end attached; ``progress``: a bar for work of its own
+        that takes long). Default: ``model`` unchanged."""
         return model
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ from bastion.defenses.registry import register
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier, NormalizedClassifier
 from bastion.models.components import FRONT_ENDS
+from bastion.utils.progress import bar as progress_bar
 
 MAX_STACK = 4  # seed 004 Table 1 goes up to four noise + autoencoder stages
 
@@ -177,9 +178,10 @@ class Denoiser(Defense):
         """The front end's spec entries (what a checkpoint needs to rebuild it)."""
         return {"stack": self.stack, "noise_std": float(self.noise_std), "width": self.width}
 
-    def prepare(self, model: Classifier, train_set: ImageDataset) -> NormalizedClassifier:
-        """Build the stack, train each autoencoder on ``train_set``'s images and attach the
-        stack as ``model``'s front end (recorded in ``model.spec``)."""
+    def prepare(self, model: Classifier, train_set: ImageDataset, *, progress: bool = False) -> NormalizedClassifier:
+        """Build the stack, train each autoencoder on ``train_set``'s images (with a bar of its
+        batches when ``progress``) and attach the stack as ``model``'s front end (recorded in
+        ``model.spec``)."""
         clf = require_normalized(model, self.name)
         if clf.front_end is not None:
             have = type(clf.front_end).__name__
@@ -190,19 +192,22 @@ class Denoiser(Defense):
         params = self.front_end_params()
         torch.manual_seed(self.seed)
         front: DenoiserStack = FRONT_ENDS.get("denoiser").factory(params, clf)  # type: ignore[assignment]
-        self.train_stack(front, train_set.x)
+        self.train_stack(front, train_set.x, progress=progress)
         if self.freeze:
             front.requires_grad_(False)
         clf.front_end = front
         clf.spec = {**clf.spec, "front_end": {"name": "denoiser", **params}}
         return clf
 
-    def train_stack(self, front: DenoiserStack, images: torch.Tensor) -> list[float]:
+    def train_stack(self, front: DenoiserStack, images: torch.Tensor, *, progress: bool = False) -> list[float]:
         """Train the stages in turn; returns each stage's last-epoch mean MSE."""
         device = next(front.parameters()).device
         gen = torch.Generator().manual_seed(self.seed)
         n = images.shape[0]
         losses: list[float] = []
+        per_epoch = -(-n // self.ae_batch_size)
+        bar = progress_bar(total=len(front.stages) * self.ae_epochs * per_epoch, progress=progress,
+                           desc="denoising autoencoders", unit="batch", leave=False)
         for s, stage_ in enumerate(front.stages):
             stage: DenoiseStage = stage_  # type: ignore[assignment]
             opt = torch.optim.Adam(stage.ae.parameters(), lr=self.ae_lr)
@@ -224,8 +229,11 @@ class Denoiser(Defense):
                     loss.backward()
                     opt.step()
                     total += float(loss.detach()) * clean.shape[0]
+                    bar.update(1)
                 last = total / n
+                bar.set_postfix(stage=s + 1, mse=f"{last:.4f}")
             losses.append(last)
+        bar.close()
         self.context["ae_losses"] = losses
         return losses
 

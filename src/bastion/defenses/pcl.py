@@ -128,7 +128,8 @@ class PCL(Defense):
             raise ConfigError(f"seed={self.seed!r} must be an integer")
 
     # -- centroids ---------------------------------------------------------------------------
-    def prepare(self, model: Classifier, train_set: ImageDataset | None = None) -> NormalizedClassifier:
+    def prepare(self, model: Classifier, train_set: ImageDataset | None = None, *,
+                progress: bool = False) -> NormalizedClassifier:
         """Register the trainable centroids on ``model`` as submodule ``pcl_centroids`` (call
         before the trainer builds its optimiser). Idempotent: existing centroids are kept."""
         clf = require_normalized(model, self.name)

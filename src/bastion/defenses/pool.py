@@ -195,7 +195,7 @@ def train_pool(
         model = _make(make_model, m, train_set)
         objective = create(defense, **dict(defense_params or {})) if defense else None
         if objective is not None and hasattr(objective, "prepare"):
-            model = objective.prepare(model, data)
+            model = objective.prepare(model, data, progress=progress)
         cfg = dataclasses.replace(config, seed=m.seed)
         train(model, data, cfg, objective=objective, out_dir=out / f"member-{i:02d}" if out is not None else None,
               resume=resume, progress=progress, meta={"pool_member": m.to_dict()})

@@ -413,7 +413,7 @@ def train_base(
     model = make_model(config.seed if seed is None else seed)
     objective = create(base_defense, **dict(base_params)) if base_defense else None
     if objective is not None and hasattr(objective, "prepare"):
-        model = objective.prepare(model, train_set)
+        model = objective.prepare(model, train_set, progress=progress)
     train(model, train_set, config, objective=objective, out_dir=out_dir, resume=resume, progress=progress)
     return model.eval()
 

@@ -94,7 +94,7 @@ class BitDepth(Defense):
     def __post_init__(self) -> None:
         _check_bits(self.bits)
 
-    def prepare(self, model: Classifier, train_set: ImageDataset) -> NormalizedClassifier:
+    def prepare(self, model: Classifier, train_set: ImageDataset, *, progress: bool = False) -> NormalizedClassifier:
         """Attach the quantiser as ``model``'s front end (recorded in ``model.spec``)."""
         clf = require_normalized(model, self.name)
         if clf.front_end is not None:

@@ -164,7 +164,7 @@ class TrainJob:
             fitted.fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
             borrowed = self._recorded_seconds(ulm_key) if ulm_key is not None else 0.0
             return Trained(tc.epochs, (time.perf_counter() - t0 + borrowed) / max(tc.epochs, 1), borrowed)
-        model = d.prepare(make_model(m.seed), train_set)
+        model = d.prepare(make_model(m.seed), train_set, progress=self.progress)
         return _from_history(train(model, train_set, tc, objective=d, out_dir=out, progress=self.progress, meta=meta))
 
 
