@@ -6,6 +6,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from bastion import models
 from bastion.errors import ConfigError
@@ -92,3 +93,79 @@ def test_denoiser_reports_its_autoencoders_and_trains_the_same(capsys, monkeypat
     assert re.search(r"^denoising autoencoders: 8/8 \(100%\) .*mse=", err, re.M), err
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_nested_bars_write_no_cursor_moves(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")
+    with progress.bar(total=2, progress=True, desc="rows", unit="row") as rows:
+        for r in range(2):
+            with progress.bar(total=3, progress=True, desc=f"row {r}", unit="batch", leave=False) as inner:
+                for _ in range(3):
+                    inner.update(1)
+            rows.update(1)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    lines = err.splitlines()
+    assert all(re.match(r"^(rows|row [01]): \d/\d \(\d+%\)", line) for line in lines), lines
+    assert lines[-1].startswith("rows: 2/2 (100%)")
+
+
+def test_the_last_line_keeps_a_postfix_set_after_the_last_count(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0.1")
+    with progress.bar(total=3, progress=True, desc="autoencoders") as bar:
+        for _ in range(3):
+            time.sleep(0.12)
+            bar.update(1)
+        bar.set_postfix(mse="0.0123", refresh=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("autoencoders: 3/3 (100%)") and "mse=0.0123" in lines[-1]
+    assert sum(line.startswith("autoencoders: 3/3") and "mse" not in line for line in lines) <= 1
+
+
+def test_a_bad_interval_fails_the_command_at_once(monkeypatch, capsys) -> None:
+    from bastion.cli import main
+
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "60s")
+    assert main(["list"]) == 2
+    assert "BASTION_PROGRESS_INTERVAL='60s'" in capsys.readouterr().err
+
+
+def test_training_counts_its_epochs_even_when_each_is_short(capsys, monkeypatch, mnist_small) -> None:
+    monkeypatch.setenv("BASTION_PROGRESS_INTERVAL", "0")
+    tr, _ = mnist_small
+    train(models.create("lenet5", seed=0), tr.take(200), TrainConfig(epochs=2, batch_size=100, seed=0), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"^training: 2/2 \(100%\) .*loss=", err, re.M), err
+
+
+def test_a_resumed_row_counts_only_the_batches_measure_keeps() -> None:
+    from bastion.eval.loop import resumed_batches
+    from bastion.results.batches import BatchState
+
+    class Log:
+        def __init__(self, bounds: list[tuple[int, int]]) -> None:
+            self.states = [BatchState(a, b, torch.zeros(b - a, dtype=torch.bool), {}, {}) for a, b in bounds]
+
+        def finished(self) -> list[BatchState]:
+            return self.states
+
+    kept = Log([(0, 100), (100, 200), (200, 300)])
+    assert resumed_batches(kept, 100, 1000) == 3  # type: ignore[arg-type]
+    assert resumed_batches(kept, 250, 1000) == 0  # type: ignore[arg-type]  (measured again at another size)
+    assert resumed_batches(Log([(0, 100), (100, 130)]), 100, 130) == 2  # type: ignore[arg-type]  (a short last batch)
+    assert resumed_batches(None, 100, 1000) == 0
+
+
+def test_a_defense_with_the_two_argument_prepare_still_works(mnist_small) -> None:
+    from bastion.defenses.base import prepare
+
+    class Old:
+        def prepare(self, model, train_set):  # the form of before the progress keyword
+            return ("prepared", model, train_set)
+
+    class New:
+        def prepare(self, model, train_set, *, progress=False):
+            return ("prepared", progress)
+
+    assert prepare(Old(), "m", "t", progress=True) == ("prepared", "m", "t")
+    assert prepare(New(), "m", "t", progress=True) == ("prepared", True)

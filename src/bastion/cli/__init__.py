@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from bastion.cli import attack, audit, eval_, list_, pool, report, results, run, train
 from bastion.errors import BastionError
+from bastion.utils.progress import interval as progress_interval
 
 #: the commands in the order ``--help`` lists them
 COMMANDS = (list_, train, pool, eval_, attack, audit, run, results, report)
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        progress_interval()  # a bad BASTION_PROGRESS_INTERVAL fails now, not at a log's first line hours in
         return int(args.func(args) or 0)
     except BastionError as e:
         print(f"bastion: error: {e}", file=sys.stderr)

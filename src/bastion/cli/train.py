@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from bastion.cli._args import Subparsers
     from bastion.data.base import ImageDataset
     from bastion.data.stream import FolderPoints
+    from bastion.models.base import Classifier
     from bastion.train.config import TrainConfig
     from bastion.train.distributed import Ranks
     from bastion.train.trainer import TrainResult
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 def _train_one(args: argparse.Namespace, cfg: TrainConfig, defense: Any, ranks: Ranks) -> int:
     """Train the model (this process's part of a data-parallel run under ``ranks``); rank 0 reports."""
     from bastion import models
-    from bastion.defenses.base import ModelDefense
+    from bastion.defenses.base import ModelDefense, prepare
     from bastion.train.trainer import train
 
     options = parse_assignments(args.option or [], "--option")
@@ -139,9 +140,9 @@ def _train_one(args: argparse.Namespace, cfg: TrainConfig, defense: Any, ranks: 
     test_plan = _test_plan(args, train_set)  # a bad --test-data fails now, not after training
     if isinstance(defense, ModelDefense):  # builds a population / randomised model (ulm, clm, sap, ...)
         return _train_model_defense(args, defense, train_set, cfg, options, test_plan)
-    model = models.for_dataset(args.model, train_set, init=args.init, seed=cfg.seed, **options)
+    model: Classifier = models.for_dataset(args.model, train_set, init=args.init, seed=cfg.seed, **options)
     if defense is not None:
-        model = defense.prepare(model, train_set, progress=not args.quiet)
+        model = prepare(defense, model, train_set, progress=not args.quiet and ranks.is_writer)
     res = train(model, train_set, cfg, objective=defense, out_dir=args.out, resume=not args.no_resume,
                 progress=not args.quiet, ranks=ranks, meta=meta)
     if not ranks.is_writer:

@@ -15,6 +15,7 @@ of comparing defense names.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -142,3 +143,16 @@ class ModelDefense:
 
     def describe(self) -> dict[str, Any]:
         return {"defense": self.name, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}}
+
+
+def prepare(defense: Any, model: Classifier, train_set: Any, *, progress: bool = False) -> Classifier:
+    """``defense.prepare(model, train_set)``, with ``progress`` passed on when that method takes
+    it (a defense registered outside Bastion may define the two-argument form of before)."""
+    fn = defense.prepare
+    try:
+        params = dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # no signature to read
+        params = {}
+    if "progress" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(model, train_set, progress=progress)
+    return fn(model, train_set)

@@ -378,22 +378,21 @@ class CLM(ModelDefense):
         ]
         mask = mask.to(next(members[0].parameters()).device)
         total = int(config.epochs) * len(members)
-        bar = progress_bar(total=total, initial=sum(min(d, config.epochs) for d in done), desc="CLM epochs",
-                           progress=progress, leave=False)
-        for epoch in range(min(done), int(config.epochs)):
-            for i, m in enumerate(members):
-                if done[i] > epoch:
-                    continue
-                obj = objectives[i]
-                obj.context.clear()
-                obj.base.context.clear()
-                obj.context.update(peers=members, mask=mask)
-                cfg = dataclasses.replace(member_config(config, i), epochs=epoch + 1)
-                train(m, train_set, cfg, objective=obj, out_dir=member_dir(out_dir, i), resume=True, progress=False)
-                mask = mask.to(next(m.parameters()).device)
-                done[i] = epoch + 1
-                bar.update(1)
-        bar.close()
+        with progress_bar(total=total, initial=sum(min(d, config.epochs) for d in done), desc="CLM epochs",
+                          progress=progress, leave=False) as bar:
+            for epoch in range(min(done), int(config.epochs)):
+                for i, m in enumerate(members):
+                    if done[i] > epoch:
+                        continue
+                    obj = objectives[i]
+                    obj.context.clear()
+                    obj.base.context.clear()
+                    obj.context.update(peers=members, mask=mask)
+                    cfg = dataclasses.replace(member_config(config, i), epochs=epoch + 1)
+                    train(m, train_set, cfg, objective=obj, out_dir=member_dir(out_dir, i), resume=True, progress=False)
+                    mask = mask.to(next(m.parameters()).device)
+                    done[i] = epoch + 1
+                    bar.update(1)
         return [m.eval() for m in members]
 
     def wrap(self, members: Sequence[Classifier]) -> CLMPopulation:

@@ -206,34 +206,33 @@ class Denoiser(Defense):
         n = images.shape[0]
         losses: list[float] = []
         per_epoch = -(-n // self.ae_batch_size)
-        bar = progress_bar(total=len(front.stages) * self.ae_epochs * per_epoch, progress=progress,
-                           desc="denoising autoencoders", unit="batch", leave=False)
-        for s, stage_ in enumerate(front.stages):
-            stage: DenoiseStage = stage_  # type: ignore[assignment]
-            opt = torch.optim.Adam(stage.ae.parameters(), lr=self.ae_lr)
-            stage.train()
-            last = float("nan")
-            for _ in range(self.ae_epochs):
-                perm = torch.randperm(n, generator=gen)
-                total = 0.0
-                for b in range(0, n, self.ae_batch_size):
-                    clean = images[perm[b : b + self.ae_batch_size]]
-                    noise = self.noise_std * torch.randn(clean.shape, generator=gen)
-                    clean, noise = clean.to(device), noise.to(device)
-                    with torch.no_grad():
-                        inp = clean
-                        for prev in list(front.stages)[:s]:  # earlier (already trained) stages
-                            inp = prev(inp)
-                    loss = F.mse_loss(stage.ae(inp + noise), clean)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * clean.shape[0]
-                    bar.update(1)
-                last = total / n
-                bar.set_postfix(stage=s + 1, mse=f"{last:.4f}")
-            losses.append(last)
-        bar.close()
+        with progress_bar(total=len(front.stages) * self.ae_epochs * per_epoch, progress=progress,
+                          desc="denoising autoencoders", unit="batch", leave=False) as bar:
+            for s, stage_ in enumerate(front.stages):
+                stage: DenoiseStage = stage_  # type: ignore[assignment]
+                opt = torch.optim.Adam(stage.ae.parameters(), lr=self.ae_lr)
+                stage.train()
+                last = float("nan")
+                for _ in range(self.ae_epochs):
+                    perm = torch.randperm(n, generator=gen)
+                    total = 0.0
+                    for b in range(0, n, self.ae_batch_size):
+                        clean = images[perm[b : b + self.ae_batch_size]]
+                        noise = self.noise_std * torch.randn(clean.shape, generator=gen)
+                        clean, noise = clean.to(device), noise.to(device)
+                        with torch.no_grad():
+                            inp = clean
+                            for prev in list(front.stages)[:s]:  # earlier (already trained) stages
+                                inp = prev(inp)
+                        loss = F.mse_loss(stage.ae(inp + noise), clean)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        total += float(loss.detach()) * clean.shape[0]
+                        bar.update(1)
+                    last = total / n
+                    bar.set_postfix(stage=s + 1, mse=f"{last:.4f}")
+                losses.append(last)
         self.context["ae_losses"] = losses
         return losses
 

@@ -180,6 +180,7 @@ def train_pool(
         out_dir: member ``i`` trains under ``out_dir/member-ii`` (resumable); None: no checkpoints.
         defense: a training defense name (e.g. ``"pgd-at"``) and ``defense_params``.
     """
+    from bastion.defenses.base import prepare
     from bastion.defenses.registry import create
     from bastion.train.config import TrainConfig
     from bastion.train.trainer import train
@@ -195,7 +196,7 @@ def train_pool(
         model = _make(make_model, m, train_set)
         objective = create(defense, **dict(defense_params or {})) if defense else None
         if objective is not None and hasattr(objective, "prepare"):
-            model = objective.prepare(model, data, progress=progress)
+            model = prepare(objective, model, data, progress=progress)
         cfg = dataclasses.replace(config, seed=m.seed)
         train(model, data, cfg, objective=objective, out_dir=out / f"member-{i:02d}" if out is not None else None,
               resume=resume, progress=progress, meta={"pool_member": m.to_dict()})

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from bastion.defenses import sap_kernel
-from bastion.defenses.base import ModelDefense
+from bastion.defenses.base import ModelDefense, prepare
 from bastion.defenses.registry import DEFENSES, create, register
 from bastion.errors import ConfigError
 from bastion.models.base import Classifier
@@ -413,7 +413,7 @@ def train_base(
     model = make_model(config.seed if seed is None else seed)
     objective = create(base_defense, **dict(base_params)) if base_defense else None
     if objective is not None and hasattr(objective, "prepare"):
-        model = objective.prepare(model, train_set, progress=progress)
+        model = prepare(objective, model, train_set, progress=progress)
     train(model, train_set, config, objective=objective, out_dir=out_dir, resume=resume, progress=progress)
     return model.eval()
 

@@ -57,6 +57,17 @@ def _row_extra(threat: ThreatModel, sums: dict[str, Any], n: int) -> dict[str, A
     return extra
 
 
+def resumed_batches(log: BatchLog | None, batch_size: int, n: int) -> int:
+    """How many batches of ``batch_size`` over ``n`` points :func:`measure` will take from ``log``
+    instead of measuring them (the kept ones in a row, with this batch size)."""
+    count = 0
+    for b in log.finished() if log is not None else []:
+        if b.stop != min(b.start + batch_size, n):
+            break
+        count += 1
+    return count
+
+
 def _resume(log: BatchLog | None, gen: torch.Generator | None, device: torch.device, robust: torch.Tensor,
             step: int) -> tuple[int, dict[str, Any]]:
     """Skip the batches ``log`` holds (their outcomes into ``robust``, their random states
@@ -154,4 +165,4 @@ def merge_shards(threat: ThreatModel, parts: Sequence[ShardState], n: int) -> Me
                        gradients=grads, forwards=fwds, seconds=seconds, extra=_row_extra(threat, sums, n), sums=sums)
 
 
-__all__ = ["Measurement", "measure", "merge_shards", "shard_bounds", "shard_seed", "shard_state"]
+__all__ = ["Measurement", "measure", "merge_shards", "resumed_batches", "shard_bounds", "shard_seed", "shard_state"]

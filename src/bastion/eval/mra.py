@@ -237,17 +237,16 @@ def seed001_protocol(
     clean = member_correct(members, x, y, batch_size=batch_size, device=dev)
     acc = _Repeats(torch.zeros(M))
     grads, t0 = 0, time.perf_counter()
-    bar = progress_bar(total=repeats * M, progress=progress, desc=f"seed001 {attack.name}", leave=False)
-    probs = unequal_probs(population)
-    for r in range(repeats):
-        g = torch.Generator().manual_seed(int(seed) + r)
-        craft, classify = draw_members(M, N, probs, g)
-        atk_gen = torch.Generator(device=dev).manual_seed(int(seed) * 7919 + r)
-        x_adv, cost = craft_on_assigned(members, data.x, y, craft, attack, generator=atk_gen, batch_size=batch_size,
-                                        device=dev, on_member=lambda: bar.update(1))
-        grads += cost.gradients
-        acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify, probs)
-    bar.close()
+    with progress_bar(total=repeats * M, progress=progress, desc=f"seed001 {attack.name}", leave=False) as bar:
+        probs = unequal_probs(population)
+        for r in range(repeats):
+            g = torch.Generator().manual_seed(int(seed) + r)
+            craft, classify = draw_members(M, N, probs, g)
+            atk_gen = torch.Generator(device=dev).manual_seed(int(seed) * 7919 + r)
+            x_adv, cost = craft_on_assigned(members, data.x, y, craft, attack, generator=atk_gen, batch_size=batch_size,
+                                            device=dev, on_member=lambda: bar.update(1))
+            grads += cost.gradients
+            acc.add(member_correct(members, x_adv, y, batch_size=batch_size, device=dev), craft, classify, probs)
     return {
         "protocol": "seed001",
         **acc.means(repeats),

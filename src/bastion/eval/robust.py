@@ -118,19 +118,18 @@ def evaluate(
     report = RobustReport(n=len(data), clean_accuracy=_mean(clean, len(data)))
     masks_by_budget: dict[tuple[str, float], list[torch.Tensor]] = {}
     total = len(attacks) * ((len(data) + batch_size - 1) // batch_size)
-    bar = progress_bar(total=total, progress=progress, desc="attacks", leave=False, unit="batch")
-    for attack in attacks:
-        bar.set_description(f"{attack_label(attack)} eps={attack.eps:g}")
-        m = measure(EngineVerdict(clf, attack), data.x, data.y, batch_size=batch_size, seed=seed, device=dev,
-                    seed_global=False, on_batch=lambda: bar.update(1))
-        robust, grads, fwds, secs = m.robust, m.gradients, m.forwards, m.seconds
-        key = (attack.norm, float(attack.eps))
-        masks_by_budget.setdefault(key, []).append(robust)
-        report.rows.append(
-            _row(attack.name, attack_label(attack), attack.norm, float(attack.eps), attack.params,
-                 _mean(robust, len(data)), grads, fwds, secs)
-        )
-    bar.close()
+    with progress_bar(total=total, progress=progress, desc="attacks", leave=False, unit="batch") as bar:
+        for attack in attacks:
+            bar.set_description(f"{attack_label(attack)} eps={attack.eps:g}")
+            m = measure(EngineVerdict(clf, attack), data.x, data.y, batch_size=batch_size, seed=seed, device=dev,
+                        seed_global=False, on_batch=lambda: bar.update(1))
+            robust, grads, fwds, secs = m.robust, m.gradients, m.forwards, m.seconds
+            key = (attack.norm, float(attack.eps))
+            masks_by_budget.setdefault(key, []).append(robust)
+            report.rows.append(
+                _row(attack.name, attack_label(attack), attack.norm, float(attack.eps), attack.params,
+                     _mean(robust, len(data)), grads, fwds, secs)
+            )
     for key, masks in masks_by_budget.items():
         if len(masks) > 1:
             robust = robust_to_all(masks)

@@ -44,7 +44,7 @@ from bastion.attacks.autoattack import AutoAttack
 from bastion.attacks.base import Attack
 from bastion.data.base import ImageDataset
 from bastion.eval.judge import is_random
-from bastion.eval.loop import Measurement, measure
+from bastion.eval.loop import Measurement, measure, resumed_batches
 from bastion.eval.sanity import Flag, attack_from_row, check_threat, converged_flag, converged_row, stronger
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.eval.threats import ThreatModel
@@ -160,7 +160,7 @@ def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: Evaluatio
     batches = key.batches(db, label, float(row.eps), len(idx))
     part = data.select(idx)  # a lazy (streamed) data set stays lazy
     total = -(-len(idx) // st.batch_size)
-    kept = min(len(batches.finished()), total) if progress else 0
+    kept = resumed_batches(batches, st.batch_size, len(idx)) if progress else 0
     with progress_bar(total=total, initial=kept, progress=progress, desc=f"{key.name} {key.protocol} {label} "
                       f"eps={float(row.eps):g}", unit="batch", leave=False) as bar:
         m = measure(threat, part.x, part.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,

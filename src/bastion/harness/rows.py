@@ -26,7 +26,15 @@ from torch import nn
 from bastion.data.base import ImageDataset
 from bastion.eval.bpda import bpda_view
 from bastion.eval.judge import is_random, judge
-from bastion.eval.loop import Measurement, measure, merge_shards, shard_bounds, shard_seed, shard_state
+from bastion.eval.loop import (
+    Measurement,
+    measure,
+    merge_shards,
+    resumed_batches,
+    shard_bounds,
+    shard_seed,
+    shard_state,
+)
 from bastion.eval.sanity import Flag, run_checks
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.eval.threats import ThreatModel
@@ -114,7 +122,7 @@ def _measured(db: ResultsDB, key: RowKey, t: ThreatModel, data: ImageDataset, st
         return merge_shards(t, _all_shards(shards, t, st.shards), len(data)), lambda: shards.clear(t.label, eps)
     batches = key.batches(db, t.label, eps, len(data))
     total = -(-len(data) // st.batch_size)
-    kept = min(len(batches.finished()), total) if progress else 0  # a resumed row starts where it stopped
+    kept = resumed_batches(batches, st.batch_size, len(data)) if progress else 0  # a resumed row starts there
     with progress_bar(total=total, initial=kept, progress=progress, desc=f"{key.name} {key.protocol} {t.label} "
                       f"eps={eps:g}", unit="batch", leave=False) as bar:
         m = measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,

@@ -22,6 +22,7 @@ from typing import Any
 from bastion import data as data_mod
 from bastion import defenses, models
 from bastion.data.base import ImageDataset
+from bastion.defenses.base import prepare
 from bastion.defenses.clm import CLM
 from bastion.harness import user_models
 from bastion.harness.cache import is_cached, load_cached, model_dir, model_key, model_recipe, user_recipe
@@ -164,7 +165,7 @@ class TrainJob:
             fitted.fit(make_model, train_set, tc, out_dir=out, progress=self.progress)
             borrowed = self._recorded_seconds(ulm_key) if ulm_key is not None else 0.0
             return Trained(tc.epochs, (time.perf_counter() - t0 + borrowed) / max(tc.epochs, 1), borrowed)
-        model = d.prepare(make_model(m.seed), train_set, progress=self.progress)
+        model = prepare(d, make_model(m.seed), train_set, progress=self.progress)
         return _from_history(train(model, train_set, tc, objective=d, out_dir=out, progress=self.progress, meta=meta))
 
 

@@ -215,26 +215,30 @@ def _fit(
     to ``out`` (unless ``None``) and passed to ``callbacks``, until the last epoch or an early stop."""
     config = loop.config
     step = start_epoch * math.ceil(len(loop.train_set) / config.batch_size)
-    for epoch in range(start_epoch, config.epochs):
-        rec, step = _run_epoch(loop, epoch, step)
-        result.history.append(rec)
-        val_acc = rec.val_acc
-        if val_acc is not None and val_acc > best_acc:
-            best_acc, bad_epochs, result.best_epoch = float(val_acc), 0, epoch + 1
-        elif val_acc is not None:
-            bad_epochs += 1
-        stop = (bool(config.patience) and bad_epochs >= config.patience) or bool(rec.extra.get("stop"))
-        result.stopped_early = stop
-        if loop.ranks.is_writer:
-            _log_epoch(rec, config.epochs)
-        if out is not None and loop.ranks.is_writer:
-            _save_epoch(out, loop.model, loop.optimizer, run_meta, result, best_acc, bad_epochs)
-        if out is not None:
-            loop.ranks.barrier()  # every rank's callbacks run once the checkpoint is written
-        for cb in callbacks:
-            cb(rec)
-        if stop:
-            break
+    with progress_bar(total=config.epochs, initial=start_epoch, progress=loop.progress and loop.ranks.is_writer,
+                      desc="training", unit="epoch") as epochs:  # counts epochs in a log, short ones too
+        for epoch in range(start_epoch, config.epochs):
+            rec, step = _run_epoch(loop, epoch, step)
+            result.history.append(rec)
+            val_acc = rec.val_acc
+            if val_acc is not None and val_acc > best_acc:
+                best_acc, bad_epochs, result.best_epoch = float(val_acc), 0, epoch + 1
+            elif val_acc is not None:
+                bad_epochs += 1
+            stop = (bool(config.patience) and bad_epochs >= config.patience) or bool(rec.extra.get("stop"))
+            result.stopped_early = stop
+            if loop.ranks.is_writer:
+                _log_epoch(rec, config.epochs)
+            if out is not None and loop.ranks.is_writer:
+                _save_epoch(out, loop.model, loop.optimizer, run_meta, result, best_acc, bad_epochs)
+            if out is not None:
+                loop.ranks.barrier()  # every rank's callbacks run once the checkpoint is written
+            for cb in callbacks:
+                cb(rec)
+            epochs.set_postfix(loss=f"{rec.train_loss:.4f}", acc=f"{rec.train_acc:.4f}", refresh=False)
+            epochs.update(1)
+            if stop:
+                break
 
 
 def _run_epoch(loop: _Loop, epoch: int, step: int) -> tuple[EpochRecord, int]:

@@ -15,6 +15,7 @@ interval write nothing.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -42,6 +43,18 @@ def interval() -> float:
     return value
 
 
+#: terminal control sequences (tqdm moves the cursor to draw nested bars)
+_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+#: the parts of a status line that change with time alone: elapsed, left, and the rate
+_TIMES = re.compile(r"(?:[0-9:?]+ elapsed|[0-9:?]+ left|\s*[0-9.?]+\s*[A-Za-z]*/[A-Za-z]+)(?:, )?")
+
+
+def _what(status: str) -> str:
+    """A status line without its times and rate: what it counts, how far, and its postfix."""
+    return _TIMES.sub("", status)
+
+
 class _Lines:
     """A text stream for tqdm that turns its carriage-return redraws into whole lines: the first
     once the bar has run ``every`` seconds, then at most one per ``every`` seconds (forced
@@ -54,27 +67,22 @@ class _Lines:
         self.every = every
         self.last = time.monotonic()
         self.wrote = False
-        self.count = ""
+        self.said = ""
         self.pending = ""
 
     def write(self, text: str) -> None:
-        status = text.replace("\r", "").strip()
+        status = _ESCAPE.sub("", text).replace("\r", "").strip()  # no cursor moves in a log
         if status:
             self.pending = status
             now = time.monotonic()
             if now - self.last < self.every:
                 return
             self.last = now
-        elif "\n" not in text or not self.pending or not self.wrote or self._count(self.pending) == self.count:
-            return  # not the close, or nothing new to say at it (the count is the one last written)
+        elif "\n" not in text or not self.pending or not self.wrote or _what(self.pending) == self.said:
+            return  # not the close, or nothing new to say at it (what the last line said)
         self.stream.write(self.pending + "\n")
-        self.wrote, self.count = True, self._count(self.pending)
+        self.wrote, self.said = True, _what(self.pending)
         self.pending = ""
-
-    @staticmethod
-    def _count(status: str) -> str:
-        """The part of a status line before its times and rate (what and how far)."""
-        return status.split(" [", 1)[0]
 
     def flush(self) -> None:
         self.stream.flush()
@@ -102,7 +110,7 @@ def bar(iterable: Iterable[Any] | None = None, *, progress: bool, desc: str, tot
     known = total is not None or (iterable is not None and hasattr(iterable, "__len__"))
     kwargs = {"bar_format": LINE if known else LINE_OPEN, **kwargs, "leave": True}  # the last line says where it ended
     return tqdm(iterable, total=total, desc=desc, file=_Lines(stream, every),
-                mininterval=every, miniters=1, disable=False, **kwargs)
+                mininterval=every, miniters=1, disable=False, position=0, **kwargs)
 
 
 #: a line written to a non-terminal when the total is known
