@@ -108,6 +108,14 @@ def test_bad_switch_value_names_the_variable(monkeypatch) -> None:
         sap_kernel.keep_mask(torch.ones(2, 3).cumsum(1), torch.full((2, 4), 0.5))
 
 
+def test_a_bad_switch_value_fails_a_command_at_once(monkeypatch, capsys) -> None:
+    from bastion.cli import main
+
+    monkeypatch.setenv("BASTION_SAP_KERNEL", "disable")
+    assert main(["list"]) == 2
+    assert "BASTION_SAP_KERNEL='disable'" in capsys.readouterr().err
+
+
 def test_one_thread_pool_whatever_the_batch_sizes(kernel: None, monkeypatch) -> None:
     monkeypatch.setattr(sap_kernel, "_state", {"lib": sap_kernel._load()})  # noqa: SLF001
     before = torch.get_num_threads()

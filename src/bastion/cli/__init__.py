@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         progress_interval()  # a bad BASTION_PROGRESS_INTERVAL fails now, not at a log's first line hours in
+        from bastion.defenses import sap_kernel  # here: building the parser stays light (no torch)
+
+        sap_kernel.enabled()  # so does a bad BASTION_SAP_KERNEL, not at the first SAP forward pass
         return int(args.func(args) or 0)
     except BastionError as e:
         print(f"bastion: error: {e}", file=sys.stderr)
