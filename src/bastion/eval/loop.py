@@ -57,27 +57,30 @@ def _row_extra(threat: ThreatModel, sums: dict[str, Any], n: int) -> dict[str, A
     return extra
 
 
-def resumed_batches(log: BatchLog | None, batch_size: int, n: int) -> int:
-    """How many batches of ``batch_size`` over ``n`` points :func:`measure` will take from ``log``
-    instead of measuring them (the kept ones in a row, with this batch size)."""
-    count = 0
+def _kept(log: BatchLog | None, batch_size: int, n: int) -> list[BatchState]:
+    """The batches of ``log`` that :func:`measure` takes instead of measuring them: the kept ones
+    in a row, with this batch size (one kept with another size is measured again, and so is
+    every one after it)."""
+    kept = []
     for b in log.finished() if log is not None else []:
         if b.stop != min(b.start + batch_size, n):
             break
-        count += 1
-    return count
+        kept.append(b)
+    return kept
+
+
+def resumed_batches(log: BatchLog | None, batch_size: int, n: int) -> int:
+    """How many batches of ``batch_size`` over ``n`` points :func:`measure` will take from ``log``."""
+    return len(_kept(log, batch_size, n))
 
 
 def _resume(log: BatchLog | None, gen: torch.Generator | None, device: torch.device, robust: torch.Tensor,
             step: int) -> tuple[int, dict[str, Any]]:
     """Skip the batches ``log`` holds (their outcomes into ``robust``, their random states
     restored); returns the first point to measure and the running totals."""
-    done = []
-    for b in log.finished() if log is not None else []:
-        if b.stop != min(b.start + step, len(robust)):
-            break  # kept with another batch size: measured again from here
+    done = _kept(log, step, len(robust))
+    for b in done:
         robust[b.start : b.stop] = b.robust
-        done.append(b)
     if not done:
         return 0, {}
     restore_rng(done[-1].rng, gen, device)

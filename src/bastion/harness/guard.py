@@ -44,14 +44,13 @@ from bastion.attacks.autoattack import AutoAttack
 from bastion.attacks.base import Attack
 from bastion.data.base import ImageDataset
 from bastion.eval.judge import is_random
-from bastion.eval.loop import Measurement, measure, resumed_batches
+from bastion.eval.loop import Measurement
 from bastion.eval.sanity import Flag, attack_from_row, check_threat, converged_flag, converged_row, stronger
 from bastion.eval.settings import ADAPTIVE, EvaluationSection
 from bastion.eval.threats import ThreatModel
-from bastion.harness.rows import RowKey, checked_model
+from bastion.harness.rows import RowKey, checked_model, measure_kept
 from bastion.results.db import ResultsDB
 from bastion.results.rows import EvaluationRow
-from bastion.utils.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +158,8 @@ def _guarded_row(db: ResultsDB, key: RowKey, threat: ThreatModel, row: Evaluatio
     idx = survivors.to(data.x.device)
     batches = key.batches(db, label, float(row.eps), len(idx))
     part = data.select(idx)  # a lazy (streamed) data set stays lazy
-    total = -(-len(idx) // st.batch_size)
-    kept = resumed_batches(batches, st.batch_size, len(idx)) if progress else 0
-    with progress_bar(total=total, initial=kept, progress=progress, desc=f"{key.name} {key.protocol} {label} "
-                      f"eps={float(row.eps):g}", unit="batch", leave=False) as bar:
-        m = measure(threat, part.x, part.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,
-                    on_batch=bar.update)
+    m = measure_kept(threat, part, st, dev, batches, f"{key.name} {key.protocol} {label} eps={float(row.eps):g}",
+                     progress)
     assert row.robust is not None
     robust = row.robust.clone()
     robust[survivors] = m.robust.to(robust.device) & robust[survivors]

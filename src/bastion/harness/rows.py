@@ -121,13 +121,20 @@ def _measured(db: ResultsDB, key: RowKey, t: ThreatModel, data: ImageDataset, st
     if shards is not None:
         return merge_shards(t, _all_shards(shards, t, st.shards), len(data)), lambda: shards.clear(t.label, eps)
     batches = key.batches(db, t.label, eps, len(data))
-    total = -(-len(data) // st.batch_size)
-    kept = resumed_batches(batches, st.batch_size, len(data)) if progress else 0  # a resumed row starts there
-    with progress_bar(total=total, initial=kept, progress=progress, desc=f"{key.name} {key.protocol} {t.label} "
-                      f"eps={eps:g}", unit="batch", leave=False) as bar:
-        m = measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,
-                    on_batch=bar.update)
+    m = measure_kept(t, data, st, dev, batches, f"{key.name} {key.protocol} {t.label} eps={eps:g}", progress)
     return m, batches.clear
+
+
+def measure_kept(t: ThreatModel, data: ImageDataset, st: EvaluationSection, dev: torch.device, batches: BatchLog,
+                 desc: str, progress: bool) -> Measurement:
+    """:func:`~bastion.eval.loop.measure` of ``t`` on ``data``, every finished batch kept in
+    ``batches`` (and taken from it after a restart), with a bar ``desc`` of its batches that
+    starts at the kept ones."""
+    total = -(-len(data) // st.batch_size)
+    kept = resumed_batches(batches, st.batch_size, len(data)) if progress else 0
+    with progress_bar(total=total, initial=kept, progress=progress, desc=desc, unit="batch", leave=False) as bar:
+        return measure(t, data.x, data.y, batch_size=st.batch_size, seed=st.seed, device=dev, log=batches,
+                       on_batch=bar.update)
 
 
 def _all_shards(shards: ShardLog, t: ThreatModel, count: int) -> list[ShardState]:
@@ -204,6 +211,6 @@ def store_flags(db: ResultsDB, key: RowKey, model: nn.Module, data: ImageDataset
 
 
 __all__ = [
-    "RowKey", "checked_model", "measure_rows", "measure_shard", "needs_flags", "pending", "store_flags",
+    "RowKey", "checked_model", "measure_kept", "measure_rows", "measure_shard", "needs_flags", "pending", "store_flags",
     "store_worst_case",
 ]
