@@ -1,4 +1,4 @@
-"""PGD-40 or APGD-CE with a refilled working set (issue 16, item 1) against the engine's batches
+"""PGD-40, APGD-CE, APGD-T or TPGD with a refilled working set (issue 16, item 1) against the engine's batches
 and torchattacks, interleaved in one run so that machine noise hits them alike.
 
 Three contenders on the same points of an undefended LeNet-5 (the one of
@@ -6,11 +6,14 @@ Three contenders on the same points of an undefended LeNet-5 (the one of
 (about half the points survive) and 0.3 (all break). ``--attack pgd``: PGD-40 of step 0.01 from
 a random start. ``--attack apgd-ce``: APGD-CE of ``--steps`` iterations (default 100, one run),
 at AutoAttack's variant of Algorithm 1 (torchattacks' APGD follows the same reference code).
+``--attack apgd-t``: APGD-T with the targeted DLR loss over the 9 other classes, one run each
+(torchattacks' ``APGDT``, which also attacks only the points still robust at each class).
+``--attack tpgd``: TPGD of ``--steps`` steps (default 10) at step 2.5 eps / steps.
 
 * ``batched``: Bastion's engine called on batches of B points (how the harness runs a row);
 * ``refill``: Bastion with ``refill=B``, one call on all N points (the working set kept at B);
-* ``torchattacks``: ``torchattacks.PGD`` or ``torchattacks.APGD`` on batches of B points (no
-  early stopping).
+* ``torchattacks``: ``torchattacks.PGD``, ``APGD``, ``APGDT`` or ``TPGD`` on batches of B points
+  (no early stopping).
 
 With ``--channels-last`` each of the three runs again on a channels-last copy of the model
 (``-cl``: what the harness's ``[evaluation] channels_last = true`` does), torchattacks included,
@@ -19,7 +22,7 @@ so that the ratios separate what the memory format gives from what Bastion's loo
 Each is run once to warm up, then ``--repeats`` times in turn; the medians are printed with the
 ratios ``batched / refill`` (the speed-up refilling gives) and ``torchattacks / refill``.
 
-    .venv/bin/python bench/refill_speed.py [--attack pgd] [--n 4000] [--batch 500] [--repeats 3]
+    .venv/bin/python bench/refill_speed.py [--attack pgd] [--steps S] [--n 4000] [--batch 500] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -45,8 +48,19 @@ def _contenders(name: str, steps: int, eps: float, model: torch.nn.Module, ta: A
     if name == "pgd":
         return (attacks.create("pgd", eps=eps, steps=40, alpha=0.01),
                 ta.PGD(model, eps=eps, alpha=0.01, steps=40, random_start=True))
+    if name == "apgd-t":
+        return (attacks.create("apgd-t", eps=eps, steps=steps, variant="autoattack"),
+                ta.APGDT(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0))
+    if name == "tpgd":
+        alpha = 2.5 * eps / steps
+        return (attacks.create("tpgd", eps=eps, steps=steps, alpha=alpha),
+                ta.TPGD(model, eps=eps, alpha=alpha, steps=steps))
     return (attacks.create("apgd-ce", eps=eps, steps=steps, variant="autoattack"),
             ta.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, loss="ce", seed=0))
+
+
+#: iterations when ``--steps`` is not given
+DEFAULT_STEPS = {"pgd": 40, "apgd-ce": 100, "apgd-t": 100, "tpgd": 10}
 
 
 #: gradient evaluations of the last call of each contender (Bastion's from its cost record)
@@ -86,8 +100,9 @@ def _ratios(names: list[str]) -> list[tuple[str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--attack", choices=("pgd", "apgd-ce"), default="pgd")
-    ap.add_argument("--steps", type=int, default=100, help="APGD-CE's iterations (PGD: 40)")
+    ap.add_argument("--attack", choices=tuple(DEFAULT_STEPS), default="pgd")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="iterations (default: PGD 40, which it always uses; APGD 100; TPGD 10)")
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
@@ -97,6 +112,8 @@ def main() -> None:
                          "[evaluation] channels_last; torchattacks given the same copy)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.attack]
     torch.set_num_threads(args.threads)
     import torchattacks
 
@@ -124,12 +141,16 @@ def main() -> None:
                      + ", ".join(f"{k} {t[k]:.2f}" for k in names) + "; "
                      + ", ".join(f"{num}/{den} {t[num] / t[den]:.2f}x" for num, den in _ratios(names)))
         print(lines[-1], flush=True)
-        steps = 40 if args.attack == "pgd" else args.steps  # torchattacks runs every step on every point
         per = {k: GRADIENTS[k] / args.n for k in ("batched", "refill")}
-        lines.append(f"eps {eps}: gradients per point: batched {per['batched']:.2f}, refill {per['refill']:.2f}, "
-                     f"torchattacks {steps} (every step on every point); torchattacks' gradients / Bastion's: "
+        line = f"eps {eps}: gradients per point: batched {per['batched']:.2f}, refill {per['refill']:.2f}"
+        if args.attack == "apgd-t":  # torchattacks' APGDT drops the broken points between classes
+            line += "; torchattacks' APGDT also attacks only the points still robust at each class"
+        else:  # torchattacks runs every step on every point
+            steps = 40 if args.attack == "pgd" else args.steps
+            line += (f", torchattacks {steps} (every step on every point); torchattacks' gradients / Bastion's: "
                      f"{steps / per['batched']:.2f}x batched, {steps / per['refill']:.2f}x refill (the time ratio's "
                      "ceiling at an equal cost per gradient)")
+        lines.append(line)
         print(lines[-1], flush=True)
     tag = ("" if args.attack == "pgd" else f"_{args.attack}{args.steps}") + ("_cl" if args.channels_last else "")
     out = Path(args.out) / f"refill_speed{tag}_{datetime.date.today().isoformat()}_cpu{args.threads}.txt"

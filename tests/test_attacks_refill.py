@@ -33,6 +33,11 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("apgd-dlr", {"eps": 1.2, "norm": "l2", "steps": 12, "restarts": 2}),
     ("apgd-ce", {"eps": 0.15, "steps": 10, "restarts": 2, "variant": "autoattack", "rho": 0.5}),
     ("apgd-dlr", {"eps": 0.15, "steps": 10, "variant": "autoattack", "early_stop": False}),
+    ("apgd-t", {"eps": 0.08, "steps": 8, "restarts": 2, "n_target_classes": 3}),
+    ("apgd-t", {"eps": 0.1, "steps": 10, "n_target_classes": 4, "variant": "autoattack", "early_stop": False}),
+    ("apgd-t", {"eps": 1.0, "norm": "l2", "steps": 8, "n_target_classes": 2, "loss": "ce"}),
+    ("tpgd", {"eps": 0.12, "steps": 8}),
+    ("tpgd", {"eps": 0.12, "steps": 6, "alpha": 0.03, "early_stop": False}),
 ]
 
 
@@ -61,6 +66,31 @@ def test_each_point_gets_what_it_gets_alone(lenet64: models.Classifier, batch: t
     # the case exercises points that break, and points that survive every step and restart
     assert 0 < int((res.success & attacked).sum()) < int(attacked.sum())
     assert res.params["refill"] == 5 and "refill" not in alone.params
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("apgd-t", {"eps": 0.1, "steps": 8, "n_target_classes": 3, "early_stop": False}),
+    ("tpgd", {"eps": 0.12, "steps": 6, "early_stop": False}),
+], ids=["apgd-t", "tpgd"])
+def test_points_broken_at_their_clean_pass(lenet64: models.Classifier, batch: tuple[torch.Tensor, torch.Tensor],
+                                           name: str, params: dict[str, Any]) -> None:
+    """Without early stopping, a point misclassified at its clean point is still handed to the
+    attack: APGD-T's clean pass drops it before its start (as alone), TPGD attacks it anyway."""
+    x, y = batch[0][:N].double(), batch[1][:N].clone()
+    y[[2, 3, 11, 17]] = (y[[2, 3, 11, 17]] + 1) % 10  # four points the model gets wrong
+    refilled = attacks.create(name, refill=5, **params)
+    res = refilled(lenet64, x, y, generator=torch.Generator().manual_seed(5))
+    base = base_seed(torch.Generator().manual_seed(5))
+    alone = attacks.create(name, **params)
+    singles = [alone(lenet64, x[i : i + 1], y[i : i + 1], generator=torch.Generator().manual_seed(point_seed(base, i)))
+               for i in range(N)]
+    assert int(res.clean_success.sum()) >= 4
+    assert torch.equal(res.success, torch.cat([s.success for s in singles]))
+    torch.testing.assert_close(res.x_adv, torch.cat([s.x_adv for s in singles]), rtol=0, atol=1e-12)
+    assert res.cost.gradients == sum(s.cost.gradients for s in singles)
+    assert res.cost.forwards == sum(s.cost.forwards for s in singles)
+    broken_clean = sum(s.cost.gradients for s, c in zip(singles, res.clean_success.tolist(), strict=True) if c)
+    assert (broken_clean == 0) == (name == "apgd-t")
 
 
 @pytest.mark.parametrize("variant", ["paper", "autoattack"])
@@ -99,8 +129,9 @@ def test_targeted_points_get_what_they_get_alone(lenet64: models.Classifier,
     assert res.cost.gradients == sum(s.cost.gradients for s in singles)
 
 
-@pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5] + CASES[6:9],
-                         ids=["pgd-linf", "pgd-l2", "bim", "mifgsm", "apgd-ce", "apgd-ce-aa", "apgd-dlr-l2"])
+@pytest.mark.parametrize(("name", "params"), CASES[:2] + CASES[3:5] + CASES[6:9] + CASES[11:14] + CASES[14:15],
+                         ids=["pgd-linf", "pgd-l2", "bim", "mifgsm", "apgd-ce", "apgd-ce-aa", "apgd-dlr-l2", "apgd-t",
+                              "apgd-t-aa", "apgd-t-l2", "tpgd"])
 def test_budget_and_bounds_hold(lenet: models.Classifier, batch: tuple[torch.Tensor, torch.Tensor],
                                 name: str, params: dict[str, Any]) -> None:
     x, y = batch
@@ -138,8 +169,9 @@ def test_the_working_set_stays_full(lenet: models.Classifier, batch: tuple[torch
 
 
 def test_what_cannot_refill_says_so() -> None:
-    for name in ("apgd-t", "fab", "square", "tpgd", "autoattack"):
-        with pytest.raises(ConfigError, match=rf"refill=5: {name} .*only apgd-ce, apgd-dlr, bim, mifgsm, pgd"):
+    for name in ("fab", "square", "autoattack", "deepfool", "cw"):
+        with pytest.raises(ConfigError, match=rf"refill=5: {name} .*only apgd-ce, apgd-dlr, apgd-t, bim, mifgsm, "
+                                              r"pgd, tpgd"):
             attacks.create(name, eps=0.3, refill=5)
     with pytest.raises(ConfigError, match="refill=0 must be an integer >= 1"):
         attacks.create("pgd", eps=0.3, refill=0)

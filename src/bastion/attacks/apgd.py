@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from bastion.attacks import losses
-from bastion.attacks.base import Attack, AttackRun, LossFn, flat_norm
+from bastion.attacks.base import Attack, AttackRun, LossFn, Refiller, flat_norm
 from bastion.attacks.refill import Arrivals, RefillRule, State
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_choice
@@ -228,11 +228,12 @@ class APGD(Attack):
         return _needing_classes(losses.dlr, 3, "loss", self.loss)
 
     # ---------------------------------------------------------------- per point (refill)
-    def refill_rule(self) -> RefillRule | None:
+    def refill_rule(self) -> Refiller:
         """Algorithm 1 with every point at its own iteration: :meth:`_descend`'s bookkeeping and
         checkpoint test per point (:meth:`_point_step`); restarts skip broken points."""
         return RefillRule(self.steps, self.restarts, lambda points: points.project(self._start(points)),
-                          self._point_step, fresh=_fresh_state, loss=self._loss, skip_broken=True)
+                          self._point_step, fresh=_fresh_state, loss=lambda run, _own, _restart: self._loss(run),
+                          skip_broken=True)
 
     def _point_step(self, run: AttackRun, x: torch.Tensor, g: torch.Tensor, f: torch.Tensor, t: torch.Tensor,
                     state: State) -> tuple[torch.Tensor, State]:
@@ -363,6 +364,18 @@ class APGDDLR(APGD):
     loss: str = "dlr"
 
 
+@dataclass(frozen=True)
+class _ByCall:
+    """APGD-T's refill rule (the :class:`~bastion.attacks.base.Refiller` protocol): one rule for
+    untargeted calls, another for targeted ones."""
+
+    untargeted: Refiller
+    targeted: Refiller
+
+    def drive(self, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
+        (self.targeted if run.targeted else self.untargeted).drive(run, capacity, generator)
+
+
 @register("apgd-t", summary="Targeted Auto-PGD over the top-k wrong classes (Croce & Hein 2020), untargeted success")
 @dataclass(frozen=True)
 class APGDT(APGD):
@@ -390,16 +403,23 @@ class APGDT(APGD):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"n_target_classes={k!r} must be an integer >= 1")
 
-    def refill_rule(self) -> RefillRule | None:
-        """None: the target classes come from a clean forward pass of each call's points (not
-        built per point)."""
-        return None
+    def refill_rule(self) -> _ByCall:
+        """Per point (:mod:`bastion.attacks.refill`): a targeted call is :class:`APGD`'s rule; an
+        untargeted one ranks each point's target classes in a clean pass as it joins, and runs
+        ``n_target_classes * restarts`` starts, ``restarts`` towards each class in turn."""
+        def ranked_targets(logits: torch.Tensor, labels: torch.Tensor) -> State:
+            return (self._ranked(logits, labels),)
 
-    def _run(self, run: AttackRun) -> None:
-        if run.targeted:
-            super()._run(run)
-            return
-        logits = run.check(run.x)
+        def towards(_run: AttackRun, own: State, restart: torch.Tensor) -> LossFn:
+            return self._towards(own[0].gather(1, (restart // self.restarts)[:, None]).squeeze(1))
+
+        per_class = RefillRule(self.steps, self.n_target_classes * self.restarts,
+                               lambda points: points.project(self._start(points)), self._point_step,
+                               fresh=_fresh_state, loss=towards, clean=ranked_targets, skip_broken=True)
+        return _ByCall(untargeted=per_class, targeted=APGD.refill_rule(self))
+
+    def _ranked(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(n, n_target_classes)``: each point's wrong classes by decreasing clean logit."""
         n_classes = logits.shape[1]
         if self.n_target_classes >= n_classes:
             raise ConfigError(
@@ -407,16 +427,26 @@ class APGDT(APGD):
             )
         if self.loss == "dlr" and n_classes < 4:
             raise ConfigError(f"loss='dlr' (targeted DLR) needs a model with >= 4 classes, this one has {n_classes}")
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return others.argsort(dim=1, descending=True)[:, : self.n_target_classes]
+
+    def _towards(self, targets: torch.Tensor) -> LossFn:
+        """The loss of a run towards ``targets`` (one per point)."""
+        if self.loss == "dlr":
+            return losses.dlr_targeted_to(targets)
+        return lambda lg, _labels: losses.ce_targeted(lg, targets)
+
+    def _run(self, run: AttackRun) -> None:
+        if run.targeted:
+            super()._run(run)
+            return
+        logits = run.check(run.x)
+        ranked = self._ranked(logits, run.labels)
         broken = run.criterion(logits)
-        others = logits.scatter(1, run.labels[:, None], float("-inf"))
-        ranked = others.argsort(dim=1, descending=True)[:, : self.n_target_classes]
         for rank in range(self.n_target_classes):
 
             def make_loss(carry: tuple[torch.Tensor, ...], rank: int = rank) -> LossFn:
-                targets = carry[1][:, rank]
-                if self.loss == "dlr":
-                    return losses.dlr_targeted_to(targets)
-                return lambda lg, _labels: losses.ce_targeted(lg, targets)
+                return self._towards(carry[1][:, rank])
 
             for _ in range(self.restarts):
                 broken, ranked = run.prune(broken, ranked, keep=~broken)

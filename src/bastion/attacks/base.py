@@ -387,10 +387,11 @@ class AttackRun:
         self._projected = (x_adv, x_adv._version, self.x)
         return x_adv
 
-    def check_rows(self, rows: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    def check_rows(self, rows: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`check` on the working-set rows ``rows`` (``(n,)`` bool) of ``x_adv``, the
-        tensor :meth:`project` just returned: a forward pass of those rows only, recorded.
-        Returns ``(n,)`` bool: the checked rows the criterion holds for."""
+        tensor :meth:`project` (or :meth:`adopt`) just returned: a forward pass of those rows
+        only, recorded. Returns ``(n,)`` bool, the checked rows the criterion holds for, and
+        the logits of the checked rows (one row each, in order)."""
         if x_adv is not (self._projected or (None,))[0]:
             raise ValueError("check_rows takes the tensor project() just returned")
         saved = self.idx, self.x, self.labels
@@ -404,7 +405,7 @@ class AttackRun:
             hit = self.criterion(logits)
         finally:
             self.idx, self.x, self.labels = saved
-        return torch.zeros_like(rows).masked_scatter(rows, hit)
+        return torch.zeros_like(rows).masked_scatter(rows, hit), logits
 
     def uniform(self, like: torch.Tensor, low: float, high: float) -> torch.Tensor:
         """Uniform noise shaped like ``like`` from the call's generator (global RNG if none)."""
@@ -435,7 +436,7 @@ class AttackRun:
 
 # --------------------------------------------------------------------------- refill
 #: the registry names of the attacks that can refill their working set (``refill=B``)
-REFILLED = ("apgd-ce", "apgd-dlr", "bim", "mifgsm", "pgd")
+REFILLED = ("apgd-ce", "apgd-dlr", "apgd-t", "bim", "mifgsm", "pgd", "tpgd")
 
 
 class Refiller(Protocol):
@@ -466,8 +467,8 @@ class Attack(ABC):
             (:mod:`bastion.attacks.precision`). Only in ``params`` when not ``"fp32"``.
         refill: ``None`` (default), or the size ``B`` of a working set that the engine keeps
             full: points of the call join it as others break or finish, each with its own
-            random stream and state (:mod:`bastion.attacks.refill`; PGD, BIM, MI-FGSM, APGD-CE
-            and APGD-DLR, on a deterministic model, without EOT). Its random starts are not
+            random stream and state (:mod:`bastion.attacks.refill`; PGD, BIM, MI-FGSM, APGD-CE,
+            APGD-DLR, APGD-T and TPGD, on a deterministic model, without EOT). Its random starts are not
             those of a call without it. Only in ``params`` when set.
     """
 

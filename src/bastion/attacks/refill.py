@@ -5,7 +5,8 @@ shrinks as the attack goes on, and the last steps run on a few points, where a s
 per point. An attack created with ``refill=B`` instead keeps up to ``B`` points in its working
 set for the whole call: the call's next points join as others break or run out of steps and
 restarts. Each point carries its own state (iterate, step count, restart, and the rule's own:
-MI-FGSM's momentum, APGD's step size, best point and checkpoint counters) and draws
+MI-FGSM's momentum, APGD's step size, best point and checkpoint counters; for the whole call,
+what its clean forward pass gave: TPGD's clean prediction, APGD-T's ranked target classes) and draws
 its randomness from a generator of its own, seeded from the call's generator and the point's
 position (:func:`point_seed`). So a point's trajectory does not depend on the points that share
 its batch: **point i of a refilled call gets what the same attack without refill gives it when
@@ -22,9 +23,10 @@ call without refill (that one draws them from one generator in batch order), so 
 the attack's ``params`` and its rows are not the rows without it.
 
 Built for the attacks whose update rule is a fixed number of steps with per-point state,
-:data:`~bastion.attacks.base.REFILLED`. Not built: APGD-T (its target classes come from a clean
-forward pass of the call), FAB, Square, C&W, DeepFool, L-BFGS, TPGD (its loss reads the clean
-logits), compositions, EOT, and random models, whose draws are per batch: each refuses
+:data:`~bastion.attacks.base.REFILLED`. APGD-T's target classes are restarts here: a point runs
+``restarts`` starts towards its first target class, then towards its second, and so on. Not
+built: FAB, Square, C&W, DeepFool, L-BFGS, compositions, EOT, and random models, whose draws are
+per batch: each refuses
 ``refill`` with a :class:`~bastion.errors.ConfigError`. The lean training path
 (:func:`bastion.attacks.lean.craft`) never stops early, so it ignores ``refill``.
 """
@@ -41,6 +43,11 @@ from bastion.attacks.base import REFILLED, AttackRun, LossFn, project
 
 #: per-point state tensors of an update rule, one row per point (shaped like the inputs, or ``(n,)``)
 State = tuple[torch.Tensor, ...]
+
+
+#: a rule's loss on the working set, from the run, the points' own state (:attr:`RefillRule.clean`'s)
+#: and their ``(n,)`` restart numbers; ``None`` is the engine's loss
+PointLoss = Callable[[AttackRun, State, torch.Tensor], "LossFn | None"]
 
 
 #: one step of a rule: ``(run, x, grad, loss, t, state) -> (x_next, state)``, on the working set
@@ -66,9 +73,14 @@ class RefillRule:
         step: one step before the projection (:data:`Step`).
         fresh: the per-point state tensors at a start, from the start's iterates (MI-FGSM: a
             zero momentum; APGD: its step sizes, best points and checkpoint counters).
-        loss: the per-sample loss the rule ascends, from the run (``None``: the engine's).
+        loss: the per-sample loss the rule ascends (:data:`PointLoss`; ``None``: the engine's).
+        clean: a point's own state for the whole call, kept through its restarts, from the
+            logits of its clean point and its label: the attack's clean forward pass, run on
+            each point as it joins (one counted forward per point, recorded like
+            :meth:`~bastion.attacks.base.AttackRun.check`). ``None``: the rule has no clean pass.
         skip_broken: a restart skips the points already broken in this call even without
-            early stopping (APGD's restarts, as AutoAttack's); else only under early stopping.
+            early stopping (APGD's restarts, as AutoAttack's), and a point its clean pass finds
+            broken leaves before its start; else only under early stopping.
     """
 
     steps: int
@@ -76,7 +88,8 @@ class RefillRule:
     start: Callable[[Arrivals], torch.Tensor]
     step: Step
     fresh: Callable[[torch.Tensor], State] = _no_state
-    loss: Callable[[AttackRun], LossFn | None] | None = None
+    loss: PointLoss | None = None
+    clean: Callable[[torch.Tensor, torch.Tensor], State] | None = None
     skip_broken: bool = False
 
     def drive(self, run: AttackRun, capacity: int, generator: torch.Generator | None) -> None:
@@ -150,47 +163,85 @@ class _Streams:
 @dataclass
 class _Points:
     """The working set's per-point state, row for row with the run's working set: the iterate,
-    the step count, the restart, whether the point broke at any iterate of this call, and the
-    rule's own state."""
+    the step count, the restart, whether the point broke at any iterate of this call, the rule's
+    state of this start, and the point's own state for the call (:attr:`RefillRule.clean`'s)."""
 
     x_adv: torch.Tensor
     t: torch.Tensor
     restart: torch.Tensor
     broken: torch.Tensor
     state: State
+    own: State
 
     def rows(self, keep: torch.Tensor) -> _Points:
         return _Points(self.x_adv[keep], self.t[keep], self.restart[keep], self.broken[keep],
-                       tuple(s[keep] for s in self.state))
+                       tuple(s[keep] for s in self.state), tuple(o[keep] for o in self.own))
 
     def then(self, other: _Points) -> _Points:
+        def cat(a: State, b: State) -> State:
+            return tuple(torch.cat([u, v]) for u, v in zip(a, b, strict=True))
+
         return _Points(torch.cat([self.x_adv, other.x_adv]), torch.cat([self.t, other.t]),
                        torch.cat([self.restart, other.restart]), torch.cat([self.broken, other.broken]),
-                       tuple(torch.cat([a, b]) for a, b in zip(self.state, other.state, strict=True)))
+                       cat(self.state, other.state), cat(self.own, other.own))
 
     def restarted(self, rows: torch.Tensor, fresh: _Points) -> _Points:
-        """These points with the rows ``rows`` replaced by ``fresh`` (their ``broken`` kept)."""
+        """These points with the rows ``rows`` replaced by ``fresh`` (their ``broken`` and own
+        state kept)."""
         return _Points(self.x_adv.index_copy(0, rows, fresh.x_adv), self.t.index_copy(0, rows, fresh.t),
                        self.restart.index_copy(0, rows, fresh.restart), self.broken,
-                       tuple(s.index_copy(0, rows, f) for s, f in zip(self.state, fresh.state, strict=True)))
+                       tuple(s.index_copy(0, rows, f) for s, f in zip(self.state, fresh.state, strict=True)),
+                       self.own)
 
 
-def _fresh(rule: RefillRule, x0: torch.Tensor, restart: torch.Tensor) -> _Points:
-    return _Points(x0, torch.zeros_like(restart), restart, torch.zeros_like(restart, dtype=torch.bool),
-                   rule.fresh(x0))
+def _fresh(rule: RefillRule, x0: torch.Tensor, restart: torch.Tensor, own: State = (),
+           broken: torch.Tensor | None = None) -> _Points:
+    broken = torch.zeros_like(restart, dtype=torch.bool) if broken is None else broken
+    return _Points(x0, torch.zeros_like(restart), restart, broken, rule.fresh(x0), own)
 
 
-def _admit(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points, queue: torch.Tensor,
-           capacity: int) -> tuple[_Points, torch.Tensor]:
-    """The working set filled up to ``capacity`` from the front of ``queue``; the rest of it."""
-    new, queue = queue[: capacity - run.n], queue[capacity - run.n :]
-    if new.numel() == 0:
-        return pts, queue
-    first = run.n
-    run.admit(new)
-    rows = torch.arange(first, run.n, device=new.device)
-    x0 = rule.start(Arrivals(run, rows, streams.of(new)))
-    return pts.then(_fresh(rule, x0, torch.zeros_like(new))), queue
+def _clean_pass(run: AttackRun, rule: RefillRule, streams: _Streams, first: int
+                ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+    """The rule's clean pass on the working set's rows from ``first`` on (just admitted): their
+    own state and whether the clean point is broken. Under ``skip_broken`` the broken ones
+    leave at once. Returns the rows kept (all of the working set's), and for the admitted rows
+    that stay: their own state, their broken flags and their positions in the call."""
+    n = run.n
+    joined = torch.arange(n, device=run.idx.device) >= first
+    if rule.clean is None:
+        return torch.arange(n, device=joined.device), (), torch.zeros(n - first, dtype=torch.bool,
+                                                                      device=joined.device), run.idx[first:]
+    hit, logits = run.check_rows(joined, run.adopt(run.x))
+    own = rule.clean(logits, run.labels[first:])
+    hit = hit[first:]
+    if not (rule.skip_broken and bool(hit.any())):
+        return torch.arange(n, device=joined.device), own, hit, run.idx[first:]
+    leaving = torch.cat([torch.zeros(first, dtype=torch.bool, device=hit.device), hit])
+    streams.forget(run.idx[leaving])
+    (kept,) = run.prune(torch.arange(n, device=hit.device), keep=~leaving)
+    stay = ~hit
+    return kept, tuple(o[stay] for o in own), hit[stay], run.idx[int((kept < first).sum()):]
+
+
+def _admit(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points | None, queue: torch.Tensor,
+           capacity: int) -> tuple[_Points | None, torch.Tensor]:
+    """The working set filled up to ``capacity`` from the front of ``queue`` (each point after
+    its clean pass, if the rule has one); the rest of the queue."""
+    while queue.numel() and run.n < capacity:
+        new, queue = queue[: capacity - run.n], queue[capacity - run.n :]
+        first = run.n
+        run.admit(new)
+        kept, own, broken, new = _clean_pass(run, rule, streams, first)
+        if pts is not None and int((kept < first).sum()) < first:
+            pts = pts.rows(kept[kept < first])
+        first = run.n - new.numel()
+        if new.numel() == 0:
+            continue
+        rows = torch.arange(first, run.n, device=new.device)
+        x0 = rule.start(Arrivals(run, rows, streams.of(new)))
+        fresh = _fresh(rule, x0, torch.zeros_like(new), own, broken)
+        pts = fresh if pts is None else pts.then(fresh)
+    return pts, queue
 
 
 def _end_of_steps(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Points) -> _Points:
@@ -200,7 +251,7 @@ def _end_of_steps(run: AttackRun, rule: RefillRule, streams: _Streams, pts: _Poi
     fin = pts.t == rule.steps
     if not bool(fin.any()):
         return pts
-    pts.broken = pts.broken | run.check_rows(fin, pts.x_adv)
+    pts.broken = pts.broken | run.check_rows(fin, pts.x_adv)[0]
     skip = pts.broken if (run.early_stop or rule.skip_broken) else torch.zeros_like(fin)
     again = fin & ~skip & (pts.restart + 1 < rule.restarts)
     if bool(again.any()):
@@ -218,14 +269,14 @@ def _drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Gen
     gradient step on the working set, drops the points that broke, and checks (then restarts or
     drops) the points at their last step."""
     streams = _Streams(base_seed(generator), run.x.device)
-    loss_fn = rule.loss(run) if rule.loss is not None else None
     queue = run.idx
     run.prune(keep=torch.zeros(run.n, dtype=torch.bool, device=queue.device))  # the queue, not the set
-    pts = _fresh(rule, run.x, queue[:0])
+    pts: _Points | None = None
     while True:
         pts, queue = _admit(run, rule, streams, pts, queue, capacity)
-        if run.done:
+        if run.done or pts is None:
             return
+        loss_fn = rule.loss(run, pts.own, pts.restart) if rule.loss is not None else None
         loss, grad, logits = run.loss_grad(run.adopt(pts.x_adv), loss_fn)
         pts.broken = pts.broken | run.criterion(logits)
         before = run.idx
@@ -236,8 +287,8 @@ def _drive(rule: RefillRule, run: AttackRun, capacity: int, generator: torch.Gen
         if run.done:
             continue
         x_next, state = rule.step(run, pts.x_adv, grad, loss, pts.t, pts.state)
-        pts = _Points(run.project(x_next), pts.t + 1, pts.restart, pts.broken, state)
+        pts = _Points(run.project(x_next), pts.t + 1, pts.restart, pts.broken, state, pts.own)
         pts = _end_of_steps(run, rule, streams, pts)
 
 
-__all__ = ["REFILLED", "Arrivals", "RefillRule", "State", "Step", "base_seed", "point_seed"]
+__all__ = ["REFILLED", "Arrivals", "PointLoss", "RefillRule", "State", "Step", "base_seed", "point_seed"]

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from bastion.attacks import losses
-from bastion.attacks.base import Attack, AttackRun
+from bastion.attacks.base import Attack, AttackRun, LossFn
+from bastion.attacks.pgd import ascend
+from bastion.attacks.refill import Arrivals, RefillRule, State
 from bastion.attacks.registry import register
 from bastion.errors import ConfigError, check_positive
 
@@ -66,10 +68,25 @@ class TPGD(Attack):
         """The step size actually used."""
         return float(self.alpha) if self.alpha is not None else 2.5 * self.eps / self.steps
 
+    def _start(self, run: AttackRun | Arrivals) -> torch.Tensor:
+        return run.project(run.x + self.init_std * run.normal(run.x))
+
+    def refill_rule(self) -> RefillRule:
+        """Per point (:mod:`bastion.attacks.refill`): each point's clean logits come from a clean
+        pass as it joins, and its loss is the KL divergence from them."""
+        def step(_run: AttackRun, x_adv: torch.Tensor, grad: torch.Tensor, _loss: torch.Tensor, _t: torch.Tensor,
+                 state: State) -> tuple[torch.Tensor, State]:
+            return ascend(x_adv, grad, self.step_size, "linf"), state
+
+        def kl(_run: AttackRun, own: State, _restart: torch.Tensor) -> LossFn:
+            return losses.kl_from(own[0])
+
+        return RefillRule(self.steps, 1, self._start, step, loss=kl, clean=lambda logits, _labels: (logits,))
+
     def _run(self, run: AttackRun) -> None:
         alpha = self.step_size
         clean_logits = run.check(run.x)  # one counted forward per point
-        x_adv: torch.Tensor = run.project(run.x + self.init_std * run.normal(run.x))
+        x_adv = self._start(run)
         for _ in range(self.steps):
             _, grad, _ = run.loss_grad(x_adv, loss=losses.kl_from(clean_logits))
             x_adv, grad, clean_logits = run.prune(x_adv, grad, clean_logits)
